@@ -1,0 +1,57 @@
+# Every target installs what it needs first: on a fresh clone, `make demo` and `make test` suffice.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch (on local disk here). GPU clusters: make install TORCH_SPEC='torch==2.13.0' with
+# their CUDA index, or install the project into an environment that already has CUDA torch.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+# make prepare DATA=<raw folder> OUT=<folder> [TOKENIZER=<file>] [SEQ_LEN=2048] [MICRO_BSZ=2] [WORKERS=<n>]
+DATA ?=
+OUT ?=
+TOKENIZER ?=
+SEQ_LEN ?= 2048
+MICRO_BSZ ?= 2
+WORKERS ?= $(shell nproc)
+VALID_FRACTION ?= 0.01
+MIN_LENGTH ?= 0
+
+DEMO_DIR ?= demo_data
+
+.PHONY: install prepare demo test bench clean-demo
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+prepare: install
+	@test -n "$(DATA)" || { echo "usage: make prepare DATA=<raw folder> OUT=<folder> [TOKENIZER=<file>] [SEQ_LEN=2048] [MICRO_BSZ=2] [WORKERS=n]"; exit 2; }
+	@test -n "$(OUT)" || { echo "make prepare: OUT=<folder> is required"; exit 2; }
+	$(BIN)/tokenize-stage run --input "$(DATA)" --output "$(OUT)/tokenized" --workers $(WORKERS) \
+		$(if $(TOKENIZER),--tokenizer "$(TOKENIZER)")
+	$(BIN)/pack-stage run --input "$(OUT)/tokenized" --output "$(OUT)/packed" --seq-len $(SEQ_LEN) \
+		--micro-bsz $(MICRO_BSZ) --valid-fraction $(VALID_FRACTION) --min-length $(MIN_LENGTH) --overwrite
+
+demo: install
+	$(BIN)/tokenize-stage demo-corpus --output $(DEMO_DIR)/raw
+	$(MAKE) --no-print-directory prepare DATA=$(DEMO_DIR)/raw OUT=$(DEMO_DIR) SEQ_LEN=512 MICRO_BSZ=4
+	$(BIN)/pack-stage inspect $(DEMO_DIR)/packed --row 0 --max-chars 600
+	@echo
+	@echo "Demo data: raw text in $(DEMO_DIR)/raw, token shards in $(DEMO_DIR)/tokenized, packed rows in $(DEMO_DIR)/packed"
+	@echo "Look at any row with: $(BIN)/pack-stage inspect $(DEMO_DIR)/packed --row N"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python -m bench.run_all
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,1 @@
+"""Checkpoint uploader service (ZeroMQ -> S3 / local folder). Arrives with the checkpoint issue."""

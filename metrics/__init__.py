@@ -1,0 +1,1 @@
+"""Metrics sidecar (step records -> MLflow). Arrives with the metrics issue."""

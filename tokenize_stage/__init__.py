@@ -1,0 +1,1 @@
+"""Raw text -> token shards (Apache Arrow). Public contract: :mod:`tokenize_stage.schema`."""

@@ -1,0 +1,158 @@
+"""Reading documents out of one work unit, streaming: memory stays bounded by one line (or one
+parquet row group), whatever the size of the file.
+
+Each reader yields ``(line, text)`` for a document and ``(line, Rejected(reason))`` for an input
+line that is not one; ``line`` is 1-based and local to the unit (the caller adds the lines of the
+units before it). Blank lines are not documents: they are counted, not rejected.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator, Union
+
+import orjson
+
+from tokenize_stage.sources import WorkUnit
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: str
+
+
+class Blank:
+    """A blank line: skipped and counted."""
+
+
+BLANK = Blank()
+Item = tuple[int, Union[str, Rejected, Blank]]
+
+
+@dataclass
+class UnitReader:
+    """Iterates a unit; afterwards ``lines`` holds how many input lines (or rows) it covered and
+    ``bytes_read`` how many input bytes it consumed (for the progress bar)."""
+
+    unit: WorkUnit
+    text_key: str
+    whole_file: bool
+    lines: int = 0
+    bytes_read: int = 0
+
+    def __iter__(self) -> Iterator[Item]:
+        file = self.unit.file
+        if file.fmt == "parquet":
+            return self._parquet()
+        if file.fmt == "txt" and self.whole_file:
+            return self._whole_file()
+        return self._lines()
+
+    def _open(self) -> BinaryIO:
+        file = self.unit.file
+        raw = open(file.path, "rb")
+        if file.compression == ".gz":
+            return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
+        if file.compression == ".zst":
+            import zstandard
+
+            return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+        return raw
+
+    def _raw_lines(self) -> Iterator[bytes]:
+        """The lines that *start* inside the unit's byte range (a line belongs to one unit only)."""
+        unit = self.unit
+        with self._open() as handle:
+            if unit.file.compression is not None:
+                yield from handle
+                return
+            position = unit.start
+            if unit.start > 0:
+                handle.seek(unit.start - 1)
+                position += len(handle.readline()) - 1  # finish the line the previous unit owns
+            for line in handle:
+                if position >= unit.end:
+                    return
+                position += len(line)
+                yield line
+
+    def _lines(self) -> Iterator[Item]:
+        is_jsonl = self.unit.file.fmt == "jsonl"
+        for line in self._raw_lines():
+            self.lines += 1
+            self.bytes_read += len(line)
+            if is_jsonl:
+                yield self.lines, self._parse_json(line)
+            else:
+                yield self.lines, _decode_text_line(line)
+        if self.unit.file.compression is None:
+            self.bytes_read = self.unit.end - self.unit.start
+
+    def _parse_json(self, line: bytes) -> str | Rejected | Blank:
+        if not line.strip():
+            return BLANK
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError as error:
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as utf8_error:
+                return Rejected(f"invalid UTF-8 at byte {utf8_error.start} of the line")
+            return Rejected(f"invalid JSON: {error}")
+        if not isinstance(record, dict):
+            return Rejected(f"a JSON {type(record).__name__}, not an object")
+        if self.text_key not in record:
+            return Rejected(f"missing text key {self.text_key!r} (keys: {', '.join(sorted(record))[:200]})")
+        text = record[self.text_key]
+        if not isinstance(text, str):
+            return Rejected(f"field {self.text_key!r} is {type(text).__name__}, not a string")
+        return text
+
+    def _whole_file(self) -> Iterator[Item]:
+        with self._open() as handle:
+            data = handle.read()
+        self.lines = 1
+        self.bytes_read = self.unit.file.size
+        if not data:
+            return  # an empty file holds no document; the manifest shows documents=0
+        try:
+            yield 1, data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            yield 1, Rejected(f"invalid UTF-8 at byte {error.start} of the file")
+
+    def _parquet(self) -> Iterator[Item]:
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(self.unit.file.path)
+        if parquet.metadata.num_row_groups == 0:
+            return
+        if self.text_key not in parquet.schema_arrow.names:
+            raise ValueError(
+                f"no column {self.text_key!r} (columns: {', '.join(parquet.schema_arrow.names)}); "
+                "choose one with --text-key"
+            )
+        table = parquet.read_row_group(self.unit.start, columns=[self.text_key])
+        column = table.column(0)
+        for batch in column.chunks:
+            for value in batch.to_pylist():
+                self.lines += 1
+                if value is None:
+                    yield self.lines, Rejected(f"{self.text_key!r} is null")
+                elif isinstance(value, bytes):
+                    yield self.lines, _decode_text_line(value, strip=False)
+                else:
+                    yield self.lines, value
+        self.bytes_read = self.unit.file.size // max(parquet.metadata.num_row_groups, 1)
+
+
+def _decode_text_line(line: bytes, strip: bool = True) -> str | Rejected | Blank:
+    if strip:
+        line = line.rstrip(b"\r\n")
+        if not line.strip():
+            return BLANK
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return Rejected(f"invalid UTF-8 at byte {error.start} of the line")
