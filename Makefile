@@ -42,7 +42,7 @@ prepare: install
 demo: install
 	$(BIN)/tokenize-stage demo-corpus --output $(DEMO_DIR)/raw
 	$(MAKE) --no-print-directory prepare DATA=$(DEMO_DIR)/raw OUT=$(DEMO_DIR) SEQ_LEN=512 MICRO_BSZ=4
-	$(BIN)/pack-stage inspect $(DEMO_DIR)/packed --row 0 --max-chars 600
+	$(BIN)/pack-stage inspect $(DEMO_DIR)/packed --row 0
 	@echo
 	@echo "Demo data: raw text in $(DEMO_DIR)/raw, token shards in $(DEMO_DIR)/tokenized, packed rows in $(DEMO_DIR)/packed"
 	@echo "Look at any row with: $(BIN)/pack-stage inspect $(DEMO_DIR)/packed --row N"

@@ -8,6 +8,7 @@ without BOS/EOS (the stage adds those itself so that the rule is the same for ev
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -160,7 +161,7 @@ class HuggingFaceTokenizer:
 def _flatten(id_lists: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter((len(ids) for ids in id_lists), dtype=np.int64, count=len(id_lists))
     total = int(lengths.sum())
-    flat = np.fromiter((i for ids in id_lists for i in ids), dtype=np.int64, count=total)
+    flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=total)
     return flat, lengths
 
 
