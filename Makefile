@@ -41,11 +41,15 @@ prepare: install
 
 demo: install
 	$(BIN)/tokenize-stage demo-corpus --output $(DEMO_DIR)/raw
-	$(MAKE) --no-print-directory prepare DATA=$(DEMO_DIR)/raw OUT=$(DEMO_DIR) SEQ_LEN=512 MICRO_BSZ=4
-	$(BIN)/pack-stage inspect $(DEMO_DIR)/packed --row 0
+	$(MAKE) --no-print-directory prepare DATA=$(DEMO_DIR)/raw OUT=$(DEMO_DIR) SEQ_LEN=512 MICRO_BSZ=2
+	$(BIN)/pack-stage inspect $(DEMO_DIR)/packed --row 0 | head -n 40
+	$(BIN)/train-kernel run --config configs/demo.py
+	$(BIN)/train-kernel export-hf --ckpt runs/demo/ckpt/300 --out runs/demo/hf
 	@echo
 	@echo "Demo data: raw text in $(DEMO_DIR)/raw, token shards in $(DEMO_DIR)/tokenized, packed rows in $(DEMO_DIR)/packed"
-	@echo "Look at any row with: $(BIN)/pack-stage inspect $(DEMO_DIR)/packed --row N"
+	@echo "  (any packed row, decoded: $(BIN)/pack-stage inspect $(DEMO_DIR)/packed --row N)"
+	@echo "Run: log runs/demo/train.log, per-step records runs/demo/metrics.jsonl, weights runs/demo/ckpt/<step>/,"
+	@echo "  and a Hugging Face export (LlamaForCausalLM) in runs/demo/hf"
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,16 @@
+"""`make bench`: every benchmark of the project, side by side in one run; results in bench/out/*.json
+(copy the figures into BENCHMARKS.md with the date)."""
+
+from __future__ import annotations
+
+from bench import bench_memory, bench_pack_reader, bench_tokenize
+
+
+def main() -> None:
+    tokenize = bench_tokenize.main()
+    bench_pack_reader.main(tokenize_tokens_per_s=tokenize["stage_tokens_per_s"])
+    bench_memory.main()
+
+
+if __name__ == "__main__":
+    main()

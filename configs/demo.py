@@ -1,0 +1,99 @@
+# A small InternLM that trains on a laptop-class CPU in minutes (`make demo`), on the demo corpus that
+# `make demo` prepares (byte-level tokens of Python's standard library). Same format as configs/7B_sft.py.
+JOB_NAME = "demo"
+
+SEQ_LEN = 512
+HIDDEN_SIZE = 512
+NUM_ATTENTION_HEAD = 8
+MLP_RATIO = 8 / 3
+NUM_LAYER = 4
+VOCAB_SIZE = 384  # the byte tokenizer's 259 ids, padded to a multiple of 128
+
+CHECKPOINT_EVERY = 100
+ckpt = dict(
+    enable_save_ckpt=True,
+    save_ckpt_folder="local:runs/demo/ckpt",
+    checkpoint_every=CHECKPOINT_EVERY,
+)
+
+TRAIN_FOLDER = "demo_data/packed"
+data = dict(
+    seq_len=SEQ_LEN,
+    micro_num=2,
+    micro_bsz=2,
+    valid_micro_num=4,
+    valid_every=50,
+    pack_sample_into_one=False,
+    total_steps=300,
+    skip_batches="",
+    rampup_batch_size="",
+    min_length=0,
+    train_folder=TRAIN_FOLDER,
+)
+
+grad_scaler = dict(
+    fp16=dict(initial_scale=2**16, min_scale=1, growth_interval=1000),
+    growth_factor=2,
+    backoff_factor=0.5,
+    max_scale=2**24,
+    hysteresis=2,
+)
+
+hybrid_zero_optimizer = dict(
+    overlap_sync_grad=True,
+    overlap_sync_param=True,
+    reduce_bucket_size=512 * 1024 * 1024,
+    clip_grad_norm=1.0,
+)
+
+loss = dict(label_smoothing=0)
+
+adam = dict(
+    lr=3e-3,
+    adam_beta1=0.9,
+    adam_beta2=0.95,
+    adam_beta2_c=0,
+    adam_eps=1e-8,
+    weight_decay=0.01,
+)
+
+lr_scheduler = dict(
+    total_steps=data["total_steps"],
+    init_steps=0,
+    warmup_ratio=0.05,
+    eta_min=3e-4,
+    last_epoch=-1,
+)
+
+beta2_scheduler = dict(
+    init_beta2=adam["adam_beta2"],
+    c=adam["adam_beta2_c"],
+    cur_iter=-1,
+)
+
+model = dict(
+    checkpoint=False,
+    num_attention_heads=NUM_ATTENTION_HEAD,
+    embed_split_hidden=True,
+    vocab_size=VOCAB_SIZE,
+    embed_grad_scale=1,
+    parallel_output=True,
+    hidden_size=HIDDEN_SIZE,
+    num_layers=NUM_LAYER,
+    mlp_ratio=MLP_RATIO,
+    apply_post_layer_norm=False,
+    dtype="torch.bfloat16",  # this CPU has bf16 matmuls; fp16 would crawl
+    norm_type="rmsnorm",
+    layer_norm_epsilon=1e-5,
+    use_flash_attn=True,
+    num_chunks=1,
+)
+
+parallel = dict(
+    zero1=1,
+    pipeline=dict(size=1, interleaved_overlap=True),
+    sequence_parallel=False,
+)
+
+cudnn_deterministic = False
+cudnn_benchmark = False

@@ -1,0 +1,35 @@
+"""Public contract of the metrics service: the trainer's side of it.
+
+Rank 0 appends one JSON object per line to ``<run_dir>/metrics.jsonl`` and flushes it, so the
+sidecar (another process, maybe another host) can tail the file; the trainer never waits on the
+network. Record kinds (the ``kind`` field):
+
+- ``params``: once per (re)start, ``params`` holds the flattened config, ``tags`` run tags;
+- ``train``: one per step: ``step``, ``time`` (unix seconds) and every field of the log line;
+- ``valid``: ``step``, ``time`` and ``val/...`` fields after a validation pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsEmitter:
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def emit(self, kind: str, record: dict[str, Any]) -> None:
+        line = json.dumps({"kind": kind, "time": round(time.time(), 3), **record}, separators=(",", ":"))
+        self._file.write(line + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,128 @@
+"""Weight files of our checkpoint layout, and conversion to/from Hugging Face Llama checkpoints
+checked against transformers' own LlamaForCausalLM."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from train_kernel.model import InternLM, load_model_state, save_model_checkpoint
+from train_kernel.model.hf_interop import export_hf, import_hf
+from train_kernel.model.state_files import write_model_state
+from tests.train_kernel.model.helpers import lively, run_single, small_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_logits(hf_dir, tokens: torch.Tensor) -> torch.Tensor:
+    hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(tokens.view(1, -1)).logits[0]
+
+
+def test_stage_files_merge_into_the_full_state(tmp_path):
+    model = small_model()
+    full = model.state_dict()
+    first, last = InternLM(model.config), InternLM(model.config)
+    first.load_state_dict(full)
+    last.load_state_dict(full)
+    del first.layers["1"]
+    first.norm = first.head = None
+    del last.layers["0"]
+    last.embedding = None
+    save_model_checkpoint(first, tmp_path, pipeline_stage=0)
+    save_model_checkpoint(last, tmp_path, pipeline_stage=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "model_config.json",
+        "model_tp0_pp0.safetensors",
+        "model_tp0_pp1.safetensors",
+    ]
+    config, state = load_model_state(tmp_path)
+    assert config == model.config
+    assert list(state) == list(full) or sorted(state) == sorted(full)
+    for key, tensor in full.items():
+        assert torch.equal(state[key], tensor), key
+
+
+def test_load_names_missing_weights(tmp_path):
+    model = small_model()
+    state = model.state_dict()
+    del state["layers.1.mlp.w2.weight"]
+    write_model_state(model.config, state, tmp_path)
+    with pytest.raises(ValueError, match=r"missing \['layers.1.mlp.w2.weight'\]"):
+        load_model_state(tmp_path)
+
+
+def test_exported_checkpoint_gives_our_logits_in_transformers(tmp_path):
+    model = lively(small_model(layer_norm_epsilon=1e-6, rotary_base=50000.0)).eval()
+    save_model_checkpoint(model, tmp_path / "ckpt")
+    export_hf(tmp_path / "ckpt", tmp_path / "hf", max_position_embeddings=4096)
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_config["attention_bias"] is True and hf_config["intermediate_size"] == model.config.mlp_hidden_size
+
+    tokens = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = run_single(model, tokens)
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", tokens), ours, atol=1e-4, rtol=0)
+
+
+def test_import_of_export_round_trips_exactly(tmp_path):
+    model = lively(small_model(dtype="torch.bfloat16", rotary_base=20000.0))
+    save_model_checkpoint(model, tmp_path / "ckpt")
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    config = import_hf(tmp_path / "hf", tmp_path / "back")
+
+    loaded_config, state = load_model_state(tmp_path / "back")
+    assert loaded_config == config
+    for field in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "dtype", "rotary_base"):
+        assert getattr(config, field) == getattr(model.config, field), field
+    assert config.mlp_hidden_size == model.config.mlp_hidden_size
+    for key, tensor in model.state_dict().items():
+        assert state[key].dtype == tensor.dtype and torch.equal(state[key], tensor), key
+
+
+def test_import_of_a_bias_free_tied_llama(tmp_path):
+    hf_config = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        attention_bias=False,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(hf_config).save_pretrained(tmp_path / "hf")
+    config = import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    assert config.mlp_hidden_size == 256 and config.torch_dtype == torch.float32
+
+    _, state = load_model_state(tmp_path / "ckpt")
+    assert torch.all(state["layers.0.attention.Wqkv.bias"] == 0)
+    assert torch.equal(state["head.weight"], state["embedding.weight"])
+    model = InternLM(config).eval()
+    model.load_state_dict(state)
+    tokens = torch.randint(0, 300, (24,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = run_single(model, tokens)
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", tokens), ours, atol=1e-4, rtol=0)
+
+
+def test_export_refuses_what_llama_cannot_express(tmp_path):
+    save_model_checkpoint(small_model(norm_type="layernorm"), tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="norm_type"):
+        export_hf(tmp_path / "ckpt", tmp_path / "hf")
+
+
+def test_import_refuses_grouped_query_attention(tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
+                 vocab_size=300, intermediate_size=256)
+        )
+    )
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        import_hf(tmp_path, tmp_path / "ckpt")

@@ -1,0 +1,157 @@
+"""`train-kernel`: click commands only (parse, call, print)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import click
+
+from pack_stage.reader import PackedDataError
+
+from train_kernel.config import ConfigError, TrainConfig, load_config
+from train_kernel.config.launcher import LAUNCHERS, launch_env
+
+# User errors: shown as one message, without a traceback. ConfigError covers the layout and launcher errors.
+USER_ERRORS = (ConfigError, PackedDataError, FileNotFoundError, NotADirectoryError, FileExistsError)
+# The Hugging Face converters report bad input folders as ValueError / KeyError.
+CONVERSION_ERRORS = USER_ERRORS + (ValueError, KeyError)
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="InternLM Python config file, e.g. configs/7B_sft.py.",
+)
+set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config value (repeatable): data.total_steps=100, model.dtype=torch.bfloat16, "
+    "JOB_NAME=x. "
+    "The value is read as a Python literal, else taken as a string.",
+)
+
+
+def _load(config_path: Path, overrides: Sequence[str]) -> TrainConfig:
+    try:
+        return load_config(config_path, overrides)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from error
+
+
+def _lazy(module_name: str, attribute: str, what: str) -> Callable[..., Any]:
+    """`module_name.attribute`, imported only when the command runs; a clean error if it is not there yet."""
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is not None and module_name.startswith(error.name):
+            raise click.ClickException(f"{what} is not available: module {module_name} is missing") from error
+        raise
+    function = getattr(module, attribute, None)
+    if function is None:
+        raise click.ClickException(f"{what} is not available: {module_name} has no {attribute}()")
+    return function
+
+
+def _call(
+    function: Callable[..., Any], *args: Any, user_errors: tuple[type[BaseException], ...] = USER_ERRORS
+) -> Any:
+    try:
+        return function(*args)
+    except user_errors as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        raise click.ClickException(str(message)) from error
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Train InternLM-family models from InternLM config files."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@main.command()
+@config_option
+@set_option
+@click.option(
+    "--launcher",
+    type=click.Choice(LAUNCHERS),
+    default="local",
+    show_default=True,
+    help="local: one process; torch: started by torchrun; slurm: started by srun (as InternLM's --launcher).",
+)
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=None, help="Master port [local: free port; slurm: 8888]."
+)
+def run(config_path: Path, overrides: tuple[str, ...], launcher: str, port: Optional[int]) -> None:
+    """Train with the config --config."""
+    config = _load(config_path, overrides)
+    env = _call(launch_env, launcher, port, os.environ)
+    os.environ.update(env)
+    train = _lazy("train_kernel.train.trainer", "train", "the trainer")
+    _call(train, config)
+
+
+@main.command()
+@config_option
+@set_option
+@click.option(
+    "--world-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Ranks of the job [default: tensor x pipeline x max(zero1, 1)].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def plan(config_path: Path, overrides: tuple[str, ...], world_size: Optional[int], as_json: bool) -> None:
+    """Parameters, parallel layout, ZeRO-1 partition, memory per rank and FLOPs per step of --config."""
+    from train_kernel.plan import make_plan, render
+
+    config = _load(config_path, overrides)
+    result = _call(make_plan, config, world_size)
+    click.echo(json.dumps(result.to_json(), indent=2) if as_json else render(result))
+
+
+@main.command("export-hf")
+@click.option(
+    "--ckpt", "ckpt_dir", required=True, type=click.Path(path_type=Path), help="Checkpoint folder (one step)."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder for the Hugging Face model.",
+)
+def export_hf(ckpt_dir: Path, out_dir: Path) -> None:
+    """Convert a checkpoint into a Hugging Face model folder."""
+    function = _lazy("train_kernel.model.hf_interop", "export_hf", "Hugging Face export")
+    _call(function, ckpt_dir, out_dir, user_errors=CONVERSION_ERRORS)
+    click.echo(f"exported {ckpt_dir} -> {out_dir}")
+
+
+@main.command("import-hf")
+@click.option(
+    "--hf", "hf_dir", required=True, type=click.Path(path_type=Path), help="Hugging Face model folder."
+)
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Checkpoint folder to write."
+)
+def import_hf(hf_dir: Path, out_dir: Path) -> None:
+    """Convert a Hugging Face InternLM model folder into a checkpoint to start from."""
+    function = _lazy("train_kernel.model.hf_interop", "import_hf", "Hugging Face import")
+    _call(function, hf_dir, out_dir, user_errors=CONVERSION_ERRORS)
+    click.echo(f"imported {hf_dir} -> {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

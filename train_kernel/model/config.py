@@ -1,0 +1,88 @@
+"""The model section of an InternLM config, as a typed record (the `model = dict(...)` block).
+
+Field names and defaults are InternLM's, so a published config maps onto it one to one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Union
+
+import torch
+
+DTYPES = {
+    "torch.float16": torch.float16,
+    "torch.half": torch.float16,
+    "torch.bfloat16": torch.bfloat16,
+    "torch.float32": torch.float32,
+    "torch.float": torch.float32,
+    # tf32 keeps fp32 storage; matmuls may use TensorFloat-32 on Ampere and newer GPUs.
+    "torch.tf32": torch.float32,
+}
+# InternLM rounds the SwiGLU hidden size up to a multiple of this.
+MLP_MULTIPLE_OF = 256
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_layers: int = 48
+    """Transformer blocks."""
+    hidden_size: int = 2048
+    """Model width."""
+    num_attention_heads: int = 32
+    """Attention heads; hidden_size must be a multiple of it."""
+    vocab_size: int = 50304
+    """Embedding and output-head rows; at least the tokenizer's vocabulary."""
+    mlp_ratio: float = 4.0
+    """SwiGLU hidden size = round_up(int(hidden_size * mlp_ratio), 256): 8/3 and 4096 give 11008."""
+    dtype: str = "torch.float16"
+    """Parameter/activation dtype: torch.float16 | torch.half | torch.bfloat16 | torch.float32 | torch.tf32."""
+    checkpoint: Union[bool, float] = False
+    """Activation checkpointing: True/False, or the fraction of layers (the first ones) recomputed."""
+    embed_grad_scale: float = 0.1
+    """Scales the gradient reaching the embedding (InternLM's trick against early spikes); 1 = off."""
+    embed_split_hidden: bool = False
+    """Tensor parallel: split the embedding along hidden (reserved; no effect without tensor parallel)."""
+    parallel_output: bool = True
+    """Tensor parallel: keep logits split (reserved; no effect without tensor parallel)."""
+    apply_post_layer_norm: bool = False
+    """Post-norm instead of pre-norm blocks (InternLM option)."""
+    norm_type: str = "rmsnorm"
+    """rmsnorm (InternLM) or layernorm."""
+    layer_norm_epsilon: float = 1e-5
+    """Epsilon of every norm."""
+    use_flash_attn: bool = True
+    """Use flash-attn's varlen kernel when importable on CUDA; PyTorch SDPA otherwise."""
+    num_chunks: int = 1
+    """Model chunks per pipeline stage; > 1 selects the interleaved pipeline schedule."""
+    residual_in_fp32: bool = False
+    """Keep the residual stream in fp32."""
+    drop_rate: float = 0.0
+    """Dropout after attention / MLP."""
+    attn_drop_rate: float = 0.0
+    """Dropout on attention probabilities."""
+    rotary_base: float = 10000.0
+    """RoPE base."""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        hidden = int(self.hidden_size * self.mlp_ratio)
+        return MLP_MULTIPLE_OF * ((hidden + MLP_MULTIPLE_OF - 1) // MLP_MULTIPLE_OF)
+
+    @property
+    def checkpoint_layers(self) -> int:
+        """How many layers (the first ones) recompute their activations in backward."""
+        if isinstance(self.checkpoint, bool):
+            return self.num_layers if self.checkpoint else 0
+        return int(self.checkpoint * self.num_layers)
+
+    def to_json(self) -> dict:
+        return asdict(self)

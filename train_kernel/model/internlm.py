@@ -1,0 +1,144 @@
+"""The InternLM (v1, 7B family) decoder as one plain nn.Module.
+
+State-dict keys (stable: checkpoints, ZeRO partitioning and HF interop rely on them; `i` is the
+global layer index, kept when a pipeline stage drops the layers it does not own):
+
+    embedding.weight                          [vocab, hidden]
+    layers.{i}.attention_norm.weight          [hidden]          (+ .bias with norm_type=layernorm)
+    layers.{i}.attention.Wqkv.weight          [3*hidden, hidden] rows [q; k; v], head-major
+    layers.{i}.attention.Wqkv.bias            [3*hidden]
+    layers.{i}.attention.out_proj.weight      [hidden, hidden]
+    layers.{i}.attention.out_proj.bias        [hidden]
+    layers.{i}.mlp_norm.weight                [hidden]          (+ .bias with norm_type=layernorm)
+    layers.{i}.mlp.w1.weight                  [mlp_hidden, hidden]  gate
+    layers.{i}.mlp.w3.weight                  [mlp_hidden, hidden]  up
+    layers.{i}.mlp.w2.weight                  [hidden, mlp_hidden]  down
+    norm.weight                               [hidden]          (absent with apply_post_layer_norm)
+    head.weight                               [vocab, hidden]   (not tied to the embedding)
+
+InternLM's own names map one to one: blocks.{i}.mixer -> layers.{i}.attention, blocks.{i}.norm1 ->
+attention_norm, blocks.{i}.norm2 -> mlp_norm; the rest are equal. There are no buffers.
+
+Pipeline stages split the model by setting `embedding` / `norm` / `head` to None and deleting
+entries of `layers`; forward then takes or returns hidden states [B, L, hidden].
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import PackedSegments
+from .config import ModelConfig
+from .layers import Device, TransformerBlock, build_norm, rotary_cos_sin
+
+EMBEDDING_STD = 0.0052
+LINEAR_STD = 0.006
+
+
+class InternLM(nn.Module):
+    def __init__(self, config: ModelConfig, device: Device = None) -> None:
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads or config.head_dim % 2:
+            raise ValueError(
+                f"model.hidden_size ({config.hidden_size}) must be a multiple of model.num_attention_heads "
+                f"({config.num_attention_heads}) with an even head size"
+            )
+        self.config = config
+        dtype = config.torch_dtype
+        self.embedding: Optional[nn.Embedding] = nn.Embedding(
+            config.vocab_size, config.hidden_size, device=device, dtype=dtype
+        )
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(config, i, device) for i in range(config.num_layers)}
+        )
+        # Post-norm blocks already end in a norm, so InternLM has no final one then.
+        self.norm: Optional[nn.Module] = None if config.apply_post_layer_norm else build_norm(config, device)
+        self.head: Optional[nn.Linear] = nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: Optional[int] = None,
+    ) -> torch.Tensor:
+        """input_ids [B, L] (or hidden states [B, L, hidden] when this stage has no embedding),
+        position_ids [B, L] restarting at 0 in every packed segment, cu_seqlens [n+1] segment
+        boundaries of the flattened B*L tokens. Returns logits [B, L, vocab] in the model dtype
+        (hidden states when this stage has no head)."""
+        if self.embedding is not None:
+            h = self.embedding(input_ids)
+            scale = self.config.embed_grad_scale
+            if scale != 1:
+                # Same forward value; only a fraction `scale` of the gradient reaches the embedding.
+                h = scale * h + (1 - scale) * h.detach()
+        else:
+            h = input_ids
+        rope = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rotary_base)
+        segments = PackedSegments(cu_seqlens, max_seqlen)
+        recompute = self.num_checkpointed_layers()
+        for n, layer in enumerate(self.layers.values()):
+            if n < recompute and torch.is_grad_enabled():
+                h = checkpoint(layer, h, rope, segments, use_reentrant=False)
+            else:
+                h = layer(h, rope, segments)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.head is not None:
+            h = self.head(h.to(self.head.weight.dtype))
+        return h
+
+    def num_checkpointed_layers(self) -> int:
+        """The first layers this module holds that recompute activations: `checkpoint` is a
+        fraction of the layers present (InternLM applies it per pipeline stage)."""
+        fraction = self.config.checkpoint
+        if isinstance(fraction, bool):
+            return len(self.layers) if fraction else 0
+        return int(fraction * len(self.layers))
+
+    @torch.no_grad()
+    def init_weights(self, seed: Optional[int] = None) -> None:
+        """InternLM's initialisation. With a seed every tensor draws from its own generator seeded
+        by (seed, key name), so a pipeline stage gets the same values as the full model and
+        results do not depend on module order. seed=None uses the global RNG."""
+        for name, param in self.named_parameters():
+            if param.is_meta:
+                raise RuntimeError(f"init_weights: {name} is on the meta device; call model.to_empty(device=...) first")
+            std = init_std(name)
+            if std is None:
+                param.fill_(1.0 if _is_norm_weight(name) else 0.0)
+                continue
+            generator = None
+            if seed is not None:
+                generator = torch.Generator(device=param.device)
+                generator.manual_seed(_tensor_seed(seed, name))
+            param.normal_(0.0, std, generator=generator)
+
+
+def init_std(name: str) -> Optional[float]:
+    """Std of the normal init of a parameter by its key; None for biases (zero) and norms (one)."""
+    if name.endswith(".bias") or "norm" in name:
+        return None
+    if name in ("embedding.weight", "head.weight"):
+        return EMBEDDING_STD
+    if name.endswith(("out_proj.weight", "mlp.w2.weight")):
+        # InternLM's scaled init: deeper output projections start smaller.
+        layer_idx = int(name.split(".")[1])
+        return LINEAR_STD / math.sqrt(2.0 * (layer_idx + 1))
+    return LINEAR_STD
+
+
+def _is_norm_weight(name: str) -> bool:
+    return "norm" in name and name.endswith(".weight")
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    return (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63)

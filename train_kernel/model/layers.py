@@ -1,0 +1,131 @@
+"""Building blocks of the InternLM transformer: norms, rotary embedding, attention, SwiGLU MLP,
+and the block that joins them. Plain PyTorch; parallelism is applied from outside."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import PackedSegments, varlen_causal_attention
+from .config import ModelConfig
+
+Device = Optional[torch.device | str]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the weight (as InternLM and HF Llama do)."""
+
+    def __init__(self, size: int, eps: float, device: Device = None, dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(self.weight.dtype)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32, result in the parameter dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+        return out.to(self.weight.dtype)
+
+
+def build_norm(config: ModelConfig, device: Device) -> nn.Module:
+    if config.norm_type == "rmsnorm":
+        return RMSNorm(config.hidden_size, config.layer_norm_epsilon, device, config.torch_dtype)
+    if config.norm_type == "layernorm":
+        return FP32LayerNorm(config.hidden_size, config.layer_norm_epsilon, device=device, dtype=config.torch_dtype)
+    raise ValueError(f"model.norm_type must be 'rmsnorm' or 'layernorm', got {config.norm_type!r}")
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [B*L, 1, head_dim] in fp32 for GPT-NeoX style ("rotate_half") RoPE, the
+    convention of HF Llama; positions restart per packed segment."""
+    exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (base**exponents)
+    angles = position_ids.reshape(-1, 1).float() * inv_freq  # [T, head_dim/2]
+    angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; rotates the pairs (i, i + head_dim/2) in fp32."""
+    x32 = x.float()
+    first, second = x32.chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused Wqkv: output rows are [q; k; v], each head-major
+    ("(three heads head_dim)"), so q = rows [0, hidden), k = [hidden, 2*hidden), v = the rest."""
+
+    def __init__(self, config: ModelConfig, device: Device = None) -> None:
+        super().__init__()
+        hidden, dtype = config.hidden_size, config.torch_dtype
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.dropout_p = config.attn_drop_rate
+        self.use_flash_attn = config.use_flash_attn
+        self.Wqkv = nn.Linear(hidden, 3 * hidden, bias=True, device=device, dtype=dtype)
+        self.out_proj = nn.Linear(hidden, hidden, bias=True, device=device, dtype=dtype)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: PackedSegments
+    ) -> torch.Tensor:
+        batch, seq, hidden = x.shape
+        qkv = self.Wqkv(x).view(batch * seq, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(dim=1)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        dropout_p = self.dropout_p if self.training else 0.0
+        out = varlen_causal_attention(q, k, v, segments, dropout_p, self.use_flash_attn)
+        return self.out_proj(out.reshape(batch, seq, hidden))
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1(x)) * w3(x)): w1 is the gate, w3 the up projection, w2 the down projection."""
+
+    def __init__(self, config: ModelConfig, device: Device = None) -> None:
+        super().__init__()
+        hidden, inner, dtype = config.hidden_size, config.mlp_hidden_size, config.torch_dtype
+        self.w1 = nn.Linear(hidden, inner, bias=False, device=device, dtype=dtype)
+        self.w3 = nn.Linear(hidden, inner, bias=False, device=device, dtype=dtype)
+        self.w2 = nn.Linear(inner, hidden, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block (InternLM default): x + attn(norm(x)), then + mlp(norm(.)).
+    Post-norm (apply_post_layer_norm): norm(x + attn(x)), then norm(. + mlp(.))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, device: Device = None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.post_norm = config.apply_post_layer_norm
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.dtype = config.torch_dtype
+        self.attention_norm = build_norm(config, device)
+        self.attention = Attention(config, device)
+        self.mlp_norm = build_norm(config, device)
+        self.mlp = SwiGLU(config, device)
+        self.dropout = nn.Dropout(config.drop_rate)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: PackedSegments
+    ) -> torch.Tensor:
+        if self.post_norm:
+            x = self.attention_norm(x + self.dropout(self.attention(x, rope, segments)))
+            return self.mlp_norm(x + self.dropout(self.mlp(x)))
+        # The residual stream may stay fp32 (residual_in_fp32); sublayers see the model dtype.
+        residual = x.float() if self.residual_in_fp32 else x
+        residual = residual + self.dropout(self.attention(self.attention_norm(residual), rope, segments))
+        return residual + self.dropout(self.mlp(self.mlp_norm(residual)))

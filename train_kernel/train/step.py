@@ -1,0 +1,65 @@
+"""Forward and backward over one step's micro-batches (gradient accumulation), one process.
+
+The loss of each micro-batch is InternLM's: cross entropy over the tokens that have a label,
+averaged within the micro-batch, divided by micro_num; the scaled loss is what backward sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train_kernel.data.batches import MicroBatch
+from train_kernel.train.token_metrics import IGNORE_INDEX, TokenMetrics
+
+
+@dataclass(frozen=True)
+class StepLoss:
+    loss: float  # mean of the micro-batch losses: the log line's `loss`
+    segments_per_micro_batch: list[int]
+    largest_length: int
+
+
+def micro_batch_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    if not bool((labels != IGNORE_INDEX).any()):
+        # A row of padding only: zero loss that still reaches every parameter (no nan from a mean
+        # over nothing).
+        return logits.float().sum() * 0.0
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        label_smoothing=label_smoothing,
+    )
+
+
+def forward_backward(
+    model: nn.Module,
+    micro_batches: list[MicroBatch],
+    loss_scale: float,
+    label_smoothing: float,
+    metrics: TokenMetrics,
+) -> StepLoss:
+    total = 0.0
+    count = len(micro_batches)
+    for micro in micro_batches:
+        logits = model(micro.input_ids, micro.position_ids, micro.cu_seqlens, micro.max_seqlen)
+        loss = micro_batch_loss(logits, micro.labels, label_smoothing) / count
+        (loss * loss_scale).backward()
+        metrics.update(logits.detach(), micro.labels, micro.type_ids)
+        total += loss.item()
+    return StepLoss(
+        loss=total,
+        segments_per_micro_batch=[m.segments for m in micro_batches],
+        largest_length=max(m.max_seqlen for m in micro_batches),
+    )
+
+
+@torch.no_grad()
+def forward_only(model: nn.Module, micro: MicroBatch, label_smoothing: float, metrics: TokenMetrics) -> float:
+    logits = model(micro.input_ids, micro.position_ids, micro.cu_seqlens, micro.max_seqlen)
+    metrics.update(logits, micro.labels, micro.type_ids)
+    return micro_batch_loss(logits, micro.labels, label_smoothing).item()
