@@ -1,17 +1,15 @@
 """The InternLM model: config, construction, parameter counting and weight files.
 
-    build_model(config, device="cpu", seed=0) -> InternLM
-    count_parameters(model) -> int
-    save_model_checkpoint(model, folder, pipeline_stage=0) / load_model_state(folder)
-    export_hf(ckpt_dir, out_dir) / import_hf(hf_dir, out_ckpt_dir)   (in .hf_interop)
+- build_model(config, device="cpu", seed=0) -> InternLM
+- count_parameters(model) -> int
+- save_model_checkpoint(model, folder, pipeline_stage=0) -> Path; load_model_state(folder)
+- hf_interop.export_hf(ckpt_dir, out_dir) / hf_interop.import_hf(hf_dir, out_ckpt_dir)
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .config import ModelConfig
 from .internlm import InternLM
@@ -27,7 +25,7 @@ __all__ = [
 ]
 
 
-def build_model(config: ModelConfig, device: torch.device | str = "cpu", seed: Optional[int] = 0) -> InternLM:
+def build_model(config: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0) -> InternLM:
     """Builds the model on the meta device (no memory, no init cost), then materialises it on
     `device` and initialises it; on "meta" it stays uninitialised (for planning/counting)."""
     with torch.device("meta"):

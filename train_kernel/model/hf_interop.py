@@ -30,10 +30,16 @@ _LAYER_KEYS = {
     "mlp.w3.weight": "mlp.up_proj.weight",
     "mlp.w2.weight": "mlp.down_proj.weight",
 }
-_GLOBAL_KEYS = {"embedding.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "head.weight": "lm_head.weight"}
+_GLOBAL_KEYS = {
+    "embedding.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "head.weight": "lm_head.weight",
+}
 
 
-def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, max_position_embeddings: int = 2048) -> Path:
+def export_hf(
+    ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, max_position_embeddings: int = 2048
+) -> Path:
     """Writes config.json and model.safetensors of a LlamaForCausalLM into `out_dir`."""
     config, state = load_model_state(ckpt_dir)
     if config.norm_type != "rmsnorm" or config.apply_post_layer_norm:
@@ -108,7 +114,9 @@ def import_hf(hf_dir: str | os.PathLike, out_ckpt_dir: str | os.PathLike) -> Mod
         "embedding.weight": take("model.embed_tokens.weight"),
         "norm.weight": take("model.norm.weight"),
         # Tied checkpoints store no lm_head; ours is untied, so it starts as a copy.
-        "head.weight": take("lm_head.weight" if "lm_head.weight" in hf_state else "model.embed_tokens.weight").clone(),
+        "head.weight": take(
+            "lm_head.weight" if "lm_head.weight" in hf_state else "model.embed_tokens.weight"
+        ).clone(),
     }
     for i in range(config.num_layers):
         ours, hf = f"layers.{i}.", f"model.layers.{i}."
@@ -119,7 +127,10 @@ def import_hf(hf_dir: str | os.PathLike, out_ckpt_dir: str | os.PathLike) -> Mod
                 state[ours + our_key] = take(hf + hf_key)
         projections = [f"{hf}self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
         state[f"{ours}attention.Wqkv.weight"] = torch.cat([take(p + ".weight") for p in projections])
-        biases = [take(p + ".bias") if p + ".bias" in hf_state else torch.zeros(hidden, dtype=dtype) for p in projections]
+        biases = [
+            take(p + ".bias") if p + ".bias" in hf_state else torch.zeros(hidden, dtype=dtype)
+            for p in projections
+        ]
         state[f"{ours}attention.Wqkv.bias"] = torch.cat(biases)
     write_model_state(config, state, out_ckpt_dir)
     load_model_state(out_ckpt_dir)  # checks keys and shapes against the config
@@ -132,7 +143,10 @@ def _model_config_from_llama(hf: dict, where: Path) -> ModelConfig:
             raise ValueError(f"{where}/config.json: {what}; cannot map onto InternLM")
 
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
-    require(hf.get("num_key_value_heads", heads) == heads, "grouped-query attention (num_key_value_heads != heads)")
+    require(
+        hf.get("num_key_value_heads", heads) == heads,
+        "grouped-query attention (num_key_value_heads != heads)",
+    )
     require(hf.get("head_dim") in (None, hidden // heads), "head_dim != hidden_size / num_attention_heads")
     require(hf.get("hidden_act", "silu") == "silu", f"hidden_act {hf.get('hidden_act')!r} is not silu")
     require(not hf.get("mlp_bias", False), "mlp_bias=True")
@@ -164,6 +178,6 @@ def _read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for path in files:
         with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not iterable
                 state[key] = handle.get_tensor(key)
     return state

@@ -27,10 +27,9 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Optional
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import PackedSegments
@@ -51,15 +50,15 @@ class InternLM(nn.Module):
             )
         self.config = config
         dtype = config.torch_dtype
-        self.embedding: Optional[nn.Embedding] = nn.Embedding(
+        self.embedding: nn.Embedding | None = nn.Embedding(
             config.vocab_size, config.hidden_size, device=device, dtype=dtype
         )
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(config, i, device) for i in range(config.num_layers)}
         )
         # Post-norm blocks already end in a norm, so InternLM has no final one then.
-        self.norm: Optional[nn.Module] = None if config.apply_post_layer_norm else build_norm(config, device)
-        self.head: Optional[nn.Linear] = nn.Linear(
+        self.norm: nn.Module | None = None if config.apply_post_layer_norm else build_norm(config, device)
+        self.head: nn.Linear | None = nn.Linear(
             config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype
         )
 
@@ -68,7 +67,7 @@ class InternLM(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         cu_seqlens: torch.Tensor,
-        max_seqlen: Optional[int] = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """input_ids [B, L] (or hidden states [B, L, hidden] when this stage has no embedding),
         position_ids [B, L] restarting at 0 in every packed segment, cu_seqlens [n+1] segment
@@ -105,13 +104,15 @@ class InternLM(nn.Module):
         return int(fraction * len(self.layers))
 
     @torch.no_grad()
-    def init_weights(self, seed: Optional[int] = None) -> None:
+    def init_weights(self, seed: int | None = None) -> None:
         """InternLM's initialisation. With a seed every tensor draws from its own generator seeded
         by (seed, key name), so a pipeline stage gets the same values as the full model and
         results do not depend on module order. seed=None uses the global RNG."""
         for name, param in self.named_parameters():
             if param.is_meta:
-                raise RuntimeError(f"init_weights: {name} is on the meta device; call model.to_empty(device=...) first")
+                raise RuntimeError(
+                    f"init_weights: {name} is on the meta device; call model.to_empty(device=...) first"
+                )
             std = init_std(name)
             if std is None:
                 param.fill_(1.0 if _is_norm_weight(name) else 0.0)
@@ -123,7 +124,7 @@ class InternLM(nn.Module):
             param.normal_(0.0, std, generator=generator)
 
 
-def init_std(name: str) -> Optional[float]:
+def init_std(name: str) -> float | None:
     """Std of the normal init of a parameter by its key; None for biases (zero) and norms (one)."""
     if name.endswith(".bias") or "norm" in name:
         return None

@@ -3,22 +3,22 @@ and the block that joins them. Plain PyTorch; parallelism is applied from outsid
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .attention import PackedSegments, varlen_causal_attention
 from .config import ModelConfig
 
-Device = Optional[torch.device | str]
+Device = torch.device | str | None
 
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back before the weight (as InternLM and HF Llama do)."""
 
-    def __init__(self, size: int, eps: float, device: Device = None, dtype: Optional[torch.dtype] = None) -> None:
+    def __init__(
+        self, size: int, eps: float, device: Device = None, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size, device=device, dtype=dtype))
@@ -41,11 +41,15 @@ def build_norm(config: ModelConfig, device: Device) -> nn.Module:
     if config.norm_type == "rmsnorm":
         return RMSNorm(config.hidden_size, config.layer_norm_epsilon, device, config.torch_dtype)
     if config.norm_type == "layernorm":
-        return FP32LayerNorm(config.hidden_size, config.layer_norm_epsilon, device=device, dtype=config.torch_dtype)
+        return FP32LayerNorm(
+            config.hidden_size, config.layer_norm_epsilon, device=device, dtype=config.torch_dtype
+        )
     raise ValueError(f"model.norm_type must be 'rmsnorm' or 'layernorm', got {config.norm_type!r}")
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, base: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [B*L, 1, head_dim] in fp32 for GPT-NeoX style ("rotate_half") RoPE, the
     convention of HF Llama; positions restart per packed segment."""
     exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.int64).float() / head_dim

@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .config import ModelConfig
 
@@ -57,9 +57,7 @@ def load_model_state(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str, 
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing: not a model checkpoint folder")
     config = ModelConfig(**json.loads(config_path.read_text(encoding="utf-8")))
-    stage_files = sorted(
-        (int(m.group(1)), p) for p in folder.iterdir() if (m := _STAGE_FILE.match(p.name))
-    )
+    stage_files = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _STAGE_FILE.match(p.name)))
     if not stage_files:
         raise FileNotFoundError(f"{folder} holds no model_tp0_pp*.safetensors file")
     state: dict[str, torch.Tensor] = {}
@@ -90,7 +88,9 @@ def _check_keys(config: ModelConfig, state: dict[str, torch.Tensor], folder: Pat
         )
     for key, shape in expected.items():
         if tuple(state[key].shape) != shape:
-            raise ValueError(f"{folder}: {key} has shape {tuple(state[key].shape)}, {CONFIG_FILE} implies {shape}")
+            raise ValueError(
+                f"{folder}: {key} has shape {tuple(state[key].shape)}, {CONFIG_FILE} implies {shape}"
+            )
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -7,7 +7,7 @@ import datetime
 import math
 
 # Record keys that are not shown on the line (kept in metrics.jsonl).
-_NOT_ON_LINE = {"time", "eta_s", "epoch", "skipped_batches"}
+_NOT_ON_LINE = {"time", "eta_s", "epoch", "skipped_batches", "data_wait_s"}
 _LINE_NAMES = {"tgs": "tgs (tokens/gpu/second)"}
 
 

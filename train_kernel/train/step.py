@@ -36,6 +36,26 @@ def micro_batch_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing
     )
 
 
+def _loss_and_metrics(
+    logits: torch.Tensor, micro: MicroBatch, label_smoothing: float, metrics: TokenMetrics
+) -> torch.Tensor:
+    """The micro-batch loss; the per-token cross entropy behind it also feeds the metrics, so the
+    vocabulary-sized softmax runs once (twice only with label smoothing, whose loss is not the
+    metric's plain cross entropy)."""
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    labels = micro.labels.reshape(-1)
+    valid = labels != IGNORE_INDEX
+    if not bool(valid.any()):
+        return flat_logits.sum() * 0.0  # padding only: a zero that still reaches every parameter
+    token_losses = F.cross_entropy(flat_logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    with torch.no_grad():
+        correct = flat_logits.argmax(-1) == labels
+    metrics.update_from_losses(token_losses.detach(), correct, labels, micro.type_ids)
+    if label_smoothing:
+        return micro_batch_loss(logits, micro.labels, label_smoothing)
+    return token_losses.sum() / valid.sum()
+
+
 def forward_backward(
     model: nn.Module,
     micro_batches: list[MicroBatch],
@@ -47,9 +67,8 @@ def forward_backward(
     count = len(micro_batches)
     for micro in micro_batches:
         logits = model(micro.input_ids, micro.position_ids, micro.cu_seqlens, micro.max_seqlen)
-        loss = micro_batch_loss(logits, micro.labels, label_smoothing) / count
+        loss = _loss_and_metrics(logits, micro, label_smoothing, metrics) / count
         (loss * loss_scale).backward()
-        metrics.update(logits.detach(), micro.labels, micro.type_ids)
         total += loss.item()
     return StepLoss(
         loss=total,

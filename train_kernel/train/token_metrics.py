@@ -24,6 +24,19 @@ class TokenMetrics:
         self.sums = torch.zeros(self.num_types + 1, 3, dtype=torch.float64)
 
     @torch.no_grad()
+    def update_from_losses(
+        self, token_losses: torch.Tensor, correct: torch.Tensor, labels: torch.Tensor, type_ids: torch.Tensor
+    ) -> None:
+        """Accumulates per-token losses and hits already computed by the training step (one cross
+        entropy pass serves both the loss and the metrics)."""
+        keep = labels.reshape(-1) != IGNORE_INDEX
+        if not bool(keep.any()):
+            return
+        losses = token_losses.reshape(-1)[keep].float()
+        hits = correct.reshape(-1)[keep]
+        self._accumulate(losses, hits, type_ids.reshape(-1).to(losses.device)[keep].long())
+
+    @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor, type_ids: torch.Tensor) -> None:
         """logits [..., V], labels and type_ids [...] (type id -1 marks padding)."""
         logits = logits.reshape(-1, logits.shape[-1])
@@ -40,6 +53,9 @@ class TokenMetrics:
             target = labels[start : start + _CHUNK_TOKENS]
             losses[start : start + len(target)] = F.cross_entropy(chunk, target, reduction="none")
             correct[start : start + len(target)] = chunk.argmax(-1) == target
+        self._accumulate(losses, correct, type_ids)
+
+    def _accumulate(self, losses: torch.Tensor, correct: torch.Tensor, type_ids: torch.Tensor) -> None:
         columns = torch.stack([torch.ones_like(losses), correct.float(), losses], dim=1).double().cpu()
         self.sums[-1] += columns.sum(0)
         type_ids = type_ids.clamp(min=0, max=max(self.num_types - 1, 0)).cpu()

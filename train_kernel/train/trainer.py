@@ -197,6 +197,7 @@ class _Loop:
         tokens = sum(m.num_tokens for m in micro_batches)
         state.num_consumed_tokens += tokens
         record = self._record(step_loss, result, len(micro_batches), tokens, step_seconds, fwd_bwd_seconds)
+        record["data_wait_s"] = round(data_ready - started, 6)
         log.info(format_log_line(record))
         self.emitter.emit("train", record)
         state.batch_count += 1

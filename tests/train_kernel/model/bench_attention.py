@@ -107,7 +107,10 @@ def main() -> None:
             )
             times = {name: time_fwd_bwd(fn, q, k, v, lengths, args.reps) for name, fn in kernels.items()}
             shown = " ".join(f"{name}={t:.3f}s" for name, t in times.items())
-            print(f"{str(dtype):15} T={tokens} segments={len(lengths)} buckets={len(plan.buckets)} {shown}", flush=True)
+            print(
+                f"{dtype!s:15} T={tokens} segments={len(lengths)} buckets={len(plan.buckets)} {shown}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
+from tests.train_kernel.model.helpers import lively, run_single, small_model
 from train_kernel.model import InternLM, load_model_state, save_model_checkpoint
 from train_kernel.model.hf_interop import export_hf, import_hf
 from train_kernel.model.state_files import write_model_state
-from tests.train_kernel.model.helpers import lively, run_single, small_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,7 +60,9 @@ def test_exported_checkpoint_gives_our_logits_in_transformers(tmp_path):
     save_model_checkpoint(model, tmp_path / "ckpt")
     export_hf(tmp_path / "ckpt", tmp_path / "hf", max_position_embeddings=4096)
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert hf_config["attention_bias"] is True and hf_config["intermediate_size"] == model.config.mlp_hidden_size
+    assert (
+        hf_config["attention_bias"] is True and hf_config["intermediate_size"] == model.config.mlp_hidden_size
+    )
 
     tokens = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -120,8 +122,14 @@ def test_export_refuses_what_llama_cannot_express(tmp_path):
 def test_import_refuses_grouped_query_attention(tmp_path):
     (tmp_path / "config.json").write_text(
         json.dumps(
-            dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
-                 vocab_size=300, intermediate_size=256)
+            {
+                "hidden_size": 64,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "num_hidden_layers": 1,
+                "vocab_size": 300,
+                "intermediate_size": 256,
+            }
         )
     )
     with pytest.raises(ValueError, match="num_key_value_heads"):

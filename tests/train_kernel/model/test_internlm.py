@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 
-from train_kernel.model import InternLM, ModelConfig, build_model, count_parameters, internlm
 from tests.train_kernel.model.helpers import lively, packed_batch, run_single, small_config, small_model
+from train_kernel.model import InternLM, ModelConfig, build_model, count_parameters, internlm
 
 SEED_7B = ModelConfig(  # the model block of the 7B demo seed config
     num_layers=32,
@@ -91,7 +91,9 @@ def test_embed_grad_scale_scales_only_the_embedding_gradient():
     weighted_loss(out_full).backward()
     weighted_loss(out_scaled).backward()
     g_full, g_scaled = grads(full), grads(scaled)
-    torch.testing.assert_close(g_scaled["embedding.weight"], 0.25 * g_full["embedding.weight"], atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(
+        g_scaled["embedding.weight"], 0.25 * g_full["embedding.weight"], atol=1e-7, rtol=1e-5
+    )
     torch.testing.assert_close(g_scaled["head.weight"], g_full["head.weight"], atol=1e-7, rtol=1e-5)
 
 
@@ -126,7 +128,9 @@ def test_init_follows_internlm():
 
 def test_same_seed_same_weights_and_stage_init_matches_full_model():
     first, second, other = small_model(seed=7), small_model(seed=7), small_model(seed=8)
-    for (name, a), b, c in zip(first.state_dict().items(), second.state_dict().values(), other.state_dict().values()):
+    for (name, a), b, c in zip(
+        first.state_dict().items(), second.state_dict().values(), other.state_dict().values()
+    ):
         assert torch.equal(a, b), name
         if internlm.init_std(name) is not None:
             assert not torch.equal(a, c), name
@@ -156,7 +160,7 @@ def test_pipeline_stages_compose_to_the_full_model():
         del last.layers[name]
     first.norm = first.head = None
     last.embedding = None
-    assert list(last.state_dict())[0] == "layers.2.attention_norm.weight"  # global names kept
+    assert next(iter(last.state_dict())) == "layers.2.attention_norm.weight"  # global names kept
 
     hidden = first(*batch)
     assert hidden.shape == (2, 32, 64)
@@ -166,11 +170,11 @@ def test_pipeline_stages_compose_to_the_full_model():
 @pytest.mark.parametrize(
     "overrides",
     [
-        dict(dtype="torch.bfloat16"),
-        dict(dtype="torch.bfloat16", residual_in_fp32=True),
-        dict(norm_type="layernorm"),
-        dict(apply_post_layer_norm=True),
-        dict(drop_rate=0.1, attn_drop_rate=0.1),
+        {"dtype": "torch.bfloat16"},
+        {"dtype": "torch.bfloat16", "residual_in_fp32": True},
+        {"norm_type": "layernorm"},
+        {"apply_post_layer_norm": True},
+        {"drop_rate": 0.1, "attn_drop_rate": 0.1},
     ],
 )
 def test_variants_run_forward_and_backward(overrides):

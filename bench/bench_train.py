@@ -1,0 +1,153 @@
+"""Training throughput and model FLOPs utilisation on this CPU, side by side in one run:
+
+- ours: `train-kernel run` (the real trainer: fp32 master weights, fused AdamW, InternLM log line,
+  metrics records) on random tokens, one document per seq_len as InternLM's random dataset;
+- baseline: a user's obvious alternative, transformers' LlamaForCausalLM (same size, attention bias)
+  in bf16 with torch.optim.AdamW, same tokens per step;
+- the machine's bf16 matmul rate at the model's GEMM shapes, measured in the same run.
+MFU = formula FLOPs per step (InternLM's Megatron formula) / step time / matmul rate.
+Data wait: the trainer on real packed rows (the demo corpus) records the time spent getting each batch.
+
+Targets (issue 3): ours >= 1.2x the baseline's tokens/s; MFU >= 0.65 at hidden >= 512; data wait <= 1%.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from bench.common import OUT, ROOT, save_result
+
+SHAPE = dict(
+    hidden=int(os.environ.get("BENCH_TRAIN_HIDDEN", "512")),
+    layers=8,
+    heads=8,
+    seq_len=2048,
+    vocab=int(os.environ.get("BENCH_TRAIN_VOCAB", "32000")),
+    micro_num=2,
+)
+STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", "8"))
+WARMUP = 2
+
+CONFIG = """
+JOB_NAME = "bench"
+data = dict(seq_len={seq_len}, micro_num={micro_num}, micro_bsz=1, total_steps={steps}, train_folder={train_folder!r})
+adam = dict(lr=1e-4)
+model = dict(num_layers={layers}, hidden_size={hidden}, num_attention_heads={heads}, mlp_ratio=8 / 3,
+             vocab_size={vocab}, dtype="torch.bfloat16", embed_grad_scale=1, checkpoint=False)
+parallel = dict(zero1=1)
+run_dir = {run_dir!r}
+"""
+
+BASELINE = r"""
+import json, sys, time, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+shape = json.loads(sys.argv[1]); steps = int(sys.argv[2])
+hidden = shape["hidden"]; mlp = 256 * ((int(hidden * 8 / 3) + 255) // 256)
+config = LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=shape["layers"],
+                     num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"], vocab_size=shape["vocab"],
+                     max_position_embeddings=shape["seq_len"], attention_bias=True, tie_word_embeddings=False)
+torch.manual_seed(0)
+model = LlamaForCausalLM(config).to(torch.bfloat16)
+model.config._attn_implementation = "sdpa"
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+times = []
+for step in range(steps):
+    started = time.perf_counter()
+    for _ in range(shape["micro_num"]):
+        ids = torch.randint(0, shape["vocab"], (1, shape["seq_len"]))
+        loss = model(input_ids=ids, labels=ids).loss / shape["micro_num"]
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    times.append(time.perf_counter() - started)
+print(json.dumps(times))
+"""
+
+
+def matmul_rate(shape: dict) -> float:
+    """bf16 FLOP/s over the model's GEMMs (weighted as one layer plus the head uses them)."""
+    t, h, v = shape["seq_len"], shape["hidden"], shape["vocab"]
+    mlp = 256 * ((int(h * 8 / 3) + 255) // 256)
+    gemms = [(t, h, 3 * h), (t, h, h), (t, h, mlp), (t, h, mlp), (t, mlp, h), (t, h, v)]
+    total_flops, total_seconds = 0.0, 0.0
+    for m, k, n in gemms:
+        a = torch.randn(m, k, dtype=torch.bfloat16)
+        b = torch.randn(k, n, dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        repeats = max(3, int(2e10 / (2 * m * k * n)))
+        started = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        total_seconds += time.perf_counter() - started
+        total_flops += 2 * m * k * n * repeats
+    return total_flops / total_seconds
+
+
+def run_ours(shape: dict, steps: int, train_folder: str | None, name: str) -> list[dict]:
+    run_dir = OUT / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    config = run_dir / "config.py"
+    config.write_text(CONFIG.format(steps=steps, train_folder=train_folder, run_dir=str(run_dir), **shape))
+    subprocess.run([sys.executable, "-m", "train_kernel.cli", "run", "--config", str(config)], check=True, capture_output=True, cwd=ROOT)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def run_baseline(shape: dict, steps: int) -> list[float]:
+    result = subprocess.run([sys.executable, "-c", BASELINE, json.dumps(shape), str(steps)], check=True, capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def demo_pack_2048() -> str:
+    """The demo corpus packed at seq_len 2048, micro_bsz 1 (built once)."""
+    from bench.common import cli, run_measured
+    from tokenize_stage.demo_corpus import build_demo_corpus
+
+    raw, tokenized, packed = OUT / "raw-demo", OUT / "tok-demo", OUT / "packed-demo-2048"
+    if not (packed / "manifest.json").is_file():
+        build_demo_corpus(raw)
+        run_measured([*cli("tokenize_stage.cli"), "run", "--input", str(raw), "--output", str(tokenized), "--no-progress"])
+        run_measured([*cli("pack_stage.cli"), "run", "--input", str(tokenized), "--output", str(packed), "--seq-len", "2048", "--micro-bsz", "1", "--overwrite", "--no-progress"])
+    return str(packed)
+
+
+def main() -> dict:
+    tokens_per_step = SHAPE["seq_len"] * SHAPE["micro_num"]
+    rate = matmul_rate(SHAPE)
+    ours = run_ours(SHAPE, STEPS + WARMUP, None, "train-ours")[WARMUP:]
+    baseline = run_baseline(SHAPE, STEPS + WARMUP)[WARMUP:]
+    ours_step = statistics.median(r["tgs"] and tokens_per_step / r["tgs"] for r in ours)
+    base_step = statistics.median(baseline)
+    ours_tflops = statistics.median(r["tflops"] for r in ours)
+    packed = run_ours({**SHAPE, "vocab": 384}, STEPS + WARMUP, demo_pack_2048(), "train-packed")[WARMUP:]
+    wait = sum(r["data_wait_s"] for r in packed) / sum(tokens_per_step / r["tgs"] for r in packed)
+    result = {
+        "shape": SHAPE,
+        "dtype": "bf16",
+        "tokens_per_step": tokens_per_step,
+        "matmul_tflops": round(rate / 1e12, 4),
+        "ours_tokens_per_s": round(tokens_per_step / ours_step, 1),
+        "transformers_tokens_per_s": round(tokens_per_step / base_step, 1),
+        "ours_over_transformers": round(base_step / ours_step, 3),
+        "ours_tflops": round(ours_tflops, 4),
+        "ours_mfu": round(ours_tflops * 1e12 / rate, 3),
+        "transformers_mfu": round(ours_tflops * 1e12 * ours_step / base_step / rate, 3),
+        "data_wait_fraction_packed": round(wait, 5),
+    }
+    save_result("train", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
