@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench.common import OUT, cli, demo_texts, run_measured, save_result, train_bpe_tokenizer, write_corpus
 
-CORPUS_BYTES = int(os.environ.get("BENCH_TOKENIZE_MB", "48")) << 20
+CORPUS_BYTES = int(os.environ.get("BENCH_TOKENIZE_MB", "96")) << 20
 REPEATS = 2
 
 NAIVE = r"""
@@ -70,12 +70,12 @@ def main() -> dict:
         limit_s, tokens = library_limit(tokenizer, raw)
         target = OUT / "tok-bench"
         shutil.rmtree(target, ignore_errors=True)
-        stage = run_measured([*cli("tokenize_stage.cli"), "run", "--input", str(raw), "--output", str(target), "--tokenizer", str(tokenizer), "--workers", str(os.cpu_count()), "--no-progress"])
+        stage = run_measured([*cli("tokenize_stage.cli"), "run", "--input", str(raw), "--output", str(target), "--tokenizer", str(tokenizer), "--workers", str(os.cpu_count()), "--no-progress"], sample_rss=False)
         manifest = json.loads((target / "manifest.json").read_text())
         assert manifest["totals"]["tokens"] == tokens, (manifest["totals"]["tokens"], tokens)
         naive_out = OUT / "tok-naive"
         shutil.rmtree(naive_out, ignore_errors=True)
-        naive = run_measured([sys.executable, "-c", NAIVE, str(tokenizer), str(raw), str(naive_out)])
+        naive = run_measured([sys.executable, "-c", NAIVE, str(tokenizer), str(raw), str(naive_out)], sample_rss=False)
         rows.append({"limit_s": limit_s, "stage_s": stage.seconds, "naive_s": naive.seconds})
         print(f"repeat {repeat}: limit {limit_s:.2f} s, stage {stage.seconds:.2f} s, naive {naive.seconds:.2f} s", flush=True)
     best = {key: min(r[key] for r in rows) for key in rows[0]}

@@ -87,8 +87,9 @@ class CommandResult:
     stdout: str
 
 
-def run_measured(args: list[str], env: dict | None = None, sample_s: float = 0.02) -> CommandResult:
-    """Runs a command, timing it and sampling the summed RSS of its whole process tree."""
+def run_measured(args: list[str], env: dict | None = None, sample_s: float = 0.02, sample_rss: bool = True) -> CommandResult:
+    """Runs a command, timing it and (unless sample_rss is off: sampling costs CPU that timing
+    runs should not lose) sampling the summed RSS of its whole process tree."""
     started = time.perf_counter()
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak = 0
@@ -111,7 +112,7 @@ def run_measured(args: list[str], env: dict | None = None, sample_s: float = 0.0
                 return
             time.sleep(sample_s)
 
-    sampler = threading.Thread(target=sample, daemon=True)
+    sampler = threading.Thread(target=sample if sample_rss else (lambda: None), daemon=True)
     sampler.start()
     stdout, stderr = process.communicate()
     seconds = time.perf_counter() - started

@@ -102,7 +102,9 @@ def _concatenate_parts(part_files: list[Path], line_offsets: list[int], shard: P
     writer = None
     with pa.OSFile(str(tmp), "wb") as sink:
         for part, offset in zip(part_files, line_offsets):
-            with pa.memory_map(str(part), "r") as source:
+            # Plain reads, not a memory map: mapped pages of a whole part would count in this
+            # process's resident set; reading batch by batch keeps it at one batch.
+            with pa.OSFile(str(part), "rb") as source:
                 reader = pa.ipc.open_file(source)
                 if writer is None:
                     writer = pa.ipc.new_file(sink, reader.schema)

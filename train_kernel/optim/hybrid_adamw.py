@@ -122,7 +122,9 @@ class HybridAdamW:
     def step(self, lr: float, beta2: float) -> StepResult:
         scale = self.scaler.scale
         grads = self.gather_grads()
-        squared = self.reduce_norm(grads.double().pow(2).sum().reshape(1))
+        # fp32 norm (no float64 copy of the whole gradient); only the scalar is widened for the
+        # cross-rank sum. An inf/nan anywhere makes the norm inf/nan: the overflow test.
+        squared = self.reduce_norm(torch.linalg.vector_norm(grads).double().pow(2).reshape(1))
         norm = math.sqrt(squared.item()) / scale if math.isfinite(squared.item()) else float("nan")
         if not math.isfinite(norm):
             self.scaler.update(overflow=True)
