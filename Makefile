@@ -19,6 +19,7 @@ VALID_FRACTION ?= 0.01
 MIN_LENGTH ?= 0
 
 DEMO_DIR ?= demo_data
+DEMO_STEPS ?= 400
 
 .PHONY: install prepare demo test bench clean-demo
 
@@ -43,8 +44,8 @@ demo: install
 	$(BIN)/tokenize-stage demo-corpus --output $(DEMO_DIR)/raw
 	$(MAKE) --no-print-directory prepare DATA=$(DEMO_DIR)/raw OUT=$(DEMO_DIR) SEQ_LEN=512 MICRO_BSZ=2
 	$(BIN)/pack-stage inspect $(DEMO_DIR)/packed --row 0 | head -n 40
-	$(BIN)/train-kernel run --config configs/demo.py
-	$(BIN)/train-kernel export-hf --ckpt runs/demo/ckpt/300 --out runs/demo/hf
+	$(BIN)/train-kernel run --config configs/demo.py --set data.total_steps=$(DEMO_STEPS)
+	$(BIN)/train-kernel export-hf --ckpt runs/demo/ckpt/$(DEMO_STEPS) --out runs/demo/hf
 	@echo
 	@echo "Demo data: raw text in $(DEMO_DIR)/raw, token shards in $(DEMO_DIR)/tokenized, packed rows in $(DEMO_DIR)/packed"
 	@echo "  (any packed row, decoded: $(BIN)/pack-stage inspect $(DEMO_DIR)/packed --row N)"

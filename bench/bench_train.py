@@ -33,7 +33,8 @@ SHAPE = dict(
     vocab=int(os.environ.get("BENCH_TRAIN_VOCAB", "32000")),
     micro_num=2,
 )
-STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", "8"))
+STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", "6"))
+ROUNDS = int(os.environ.get("BENCH_TRAIN_ROUNDS", "3"))
 WARMUP = 2
 
 CONFIG = """
@@ -124,10 +125,14 @@ def demo_pack_2048() -> str:
 
 def main() -> dict:
     tokens_per_step = SHAPE["seq_len"] * SHAPE["micro_num"]
-    rate = matmul_rate(SHAPE)
-    ours = run_ours(SHAPE, STEPS + WARMUP, None, "train-ours")[WARMUP:]
-    baseline = run_baseline(SHAPE, STEPS + WARMUP)[WARMUP:]
-    ours_step = statistics.median(r["tgs"] and tokens_per_step / r["tgs"] for r in ours)
+    rates, ours, baseline = [], [], []
+    # Alternating rounds: a noisy neighbour slows both sides alike instead of one of them.
+    for _ in range(ROUNDS):
+        rates.append(matmul_rate(SHAPE))
+        ours += run_ours(SHAPE, STEPS + WARMUP, None, "train-ours")[WARMUP:]
+        baseline += run_baseline(SHAPE, STEPS + WARMUP)[WARMUP:]
+    rate = max(rates)  # the machine's capability: the least disturbed measurement
+    ours_step = statistics.median(tokens_per_step / r["tgs"] for r in ours)
     base_step = statistics.median(baseline)
     ours_tflops = statistics.median(r["tflops"] for r in ours)
     packed = run_ours({**SHAPE, "vocab": 384}, STEPS + WARMUP, demo_pack_2048(), "train-packed")[WARMUP:]
@@ -137,6 +142,9 @@ def main() -> dict:
         "dtype": "bf16",
         "tokens_per_step": tokens_per_step,
         "matmul_tflops": round(rate / 1e12, 4),
+        "matmul_tflops_per_round": [round(r / 1e12, 4) for r in rates],
+        "rounds": ROUNDS,
+        "steps_per_round": STEPS,
         "ours_tokens_per_s": round(tokens_per_step / ours_step, 1),
         "transformers_tokens_per_s": round(tokens_per_step / base_step, 1),
         "ours_over_transformers": round(base_step / ours_step, 3),

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-from bench import bench_memory, bench_pack_reader, bench_tokenize
+from bench import bench_memory, bench_pack_reader, bench_tokenize, bench_train
 
 
 def main() -> None:
     tokenize = bench_tokenize.main()
     bench_pack_reader.main(tokenize_tokens_per_s=tokenize["stage_tokens_per_s"])
     bench_memory.main()
+    bench_train.main()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ data = dict(
     valid_micro_num=4,
     valid_every=50,
     pack_sample_into_one=False,
-    total_steps=300,
+    total_steps=400,
     skip_batches="",
     rampup_batch_size="",
     min_length=0,
@@ -49,7 +49,7 @@ hybrid_zero_optimizer = dict(
 loss = dict(label_smoothing=0)
 
 adam = dict(
-    lr=3e-3,
+    lr=1e-3,
     adam_beta1=0.9,
     adam_beta2=0.95,
     adam_beta2_c=0,
@@ -61,7 +61,7 @@ lr_scheduler = dict(
     total_steps=data["total_steps"],
     init_steps=0,
     warmup_ratio=0.05,
-    eta_min=3e-4,
+    eta_min=1e-4,
     last_epoch=-1,
 )
 

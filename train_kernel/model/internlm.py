@@ -68,11 +68,13 @@ class InternLM(nn.Module):
         position_ids: torch.Tensor,
         cu_seqlens: torch.Tensor,
         max_seqlen: int | None = None,
+        apply_head: bool = True,
     ) -> torch.Tensor:
         """input_ids [B, L] (or hidden states [B, L, hidden] when this stage has no embedding),
         position_ids [B, L] restarting at 0 in every packed segment, cu_seqlens [n+1] segment
         boundaries of the flattened B*L tokens. Returns logits [B, L, vocab] in the model dtype
-        (hidden states when this stage has no head)."""
+        (hidden states when this stage has no head, or with apply_head=False: the trainer's fused
+        head + cross entropy takes the normed hidden states)."""
         if self.embedding is not None:
             h = self.embedding(input_ids)
             scale = self.config.embed_grad_scale
@@ -91,7 +93,7 @@ class InternLM(nn.Module):
                 h = layer(h, rope, segments)
         if self.norm is not None:
             h = self.norm(h)
-        if self.head is not None:
+        if self.head is not None and apply_head:
             h = self.head(h.to(self.head.weight.dtype))
         return h
 

@@ -24,8 +24,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # F.rms_norm: the same fp32 arithmetic as x * rsqrt(mean(x^2) + eps), in one fused kernel.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(self.weight.dtype)
 
 
@@ -50,21 +50,21 @@ def build_norm(config: ModelConfig, device: Device) -> nn.Module:
 def rotary_cos_sin(
     position_ids: torch.Tensor, head_dim: int, base: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [B*L, 1, head_dim] in fp32 for GPT-NeoX style ("rotate_half") RoPE, the
+    """cos/sin tables [B*L, 1, head_dim/2] in fp32 for GPT-NeoX style ("rotate_half") RoPE, the
     convention of HF Llama; positions restart per packed segment."""
     exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.int64).float() / head_dim
     inv_freq = 1.0 / (base**exponents)
-    angles = position_ids.reshape(-1, 1).float() * inv_freq  # [T, head_dim/2]
-    angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)
+    angles = (position_ids.reshape(-1, 1).float() * inv_freq).unsqueeze(1)  # [T, 1, head_dim/2]
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; rotates the pairs (i, i + head_dim/2) in fp32."""
+    """x: [T, heads, head_dim]; rotates the pairs (i, i + head_dim/2) in fp32. Written on the two
+    halves directly (no rotate_half copy): the same values with fewer passes over memory."""
     x32 = x.float()
-    first, second = x32.chunk(2, dim=-1)
-    rotated = torch.cat((-second, first), dim=-1)
-    return (x32 * cos + rotated * sin).to(x.dtype)
+    half = x32.shape[-1] // 2
+    first, second = x32[..., :half], x32[..., half:]
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -104,7 +104,11 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(inner, hidden, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        # Gate and up projections as one GEMM (one pass over x, one input-gradient GEMM in
+        # backward: ~20% faster MLP on CPU); w1 and w3 stay separate parameters, so checkpoint and
+        # Hugging Face names are unchanged.
+        gate, up = F.linear(x, torch.cat((self.w1.weight, self.w3.weight))).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

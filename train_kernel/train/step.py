@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train_kernel.data.batches import MicroBatch
+from train_kernel.train.fused_loss import head_cross_entropy
 from train_kernel.train.token_metrics import IGNORE_INDEX, TokenMetrics
 
 
@@ -36,24 +37,14 @@ def micro_batch_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing
     )
 
 
-def _loss_and_metrics(
-    logits: torch.Tensor, micro: MicroBatch, label_smoothing: float, metrics: TokenMetrics
-) -> torch.Tensor:
-    """The micro-batch loss; the per-token cross entropy behind it also feeds the metrics, so the
-    vocabulary-sized softmax runs once (twice only with label smoothing, whose loss is not the
-    metric's plain cross entropy)."""
-    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
-    labels = micro.labels.reshape(-1)
-    valid = labels != IGNORE_INDEX
-    if not bool(valid.any()):
-        return flat_logits.sum() * 0.0  # padding only: a zero that still reaches every parameter
-    token_losses = F.cross_entropy(flat_logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
-    with torch.no_grad():
-        correct = flat_logits.argmax(-1) == labels
-    metrics.update_from_losses(token_losses.detach(), correct, labels, micro.type_ids)
-    if label_smoothing:
-        return micro_batch_loss(logits, micro.labels, label_smoothing)
-    return token_losses.sum() / valid.sum()
+def _loss_and_metrics(model: nn.Module, micro: MicroBatch, label_smoothing: float, metrics: TokenMetrics) -> torch.Tensor:
+    """The micro-batch loss through the fused head + cross entropy (one pass over the vocabulary,
+    no [T, V] fp32 logits); its per-token losses and hits feed the metrics."""
+    hidden = model(micro.input_ids, micro.position_ids, micro.cu_seqlens, micro.max_seqlen, apply_head=False)
+    head = model.head.weight
+    out = head_cross_entropy(hidden.to(head.dtype), head, micro.labels, label_smoothing)
+    metrics.update_from_losses(out.token_losses, out.correct, micro.labels, micro.type_ids)
+    return out.loss
 
 
 def forward_backward(
@@ -66,8 +57,7 @@ def forward_backward(
     total = 0.0
     count = len(micro_batches)
     for micro in micro_batches:
-        logits = model(micro.input_ids, micro.position_ids, micro.cu_seqlens, micro.max_seqlen)
-        loss = _loss_and_metrics(logits, micro, label_smoothing, metrics) / count
+        loss = _loss_and_metrics(model, micro, label_smoothing, metrics) / count
         (loss * loss_scale).backward()
         total += loss.item()
     return StepLoss(

@@ -1,0 +1,42 @@
+"""The fused head + cross entropy equals the plain logits -> cross entropy, value and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from train_kernel.train import fused_loss
+from train_kernel.train.fused_loss import head_cross_entropy
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_matches_plain_cross_entropy(monkeypatch, label_smoothing):
+    monkeypatch.setattr(fused_loss, "CHUNK_TOKENS", 7)  # several chunks, a ragged last one
+    torch.manual_seed(0)
+    hidden = torch.randn(30, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (30,))
+    labels[[3, 11, 29]] = -100
+    out = head_cross_entropy(hidden, weight, labels, label_smoothing)
+    (out.loss * 3).backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    logits = hidden @ weight.t()
+    plain = F.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=label_smoothing)
+    (plain * 3).backward()
+    assert out.loss.item() == pytest.approx(plain.item(), rel=1e-6)
+    torch.testing.assert_close(grads[0], hidden.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[1], weight.grad, rtol=1e-5, atol=1e-7)
+    per_token = F.cross_entropy(logits.detach(), labels, ignore_index=-100, reduction="none")
+    torch.testing.assert_close(out.token_losses.double(), per_token, rtol=1e-5, atol=1e-6)
+    keep = labels != -100
+    assert torch.equal(out.correct, (logits.argmax(-1) == labels) & keep)
+
+
+def test_all_tokens_ignored_gives_zero_loss_and_gradient():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(10, 8, requires_grad=True)
+    out = head_cross_entropy(hidden, weight, torch.full((4,), -100))
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and torch.count_nonzero(hidden.grad) == 0
