@@ -1,6 +1,6 @@
 """Pack throughput, peak RSS and reader latency on synthetic byte-tokenizer shards (not a test).
 
-    python tests/pack_stage/pack_bench.py --tokens 200e6 --work /tmp/pack-bench
+    python -m bench.bench_pack_synthetic --tokens 200e6 --work /tmp/pack-bench
 
 Builds ``<work>/tokens-<N>`` once (documents of 300..3000 tokens, 40 files, 3 types), then runs
 ``python -m pack_stage.cli run`` in a child process and reports its wall time and peak RSS.
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
