@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.pack_stage.pack_bench import build_corpus, run_pack
+from bench.bench_pack_synthetic import build_corpus, run_pack
 
 
 def test_peak_rss_does_not_grow_with_corpus_size(tmp_path):
