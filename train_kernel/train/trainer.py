@@ -18,9 +18,12 @@ from train_kernel.data.batches import PackedRows, RandomRows, RowSource, to_micr
 from train_kernel.data.sampler import BatchSampler, Rampup
 from train_kernel.flops import flops_per_step, tflops
 from train_kernel.model import build_model, count_parameters, save_model_checkpoint
-from train_kernel.optim.hybrid_adamw import AdamSettings, HybridAdamW
+from train_kernel.optim.hybrid_adamw import AdamSettings
 from train_kernel.optim.loss_scaler import DynamicLossScaler
 from train_kernel.optim.schedules import Beta2Schedule, WarmupCosineLR
+from train_kernel.optim.zero import ZeroOptimizer
+from train_kernel.parallel.collectives import sum_over
+from train_kernel.parallel.process_groups import ParallelContext, init_parallel
 from train_kernel.train.log_line import format_log_line
 from train_kernel.train.run_folder import resolve_run_dir, setup_logging, storage_path
 from train_kernel.train.step import forward_backward, forward_only
@@ -65,10 +68,20 @@ def pick_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def build_row_sources(config: TrainConfig) -> tuple[RowSource, RowSource | None]:
+class _NoEmitter:
+    """What ranks other than 0 emit to: nothing (rank 0 alone writes metrics.jsonl)."""
+
+    def emit(self, kind: str, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def build_row_sources(config: TrainConfig, dp_size: int = 1) -> tuple[RowSource, RowSource | None]:
     data, model = config.data, config.model
     if data.train_folder is None:
-        rows = data.total_steps * data.micro_num
+        rows = data.total_steps * data.micro_num * dp_size  # one epoch of global batches
         return RandomRows(rows, data.seq_len, data.micro_bsz, model.vocab_size, config.seed), None
     train = PackedRows(data.train_folder, "train", data.seq_len, data.micro_bsz, model.vocab_size)
     valid_folder = data.valid_folder or data.train_folder
@@ -82,12 +95,38 @@ def build_row_sources(config: TrainConfig) -> tuple[RowSource, RowSource | None]
 
 
 def train(config: TrainConfig) -> None:
+    """Trains `config` as this process's rank (RANK / WORLD_SIZE from the launcher; one process
+    without them). Process groups are torn down however the run ends."""
+    parallel = init_parallel(config.parallel)
+    finished = False
+    try:
+        _train(config, parallel)
+        finished = True
+    finally:
+        parallel.close(barrier=finished)
+
+
+def _broadcast_parameters(model: torch.nn.Module, parallel: ParallelContext) -> None:
+    if parallel.data_group is None:
+        return
+    first = parallel.layout.data_group(parallel.rank)[0]
+    with torch.no_grad():
+        for p in model.parameters():
+            # NOTE: every rank initialises from the same seed already; this one-time broadcast from
+            # the first data-parallel rank makes identical replicas a guarantee, not an assumption
+            # about the device's random number generators.
+            torch.distributed.broadcast(p.data, src=first, group=parallel.data_group)
+
+
+def _train(config: TrainConfig, parallel: ParallelContext) -> None:
     run_dir = resolve_run_dir(config.run_dir, config.job_name)
-    setup_logging(run_dir)
+    setup_logging(run_dir, parallel.rank)
     device = pick_device()
     torch.manual_seed(config.seed)
-    train_rows, valid_rows = build_row_sources(config)
+    train_rows, valid_rows = build_row_sources(config, parallel.dp_size)
     model = build_model(config.model, device, seed=config.seed)
+    _broadcast_parameters(model, parallel)
+    log.info("parallel: %s", parallel.layout.describe())
     log.info(
         "model: %s parameters, dtype %s, on %s; data: %s rows of %s tokens",
         f"{count_parameters(model):,}", config.model.dtype, device, f"{len(train_rows):,}",
@@ -105,11 +144,16 @@ def train(config: TrainConfig) -> None:
         enabled=config.model.torch_dtype == torch.float16,
     )
     adam = config.adam
-    optimizer = HybridAdamW(
+    optimizer = ZeroOptimizer(
         list(model.parameters()),
         AdamSettings(adam.lr, adam.adam_beta1, adam.adam_beta2, adam.adam_eps, adam.weight_decay),
         scaler,
-        clip_grad_norm=config.hybrid_zero_optimizer.clip_grad_norm,
+        config.hybrid_zero_optimizer.clip_grad_norm,
+        data_group=parallel.data_group,
+        data_size=parallel.dp_size,
+        zero_group=parallel.zero_group,
+        zero_ranks=parallel.zero_ranks,
+        zero_rank=parallel.zero_rank,
     )
     lr_cfg = config.lr_scheduler
     lr_schedule = WarmupCosineLR(adam.lr, lr_cfg.total_steps, lr_cfg.warmup_ratio, lr_cfg.eta_min, lr_cfg.init_steps)
@@ -120,12 +164,15 @@ def train(config: TrainConfig) -> None:
         len(train_rows),
         data.micro_num,
         config.seed,
+        dp_rank=parallel.dp_rank,
+        dp_size=parallel.dp_size,
         rampup=Rampup(rampup.start_bsz, rampup.bsz_incre, rampup.incre_every) if rampup else None,
         skip_batches=tuple(data.skip_batch_indices),
     )
-    emitter = MetricsEmitter(run_dir)
-    emitter.emit("params", {"params": config.to_json(), "tags": {"job_name": config.job_name, "world_size": 1}})
-    loop = _Loop(config, model, optimizer, lr_schedule, beta2_schedule, sampler, train_rows, valid_rows, emitter, device, run_dir)
+    emitter = MetricsEmitter(run_dir) if parallel.is_logging_rank else _NoEmitter()
+    tags = {"job_name": config.job_name, "world_size": parallel.world_size}
+    emitter.emit("params", {"params": config.to_json(), "tags": tags})
+    loop = _Loop(config, model, optimizer, lr_schedule, beta2_schedule, sampler, train_rows, valid_rows, emitter, device, run_dir, parallel)
     try:
         with StopRequest() as stop:
             loop.run(stop)
@@ -136,7 +183,9 @@ def train(config: TrainConfig) -> None:
 
 
 class _Loop:
-    def __init__(self, config, model, optimizer, lr_schedule, beta2_schedule, sampler, train_rows, valid_rows, emitter, device, run_dir) -> None:
+    def __init__(self, config, model, optimizer, lr_schedule, beta2_schedule, sampler, train_rows, valid_rows, emitter, device, run_dir, parallel: ParallelContext) -> None:
+        self.parallel = parallel
+        self.stopping = False  # some rank was asked to stop: every rank stops after this step
         self.config = config
         self.model = model
         self.optimizer = optimizer
@@ -157,17 +206,29 @@ class _Loop:
         total = self.config.data.total_steps
         ckpt = self.config.ckpt
         every = ckpt.checkpoint_every or total
-        while self.state.batch_count < total and stop.signal is None:
-            self.train_step()
+        while self.state.batch_count < total and not self.stopping:
+            self.train_step(stop)
             done = self.state.batch_count
             if self.valid_rows is not None and self.config.data.valid_every and done % self.config.data.valid_every == 0:
                 self.validate()
             if ckpt.enable_save_ckpt and (done % every == 0 or done == total):
                 self.save_model()
-        if stop.signal is not None and ckpt.enable_save_ckpt and self.state.batch_count % every:
+        if self.stopping and ckpt.enable_save_ckpt and self.state.batch_count % every:
             log.warning("stopped at step %d; this run's last model save is the previous one", self.state.batch_count)
 
-    def train_step(self) -> None:
+    def _reduce_step_stats(self, loss: float, tokens: int, stop_requested: bool) -> tuple[float, int, bool]:
+        """The step's loss averaged, tokens and metric sums summed over data parallel, and whether
+        any rank was asked to stop."""
+        local = torch.tensor([loss, float(tokens), float(stop_requested)], dtype=torch.float64)
+        packed = torch.cat([local, self.metrics.sums.reshape(-1)])
+        # NOTE: one all-reduce per step carries every number the log line reports for the whole job
+        # (and the stop flag, so a signal that reached one rank stops all of them at the same step).
+        packed = sum_over(packed.to(self.device), self.parallel.data_group).cpu()
+        self.metrics.sums.copy_(packed[3:].view_as(self.metrics.sums))
+        total_loss, total_tokens, stops = packed[:3].tolist()
+        return total_loss / self.parallel.dp_size, int(total_tokens), stops > 0
+
+    def train_step(self, stop: StopRequest) -> None:
         config, state = self.config, self.state
         started = time.perf_counter()
         sampled = self.sampler.next_batch(state.step_count)
@@ -191,26 +252,30 @@ class _Loop:
         else:
             state.inf_nan_skip_batches += 1
             log.warning("inf or nan in the gradients at step %d: update skipped, loss scale now %s", state.batch_count, self.optimizer.scaler.scale)
+        loss, tokens, self.stopping = self._reduce_step_stats(
+            step_loss.loss, sum(m.num_tokens for m in micro_batches), stop.signal is not None
+        )
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         step_seconds = time.perf_counter() - started
-        tokens = sum(m.num_tokens for m in micro_batches)
-        state.num_consumed_tokens += tokens
-        record = self._record(step_loss, result, len(micro_batches), tokens, step_seconds, fwd_bwd_seconds)
+        state.num_consumed_tokens += tokens  # the global batch's
+        record = self._record(step_loss, loss, result, len(micro_batches), tokens, step_seconds, fwd_bwd_seconds)
         record["data_wait_s"] = round(data_ready - started, 6)
         log.info(format_log_line(record))
         self.emitter.emit("train", record)
         state.batch_count += 1
 
-    def _record(self, step_loss, result, micro_num, tokens, step_seconds, fwd_bwd_seconds) -> dict:
+    def _record(self, step_loss, loss, result, micro_num, tokens, step_seconds, fwd_bwd_seconds) -> dict:
+        """The log line's fields: loss, tokens, tgs and tflops for the whole job (`loss` averaged and
+        `tokens` summed over data parallel); micro_num and the batch shape fields are this rank's."""
         state = self.state
-        world_size = 1
+        world_size = self.parallel.world_size
         self.step_seconds_ema = step_seconds if self.step_seconds_ema is None else 0.9 * self.step_seconds_ema + 0.1 * step_seconds
         segments = step_loss.segments_per_micro_batch
         record = {
-            "tflops": tflops(flops_per_step(self.config, 1, micro_num), step_seconds, world_size),
+            "tflops": tflops(flops_per_step(self.config, self.parallel.dp_size, micro_num), step_seconds, world_size),
             "step": state.batch_count,
-            "loss": step_loss.loss,
+            "loss": loss,
             "tgs": round(tokens / world_size / step_seconds, 2),
             "lr": self.lr_schedule.lr_at(state.step_count),
             # After the scaler's update, as InternLM logs it.
@@ -238,18 +303,28 @@ class _Loop:
         losses = []
         self.model.eval()
         started = time.perf_counter()
-        for start in range(0, len(rows), batch_rows):
+        # Data-parallel rank r validates the batches r, r + dp, r + 2 dp, ... of the split.
+        dp_rank, dp_size = self.parallel.dp_rank, self.parallel.dp_size
+        for start in range(dp_rank * batch_rows, len(rows), batch_rows * dp_size):
             batch = rows.batch(range(start, min(start + batch_rows, len(rows))))
             for micro in to_micro_batches(batch, self.device):
                 losses.append(forward_only(self.model, micro, self.config.loss.label_smoothing, metrics))
         self.model.train()
-        record = {"step": self.state.batch_count - 1, "val/loss": sum(losses) / max(len(losses), 1)}
+        packed = torch.cat([torch.tensor([sum(losses), float(len(losses))], dtype=torch.float64), metrics.sums.reshape(-1)])
+        # NOTE: each rank saw a disjoint share of the validation split; the sums make the record the
+        # whole split's, as one process would have computed it.
+        packed = sum_over(packed.to(self.device), self.parallel.data_group).cpu()
+        metrics.sums.copy_(packed[2:].view_as(metrics.sums))
+        loss_sum, count = packed[:2].tolist()
+        record = {"step": self.state.batch_count - 1, "val/loss": loss_sum / max(count, 1)}
         record.update({f"val/{k}": v for k, v in metrics.summary().items()})
         record["val/seconds"] = round(time.perf_counter() - started, 2)
         log.info("validation: " + format_log_line(record))
         self.emitter.emit("valid", record)
 
     def save_model(self) -> None:
+        if not self.parallel.is_logging_rank:
+            return  # every rank holds the same full weights after the step: rank 0 writes them
         folder = storage_path(self.config.ckpt.save_ckpt_folder) / str(self.state.batch_count)
         started = time.perf_counter()
         save_model_checkpoint(self.model, folder)

@@ -67,8 +67,8 @@ def test_tiny_model_overfits_one_batch(tmp_path):
 
     original = trainer_module.build_row_sources
 
-    def one_row(cfg):
-        rows, valid = original(cfg)
+    def one_row(cfg, *args):
+        rows, valid = original(cfg, *args)
         rows.num_rows = 1
         return rows, valid
 

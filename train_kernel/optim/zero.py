@@ -1,0 +1,117 @@
+"""ZeRO-1 around HybridAdamW: each rank of a ZeRO group keeps the fp32 master weights and Adam
+moments of one contiguous slice of the flattened parameters (partition_ranges), steps that slice,
+then the group exchanges the updated low-precision slices so every rank holds the whole model.
+
+One step:
+1. gradients averaged over the data-parallel group (collectives.average_gradients);
+2. HybridAdamW.step on this rank's slice; the squared norm is summed over the ZeRO group (the
+   ranks that hold distinct slices), so the clip factor and the overflow skip are global;
+3. after an update, each slice is broadcast by its owner to the rest of its ZeRO group.
+With zero size 1 (zero1=1) every rank owns the whole vector and steps 2-3 need no communication.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from train_kernel.optim.hybrid_adamw import AdamSettings, HybridAdamW, StepResult
+from train_kernel.optim.loss_scaler import DynamicLossScaler
+from train_kernel.parallel.collectives import average_gradients
+from train_kernel.parallel.zero_partition import partition_ranges
+
+
+def _pieces(params: Sequence[nn.Parameter], start: int, end: int) -> Iterator[tuple[torch.Tensor, int, int]]:
+    """(flat view of a parameter's elements, slice start, slice end) for the parts of the
+    flattened parameter vector [start, end), positions relative to `start`."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        lo, hi = max(start, offset), min(end, offset + n)
+        if lo < hi:
+            yield p.view(-1)[lo - offset : hi - offset], lo - start, hi - start
+        offset += n
+
+
+class ZeroOptimizer:
+    """HybridAdamW's interface (step, scaler, state_dict) for a data-parallel rank."""
+
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        settings: AdamSettings,
+        scaler: DynamicLossScaler,
+        clip_grad_norm: float,
+        *,
+        data_group: dist.ProcessGroup | None = None,
+        data_size: int = 1,
+        zero_group: dist.ProcessGroup | None = None,
+        zero_ranks: Sequence[int] = (0,),
+        zero_rank: int = 0,
+    ) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) != 1:
+            raise ValueError(f"ZeRO-1 needs one parameter dtype, got {sorted(map(str, dtypes))}")
+        self.data_group = data_group
+        self.data_size = data_size
+        self.zero_group = zero_group if len(zero_ranks) > 1 else None
+        self.zero_ranks = list(zero_ranks)
+        numel = sum(p.numel() for p in self.params)
+        self.ranges = partition_ranges(numel, len(self.zero_ranks))
+        self.inner = HybridAdamW(
+            self.params,
+            settings,
+            scaler,
+            clip_grad_norm=clip_grad_norm,
+            partition=self.ranges[zero_rank],
+            reduce_norm=self._sum_over_zero_group,
+        )
+
+    @property
+    def scaler(self) -> DynamicLossScaler:
+        return self.inner.scaler
+
+    def _sum_over_zero_group(self, squared: torch.Tensor) -> torch.Tensor:
+        if self.zero_group is not None:
+            # NOTE: each rank of the ZeRO group holds the norm of its own slice only; the sum is the
+            # squared norm of the whole gradient, so every rank clips by the same factor and an
+            # inf/nan in any slice makes every rank skip the step together.
+            dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=self.zero_group)
+        return squared
+
+    def step(self, lr: float, beta2: float) -> StepResult:
+        average_gradients(self.params, self.data_group, self.data_size)
+        result = self.inner.step(lr=lr, beta2=beta2)
+        if result.updated:  # global decision: every rank of the group takes this branch or none
+            self._share_slices()
+        return result
+
+    @torch.no_grad()
+    def _share_slices(self) -> None:
+        if self.zero_group is None:
+            return
+        dtype, device = self.params[0].dtype, self.params[0].device
+        for owner, (start, end) in zip(self.zero_ranks, self.ranges):
+            if start == end:
+                continue
+            buffer = torch.empty(end - start, dtype=dtype, device=device)
+            if dist.get_rank() == owner:
+                for view, lo, hi in _pieces(self.params, start, end):
+                    buffer[lo:hi].copy_(view)
+            # NOTE: only the owner stepped this slice; the broadcast gives the rest of the ZeRO
+            # group the updated weights (in the model's dtype) for the next forward.
+            dist.broadcast(buffer, src=owner, group=self.zero_group)
+            if dist.get_rank() != owner:
+                for view, lo, hi in _pieces(self.params, start, end):
+                    view.copy_(buffer[lo:hi])
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)  # writes back this rank's slice only
+        self._share_slices()

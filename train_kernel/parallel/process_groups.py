@@ -1,0 +1,162 @@
+"""torch.distributed setup and teardown for one training process: the default group from the
+env:// variables the CLI's launcher set, then the data-parallel and ZeRO-1 groups of ParallelLayout.
+
+Every check that can fail on a user's config runs before the first collective, so a misconfigured
+job stops on every rank with the same message instead of hanging in a rendezvous.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Mapping
+
+import torch
+import torch.distributed as dist
+
+from train_kernel.parallel.zero_partition import LayoutError, ParallelLayout
+
+if TYPE_CHECKING:
+    from train_kernel.config.sections import ParallelConfig
+
+log = logging.getLogger(__name__)
+
+# Seconds a collective may wait for its peers before the job fails (the watchdog): a rank that died
+# without closing its connections shows up as a timeout on the others instead of a hang.
+DEFAULT_TIMEOUT_S = 600.0
+TIMEOUT_ENV = "TRAIN_KERNEL_DIST_TIMEOUT_S"
+
+
+def check_supported(parallel: "ParallelConfig") -> None:
+    """Raises LayoutError for the parallel modes this trainer does not run yet."""
+    if parallel.pipeline.size > 1:
+        raise LayoutError(
+            f"pipeline size {parallel.pipeline.size}: pipeline parallelism arrives in a later change; "
+            "use pipeline=dict(size=1)",
+            key="parallel.pipeline.size",
+        )
+    if parallel.tensor.size > 1:
+        raise LayoutError(
+            f"tensor size {parallel.tensor.size}: tensor parallelism arrives in a later change; use tensor=1",
+            key="parallel.tensor.size",
+        )
+
+
+def layout_for(parallel: "ParallelConfig", world_size: int) -> ParallelLayout:
+    """The layout of this job; raises LayoutError (a ConfigError) when it cannot run.
+
+    A single process has no ZeRO group to split over: a zero1 > 1 (the seed's zero1=8) is ignored
+    there with a warning, so that a config written for a cluster still runs locally."""
+    check_supported(parallel)
+    zero1 = parallel.zero1
+    if world_size == 1 and zero1 > 1:
+        log.warning("one process: parallel.zero1=%d ignored (no ZeRO-1 group to split over)", zero1)
+        zero1 = 1
+    return ParallelLayout(world_size=world_size, tensor=1, pipeline=1, zero1=zero1)
+
+
+@dataclass
+class ParallelContext:
+    """This rank's place in the job and the groups it communicates over (None in one process)."""
+
+    layout: ParallelLayout
+    rank: int = 0
+    data_group: dist.ProcessGroup | None = None
+    zero_group: dist.ProcessGroup | None = None
+    zero_ranks: list[int] = field(default_factory=lambda: [0])
+
+    @property
+    def distributed(self) -> bool:
+        return self.layout.world_size > 1
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.layout.coords(self.rank).data
+
+    @property
+    def dp_size(self) -> int:
+        return self.layout.data
+
+    @property
+    def zero_rank(self) -> int:
+        return self.layout.coords(self.rank).zero
+
+    @property
+    def zero_size(self) -> int:
+        return self.layout.zero
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.rank == 0
+
+    def close(self, barrier: bool) -> None:
+        """Destroys the groups. `barrier`: after a clean run, first wait for every rank."""
+        if not self.distributed or not dist.is_initialized():
+            return
+        if barrier:
+            # NOTE: rank 0 hosts the rendezvous store; the barrier keeps it alive until every rank
+            # has finished its last collective, so a clean run never ends in a peer's connection error.
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def _timeout(environ: Mapping[str, str]) -> timedelta:
+    raw = environ.get(TIMEOUT_ENV)
+    try:
+        seconds = float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise LayoutError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    return timedelta(seconds=seconds)
+
+
+def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise LayoutError(f"${name}={raw!r} is not an integer") from None
+
+
+def init_parallel(parallel: "ParallelConfig", environ: Mapping[str, str] | None = None) -> ParallelContext:
+    """Validates the layout, then (WORLD_SIZE > 1) initialises the default group with env:// and
+    creates the data-parallel and ZeRO-1 groups of this rank."""
+    environ = os.environ if environ is None else environ
+    world_size = _env_int(environ, "WORLD_SIZE", 1)
+    rank = _env_int(environ, "RANK", 0)
+    if not 0 <= rank < max(world_size, 1):
+        raise LayoutError(f"RANK {rank} is outside [0, WORLD_SIZE={world_size})")
+    layout = layout_for(parallel, world_size)  # every user error is raised here, before any collective
+    if world_size == 1:
+        return ParallelContext(layout=layout)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(_env_int(environ, "LOCAL_RANK", 0))
+    dist.init_process_group(
+        backend=backend, init_method="env://", rank=rank, world_size=world_size, timeout=_timeout(environ)
+    )
+    data_group = zero_group = None
+    zero_ranks = layout.zero_group(rank)
+    # NOTE: new_group is collective over the whole world: every rank creates every group, in the
+    # same order, and keeps the ones it belongs to.
+    for first in range(0, world_size, layout.data):
+        ranks = layout.data_group(first)
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            data_group = group
+    for dp_first in range(0, layout.data, layout.zero):
+        ranks = layout.zero_group(layout.rank_of(data=dp_first))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            zero_group = group
+    log.info("process group: rank %d of %d (%s), backend %s", rank, world_size, layout.describe(), backend)
+    return ParallelContext(
+        layout=layout, rank=rank, data_group=data_group, zero_group=zero_group, zero_ranks=zero_ranks
+    )
