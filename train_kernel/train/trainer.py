@@ -201,6 +201,8 @@ class _Loop:
         self.metrics = TokenMetrics(train_rows.type_names)
         self.step_seconds_ema: float | None = None
         self.data_wait_seconds = 0.0
+        self.losses: list[float] = []  # every step's loss, for the closing summary
+        self.started = time.perf_counter()
 
     def run(self, stop: StopRequest) -> None:
         total = self.config.data.total_steps
@@ -215,6 +217,21 @@ class _Loop:
                 self.save_model()
         if self.stopping and ckpt.enable_save_ckpt and self.state.batch_count % every:
             log.warning("stopped at step %d; this run's last model save is the previous one", self.state.batch_count)
+        self._summarise()
+
+    def _summarise(self) -> None:
+        """One closing line: how far the loss went, so a run's outcome shows without a plot."""
+        if not self.losses:
+            return
+        window = max(1, min(10, len(self.losses) // 4))
+        first = sum(self.losses[:window]) / window
+        last = sum(self.losses[-window:]) / window
+        log.info(
+            "finished %d steps in %.0f s: loss %.3f (mean of the first %d steps) -> %.3f (last %d); "
+            "%d tokens; %d steps skipped for inf/nan",
+            len(self.losses), time.perf_counter() - self.started, first, window, last, window,
+            self.state.num_consumed_tokens, self.state.inf_nan_skip_batches,
+        )
 
     def _reduce_step_stats(self, loss: float, tokens: int, stop_requested: bool) -> tuple[float, int, bool]:
         """The step's loss averaged, tokens and metric sums summed over data parallel, and whether
@@ -263,6 +280,7 @@ class _Loop:
         record["data_wait_s"] = round(data_ready - started, 6)
         log.info(format_log_line(record))
         self.emitter.emit("train", record)
+        self.losses.append(loss)
         state.batch_count += 1
 
     def _record(self, step_loss, loss, result, micro_num, tokens, step_seconds, fwd_bwd_seconds) -> dict:
