@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from bench import bench_memory, bench_pack_reader, bench_tokenize, bench_train
+from bench import bench_memory, bench_pack_reader, bench_tokenize, bench_train, bench_zero_memory
 
 
 def main() -> None:
@@ -11,6 +11,7 @@ def main() -> None:
     bench_pack_reader.main(tokenize_tokens_per_s=tokenize["stage_tokens_per_s"])
     bench_memory.main()
     bench_train.main()
+    bench_zero_memory.main()
 
 
 if __name__ == "__main__":
