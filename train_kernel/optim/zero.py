@@ -5,7 +5,8 @@ then the group exchanges the updated low-precision slices so every rank holds th
 One step:
 1. gradients averaged over the data-parallel group (collectives.average_gradients);
 2. HybridAdamW.step on this rank's slice; the squared norm is summed over the ZeRO group (the
-   ranks that hold distinct slices), so the clip factor and the overflow skip are global;
+   ranks that hold distinct slices) and, with pipeline parallelism, over the pipeline group (the
+   stages hold distinct parameters), so the clip factor and the overflow skip are global;
 3. after an update, each slice is broadcast by its owner to the rest of its ZeRO group.
 With zero size 1 (zero1=1) every rank owns the whole vector and steps 2-3 need no communication.
 """
@@ -51,6 +52,7 @@ class ZeroOptimizer:
         zero_group: dist.ProcessGroup | None = None,
         zero_ranks: Sequence[int] = (0,),
         zero_rank: int = 0,
+        pipeline_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.params = [p for p in params if p.requires_grad]
         dtypes = {p.dtype for p in self.params}
@@ -60,6 +62,7 @@ class ZeroOptimizer:
         self.data_size = data_size
         self.zero_group = zero_group if len(zero_ranks) > 1 else None
         self.zero_ranks = list(zero_ranks)
+        self.pipeline_group = pipeline_group
         numel = sum(p.numel() for p in self.params)
         self.ranges = partition_ranges(numel, len(self.zero_ranks))
         self.inner = HybridAdamW(
@@ -68,19 +71,24 @@ class ZeroOptimizer:
             scaler,
             clip_grad_norm=clip_grad_norm,
             partition=self.ranges[zero_rank],
-            reduce_norm=self._sum_over_zero_group,
+            reduce_norm=self._sum_over_model,
         )
 
     @property
     def scaler(self) -> DynamicLossScaler:
         return self.inner.scaler
 
-    def _sum_over_zero_group(self, squared: torch.Tensor) -> torch.Tensor:
+    def _sum_over_model(self, squared: torch.Tensor) -> torch.Tensor:
         if self.zero_group is not None:
             # NOTE: each rank of the ZeRO group holds the norm of its own slice only; the sum is the
             # squared norm of the whole gradient, so every rank clips by the same factor and an
             # inf/nan in any slice makes every rank skip the step together.
             dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=self.zero_group)
+        if self.pipeline_group is not None:
+            # NOTE: after the ZeRO sum this is the squared norm of this stage's gradients; the stages
+            # hold disjoint parameters, so their sum is the whole model's: every stage clips by the
+            # same factor and skips an overflowed step together.
+            dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=self.pipeline_group)
         return squared
 
     def step(self, lr: float, beta2: float) -> StepResult:

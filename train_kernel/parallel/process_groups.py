@@ -1,5 +1,6 @@
 """torch.distributed setup and teardown for one training process: the default group from the
-env:// variables the CLI's launcher set, then the data-parallel and ZeRO-1 groups of ParallelLayout.
+env:// variables the CLI's launcher set, then the data-parallel, ZeRO-1 and pipeline groups of
+ParallelLayout.
 
 Every check that can fail on a user's config runs before the first collective, so a misconfigured
 job stops on every rank with the same message instead of hanging in a rendezvous.
@@ -31,12 +32,6 @@ TIMEOUT_ENV = "TRAIN_KERNEL_DIST_TIMEOUT_S"
 
 def check_supported(parallel: "ParallelConfig") -> None:
     """Raises LayoutError for the parallel modes this trainer does not run yet."""
-    if parallel.pipeline.size > 1:
-        raise LayoutError(
-            f"pipeline size {parallel.pipeline.size}: pipeline parallelism arrives in a later change; "
-            "use pipeline=dict(size=1)",
-            key="parallel.pipeline.size",
-        )
     if parallel.tensor.size > 1:
         raise LayoutError(
             f"tensor size {parallel.tensor.size}: tensor parallelism arrives in a later change; use tensor=1",
@@ -54,7 +49,7 @@ def layout_for(parallel: "ParallelConfig", world_size: int) -> ParallelLayout:
     if world_size == 1 and zero1 > 1:
         log.warning("one process: parallel.zero1=%d ignored (no ZeRO-1 group to split over)", zero1)
         zero1 = 1
-    return ParallelLayout(world_size=world_size, tensor=1, pipeline=1, zero1=zero1)
+    return ParallelLayout(world_size=world_size, tensor=1, pipeline=parallel.pipeline.size, zero1=zero1)
 
 
 @dataclass
@@ -66,6 +61,8 @@ class ParallelContext:
     data_group: dist.ProcessGroup | None = None
     zero_group: dist.ProcessGroup | None = None
     zero_ranks: list[int] = field(default_factory=lambda: [0])
+    pipeline_group: dist.ProcessGroup | None = None  # None without pipeline parallelism
+    pipeline_ranks: list[int] = field(default_factory=lambda: [0])  # global ranks, stage 0 first
 
     @property
     def distributed(self) -> bool:
@@ -90,6 +87,32 @@ class ParallelContext:
     @property
     def zero_size(self) -> int:
         return self.layout.zero
+
+    @property
+    def pp_rank(self) -> int:
+        return self.layout.coords(self.rank).pipeline
+
+    @property
+    def pp_size(self) -> int:
+        return self.layout.pipeline
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def prev_stage_rank(self) -> int | None:
+        """Global rank of the previous pipeline stage (same data-parallel rank); None on stage 0."""
+        return None if self.is_first_stage else self.pipeline_ranks[self.pp_rank - 1]
+
+    @property
+    def next_stage_rank(self) -> int | None:
+        """Global rank of the next pipeline stage; None on the last stage."""
+        return None if self.is_last_stage else self.pipeline_ranks[self.pp_rank + 1]
 
     @property
     def is_logging_rank(self) -> bool:
@@ -127,7 +150,7 @@ def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
 
 def init_parallel(parallel: "ParallelConfig", environ: Mapping[str, str] | None = None) -> ParallelContext:
     """Validates the layout, then (WORLD_SIZE > 1) initialises the default group with env:// and
-    creates the data-parallel and ZeRO-1 groups of this rank."""
+    creates the data-parallel, ZeRO-1 and pipeline groups of this rank."""
     environ = os.environ if environ is None else environ
     world_size = _env_int(environ, "WORLD_SIZE", 1)
     rank = _env_int(environ, "RANK", 0)
@@ -151,12 +174,24 @@ def init_parallel(parallel: "ParallelConfig", environ: Mapping[str, str] | None 
         group = dist.new_group(ranks)
         if rank in ranks:
             data_group = group
-    for dp_first in range(0, layout.data, layout.zero):
-        ranks = layout.zero_group(layout.rank_of(data=dp_first))
-        group = dist.new_group(ranks)
-        if rank in ranks:
-            zero_group = group
+    for stage in range(layout.pipeline):
+        for dp_first in range(0, layout.data, layout.zero):
+            ranks = layout.zero_group(layout.rank_of(data=dp_first, pipeline=stage))
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                zero_group = group
+    pipeline_group = None
+    pipeline_ranks = layout.pipeline_group(rank)
+    if layout.pipeline > 1:
+        for dp in range(layout.data):
+            ranks = layout.pipeline_group(layout.rank_of(data=dp))
+            # NOTE: collective over the world like the groups above; the pipeline group carries the
+            # sums of the per-step statistics (only the last stage has the loss) and of the norm.
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                pipeline_group = group
     log.info("process group: rank %d of %d (%s), backend %s", rank, world_size, layout.describe(), backend)
     return ParallelContext(
-        layout=layout, rank=rank, data_group=data_group, zero_group=zero_group, zero_ranks=zero_ranks
+        layout=layout, rank=rank, data_group=data_group, zero_group=zero_group, zero_ranks=zero_ranks,
+        pipeline_group=pipeline_group, pipeline_ranks=pipeline_ranks,
     )

@@ -18,12 +18,25 @@ from train_kernel.data.batches import PackedRows, RandomRows, RowSource, to_micr
 from train_kernel.data.sampler import BatchSampler, Rampup
 from train_kernel.flops import flops_per_step, tflops
 from train_kernel.model import build_model, count_parameters, save_model_checkpoint
+from train_kernel.model.state_files import write_model_state
 from train_kernel.optim.hybrid_adamw import AdamSettings
 from train_kernel.optim.loss_scaler import DynamicLossScaler
 from train_kernel.optim.schedules import Beta2Schedule, WarmupCosineLR
 from train_kernel.optim.zero import ZeroOptimizer
 from train_kernel.parallel.collectives import sum_over
+from train_kernel.parallel.interleaved_schedule import (
+    ChunkRing,
+    check_interleaved,
+    interleaved_forward_backward,
+    interleaved_forward_only,
+)
+from train_kernel.parallel.pipeline_schedule import (
+    StageLinks,
+    pipeline_forward_backward,
+    pipeline_forward_only,
+)
 from train_kernel.parallel.process_groups import ParallelContext, init_parallel
+from train_kernel.parallel.stage import StageChunks, activation_dtype, build_stage, build_stage_chunks
 from train_kernel.train.log_line import format_log_line
 from train_kernel.train.run_folder import resolve_run_dir, setup_logging, storage_path
 from train_kernel.train.step import forward_backward, forward_only
@@ -97,6 +110,7 @@ def build_row_sources(config: TrainConfig, dp_size: int = 1) -> tuple[RowSource,
 def train(config: TrainConfig) -> None:
     """Trains `config` as this process's rank (RANK / WORLD_SIZE from the launcher; one process
     without them). Process groups are torn down however the run ends."""
+    check_interleaved(config.parallel.pipeline.size, config.model.num_chunks, config.data.micro_num)
     parallel = init_parallel(config.parallel)
     finished = False
     try:
@@ -124,7 +138,16 @@ def _train(config: TrainConfig, parallel: ParallelContext) -> None:
     device = pick_device()
     torch.manual_seed(config.seed)
     train_rows, valid_rows = build_row_sources(config, parallel.dp_size)
-    model = build_model(config.model, device, seed=config.seed)
+    if parallel.pp_size > 1 and config.model.num_chunks > 1:
+        model = build_stage_chunks(config.model, parallel.pp_rank, parallel.pp_size, device, seed=config.seed)
+        layers = [list(chunk.layers.keys()) for chunk in model.chunks]
+        log.info("pipeline stage %d of %d, interleaved: layers %s", parallel.pp_rank, parallel.pp_size, layers)
+    elif parallel.pp_size > 1:
+        model = build_stage(config.model, parallel.pp_rank, parallel.pp_size, device, seed=config.seed)
+        layers = list(model.layers.keys())
+        log.info("pipeline stage %d of %d: layers %s to %s", parallel.pp_rank, parallel.pp_size, layers[0], layers[-1])
+    else:
+        model = build_model(config.model, device, seed=config.seed)
     _broadcast_parameters(model, parallel)
     log.info("parallel: %s", parallel.layout.describe())
     log.info(
@@ -154,6 +177,7 @@ def _train(config: TrainConfig, parallel: ParallelContext) -> None:
         zero_group=parallel.zero_group,
         zero_ranks=parallel.zero_ranks,
         zero_rank=parallel.zero_rank,
+        pipeline_group=parallel.pipeline_group,
     )
     lr_cfg = config.lr_scheduler
     lr_schedule = WarmupCosineLR(adam.lr, lr_cfg.total_steps, lr_cfg.warmup_ratio, lr_cfg.eta_min, lr_cfg.init_steps)
@@ -203,6 +227,18 @@ class _Loop:
         self.data_wait_seconds = 0.0
         self.losses: list[float] = []  # every step's loss, for the closing summary
         self.started = time.perf_counter()
+        self.links: StageLinks | None = None  # this pipeline stage's neighbours (1F1B)
+        self.ring: ChunkRing | None = None  # this stage's place among the pieces (interleaved)
+        if isinstance(model, StageChunks):
+            self.ring = ChunkRing(
+                parallel.pp_rank, parallel.pipeline_ranks, config.model.num_chunks, config.model.hidden_size,
+                activation_dtype(config.model), device,
+            )
+        elif parallel.pp_size > 1:
+            self.links = StageLinks(
+                parallel.prev_stage_rank, parallel.next_stage_rank, config.model.hidden_size,
+                activation_dtype(config.model), device,
+            )
 
     def run(self, stop: StopRequest) -> None:
         total = self.config.data.total_steps
@@ -235,9 +271,15 @@ class _Loop:
 
     def _reduce_step_stats(self, loss: float, tokens: int, stop_requested: bool) -> tuple[float, int, bool]:
         """The step's loss averaged, tokens and metric sums summed over data parallel, and whether
-        any rank was asked to stop."""
+        any rank was asked to stop. With a pipeline only the last stage has a loss and metrics, and
+        it alone counts the tokens; the other stages add zeros."""
+        if not self.parallel.is_last_stage:
+            loss, tokens = 0.0, 0
         local = torch.tensor([loss, float(tokens), float(stop_requested)], dtype=torch.float64)
         packed = torch.cat([local, self.metrics.sums.reshape(-1)])
+        # NOTE: brings the last stage's loss, tokens and metric sums to every stage (the logging
+        # rank is on stage 0), and every stage's stop flag to all; no-op without a pipeline.
+        packed = sum_over(packed.to(self.device), self.parallel.pipeline_group)
         # NOTE: one all-reduce per step carries every number the log line reports for the whole job
         # (and the stop flag, so a signal that reached one rank stops all of them at the same step).
         packed = sum_over(packed.to(self.device), self.parallel.data_group).cpu()
@@ -257,9 +299,20 @@ class _Loop:
         self.data_wait_seconds += data_ready - started
         self.model.train()
         self.metrics.reset()
-        step_loss = forward_backward(
-            self.model, micro_batches, self.optimizer.scaler.scale, config.loss.label_smoothing, self.metrics
-        )
+        if self.ring is not None:
+            step_loss = interleaved_forward_backward(
+                list(self.model.chunks), micro_batches, self.optimizer.scaler.scale, config.loss.label_smoothing,
+                self.metrics, self.ring,
+            )
+        elif self.links is None:
+            step_loss = forward_backward(
+                self.model, micro_batches, self.optimizer.scaler.scale, config.loss.label_smoothing, self.metrics
+            )
+        else:
+            step_loss = pipeline_forward_backward(
+                self.model, micro_batches, self.optimizer.scaler.scale, config.loss.label_smoothing, self.metrics,
+                self.links, self.parallel.pp_rank, self.parallel.pp_size,
+            )
         fwd_bwd_seconds = time.perf_counter() - data_ready
         result = self.optimizer.step(
             lr=self.lr_schedule.lr_at(state.step_count), beta2=self.beta2_schedule.beta2_at(state.step_count)
@@ -326,9 +379,20 @@ class _Loop:
         for start in range(dp_rank * batch_rows, len(rows), batch_rows * dp_size):
             batch = rows.batch(range(start, min(start + batch_rows, len(rows))))
             for micro in to_micro_batches(batch, self.device):
-                losses.append(forward_only(self.model, micro, self.config.loss.label_smoothing, metrics))
+                smoothing = self.config.loss.label_smoothing
+                if self.ring is not None:
+                    loss = interleaved_forward_only(list(self.model.chunks), micro, smoothing, metrics, self.ring)
+                elif self.links is not None:
+                    loss = pipeline_forward_only(self.model, micro, smoothing, metrics, self.links)
+                else:
+                    loss = forward_only(self.model, micro, smoothing, metrics)
+                if loss is not None:  # the last stage's
+                    losses.append(loss)
         self.model.train()
         packed = torch.cat([torch.tensor([sum(losses), float(len(losses))], dtype=torch.float64), metrics.sums.reshape(-1)])
+        # NOTE: only the last pipeline stage has losses and metrics; the sum brings them to every
+        # stage (no-op without a pipeline).
+        packed = sum_over(packed.to(self.device), self.parallel.pipeline_group)
         # NOTE: each rank saw a disjoint share of the validation split; the sums make the record the
         # whole split's, as one process would have computed it.
         packed = sum_over(packed.to(self.device), self.parallel.data_group).cpu()
@@ -341,12 +405,16 @@ class _Loop:
         self.emitter.emit("valid", record)
 
     def save_model(self) -> None:
-        if not self.parallel.is_logging_rank:
-            return  # every rank holds the same full weights after the step: rank 0 writes them
+        if self.parallel.dp_rank != 0:
+            return  # the ranks of a stage hold the same weights after the step: its first one writes them
         folder = storage_path(self.config.ckpt.save_ckpt_folder) / str(self.state.batch_count)
         started = time.perf_counter()
-        save_model_checkpoint(self.model, folder)
-        (folder / "config.py").write_text(self.config.source_text)
+        if isinstance(self.model, StageChunks):
+            write_model_state(self.config.model, self.model.model_state_dict(), folder, self.parallel.pp_rank)
+        else:
+            save_model_checkpoint(self.model, folder, pipeline_stage=self.parallel.pp_rank)
+        if self.parallel.is_logging_rank:
+            (folder / "config.py").write_text(self.config.source_text)
         log.info("saved model weights to %s in %.1f s", folder, time.perf_counter() - started)
 
 

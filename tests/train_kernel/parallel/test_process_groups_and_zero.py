@@ -52,7 +52,7 @@ def test_a_failing_rank_takes_the_job_down_instead_of_hanging():
     "parallel, world, message",
     [
         (ParallelConfig(zero1=3), "4", "does not divide the data-parallel size 4"),
-        (ParallelConfig(pipeline=PipelineConfig(size=2)), "2", "pipeline parallelism arrives in a later change"),
+        (ParallelConfig(pipeline=PipelineConfig(size=2)), "3", "not divisible by tensor 1 x pipeline 2"),
     ],
 )
 def test_misconfigurations_fail_before_any_collective(parallel, world, message):
