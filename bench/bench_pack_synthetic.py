@@ -22,6 +22,8 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tokenize_stage.text_tokenizers import ByteTokenizer  # noqa: E402
+
 
 def build_corpus(folder: Path, tokens: int, files: int = 40, seed: int = 0) -> None:
     if (folder / "manifest.json").is_file():
@@ -59,15 +61,7 @@ def build_corpus(folder: Path, tokens: int, files: int = 40, seed: int = 0) -> N
         }
     manifest = {
         "format": "tokenize_stage/v1",
-        "tokenizer": {
-            "kind": "byte",
-            "path": None,
-            "sha256": None,
-            "vocab_size": 259,
-            "bos_id": 1,
-            "eos_id": 2,
-            "pad_id": 0,
-        },
+        "tokenizer": ByteTokenizer().identity.to_json(),
         "token_dtype": "uint16",
         "types": {"en": 0, "cn": 1, "code": 2},
         "settings": {},

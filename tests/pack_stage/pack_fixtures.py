@@ -12,15 +12,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-BYTE_TOKENIZER = {
-    "kind": "byte",
-    "path": None,
-    "sha256": None,
-    "vocab_size": 259,
-    "bos_id": 1,
-    "eos_id": 2,
-    "pad_id": 0,
-}
+from tokenize_stage.text_tokenizers import ByteTokenizer
+
+BYTE_TOKENIZER = ByteTokenizer().identity.to_json()
 FIXED_TYPES = {"en": 0, "cn": 1, "code": 2}
 
 # A document: an int (that many random byte tokens), a str (its UTF-8 bytes between BOS and EOS) or
