@@ -3,7 +3,9 @@ moments of one contiguous slice of the flattened parameters (partition_ranges), 
 then the group exchanges the updated low-precision slices so every rank holds the whole model.
 
 One step:
-1. gradients averaged over the data-parallel group (collectives.average_gradients);
+1. gradients averaged over the data-parallel group (collectives.average_gradients after backward,
+   or, with overlap_grad_reduce, grad_overlap.OverlappedGradReducer: bucket all-reduces started
+   during the last micro-batch's backward, waited for here);
 2. HybridAdamW.step on this rank's slice; the squared norm is summed over the ZeRO group (the
    ranks that hold distinct slices) and, with pipeline parallelism, over the pipeline group (the
    stages hold distinct parameters), so the clip factor and the overflow skip are global;
@@ -22,6 +24,7 @@ from torch import nn
 from train_kernel.optim.hybrid_adamw import AdamSettings, HybridAdamW, StepResult
 from train_kernel.optim.loss_scaler import DynamicLossScaler
 from train_kernel.parallel.collectives import average_gradients
+from train_kernel.parallel.grad_overlap import OverlappedGradReducer
 from train_kernel.parallel.zero_partition import partition_ranges
 
 
@@ -53,6 +56,8 @@ class ZeroOptimizer:
         zero_ranks: Sequence[int] = (0,),
         zero_rank: int = 0,
         pipeline_group: dist.ProcessGroup | None = None,
+        overlap_grad_reduce: bool = False,
+        reduce_bucket_size: int = 512 * 1024 * 1024,
     ) -> None:
         self.params = [p for p in params if p.requires_grad]
         dtypes = {p.dtype for p in self.params}
@@ -63,6 +68,13 @@ class ZeroOptimizer:
         self.zero_group = zero_group if len(zero_ranks) > 1 else None
         self.zero_ranks = list(zero_ranks)
         self.pipeline_group = pipeline_group
+        # Overlap only where there is something to reduce: one data-parallel rank (or overlap off)
+        # keeps the plain path.
+        self.grad_reducer = (
+            OverlappedGradReducer(self.params, data_group, data_size, reduce_bucket_size)
+            if overlap_grad_reduce and data_group is not None and data_size > 1
+            else None
+        )
         numel = sum(p.numel() for p in self.params)
         self.ranges = partition_ranges(numel, len(self.zero_ranks))
         self.inner = HybridAdamW(
@@ -91,8 +103,17 @@ class ZeroOptimizer:
             dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=self.pipeline_group)
         return squared
 
+    def before_last_backward(self) -> None:
+        """The schedules call this right before the step's last backward (gradient accumulation:
+        the earlier micro-batches must not communicate); it lets the overlapped reduction start."""
+        if self.grad_reducer is not None:
+            self.grad_reducer.arm()
+
     def step(self, lr: float, beta2: float) -> StepResult:
-        average_gradients(self.params, self.data_group, self.data_size)
+        if self.grad_reducer is not None:
+            self.grad_reducer.finish()
+        else:
+            average_gradients(self.params, self.data_group, self.data_size)
         result = self.inner.step(lr=lr, beta2=beta2)
         if result.updated:  # global decision: every rank of the group takes this branch or none
             self._share_slices()

@@ -118,9 +118,11 @@ def pipeline_forward_backward(
     links: StageLinks,
     stage: int,
     num_stages: int,
+    before_last_backward: Callable[[], None] | None = None,
 ) -> StepLoss:
     """One step's forwards and backwards on this stage (gradients accumulate in the parameters).
-    StepLoss.loss is the step's loss on the last stage and 0.0 on the others."""
+    StepLoss.loss is the step's loss on the last stage and 0.0 on the others. `before_last_backward`
+    runs right before this stage's last backward (the overlapped gradient reduction starts there)."""
     count = len(micro_batches)
     if count < 1:
         raise ValueError("the pipeline schedule needs at least one micro-batch")
@@ -150,6 +152,8 @@ def pipeline_forward_backward(
         send = in_flight[-1][1] if send_latest and not links.is_last else None
         _, output_grad = links.exchange(micro, send_next=send, recv_next=not links.is_last)
         inputs, output = in_flight.popleft()
+        if before_last_backward is not None and backward_at == count - 1:
+            before_last_backward()
         input_grad = _stage_backward(inputs, output, output_grad, loss_scale)
         links.exchange(send_prev=input_grad if not links.is_first else None)
         backward_at += 1

@@ -6,6 +6,7 @@ averaged within the micro-batch, divided by micro_num; the scaled loss is what b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,11 +60,16 @@ def forward_backward(
     loss_scale: float,
     label_smoothing: float,
     metrics: TokenMetrics,
+    before_last_backward: Callable[[], None] | None = None,
 ) -> StepLoss:
+    """`before_last_backward` runs right before the last micro-batch's backward (the overlapped
+    data-parallel gradient reduction starts there)."""
     total = 0.0
     count = len(micro_batches)
-    for micro in micro_batches:
+    for index, micro in enumerate(micro_batches):
         loss = _loss_and_metrics(model, micro, label_smoothing, metrics) / count
+        if before_last_backward is not None and index == count - 1:
+            before_last_backward()
         (loss * loss_scale).backward()
         total += loss.item()
     return StepLoss(

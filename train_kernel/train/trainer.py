@@ -178,7 +178,14 @@ def _train(config: TrainConfig, parallel: ParallelContext) -> None:
         zero_ranks=parallel.zero_ranks,
         zero_rank=parallel.zero_rank,
         pipeline_group=parallel.pipeline_group,
+        overlap_grad_reduce=config.hybrid_zero_optimizer.overlap_sync_grad,
+        reduce_bucket_size=config.hybrid_zero_optimizer.reduce_bucket_size,
     )
+    if optimizer.grad_reducer is not None:
+        log.info(
+            "data-parallel gradient all-reduce overlapped with backward: %d buckets of <= %s elements",
+            len(optimizer.grad_reducer.buckets), f"{config.hybrid_zero_optimizer.reduce_bucket_size:,}",
+        )
     lr_cfg = config.lr_scheduler
     lr_schedule = WarmupCosineLR(adam.lr, lr_cfg.total_steps, lr_cfg.warmup_ratio, lr_cfg.eta_min, lr_cfg.init_steps)
     beta2_schedule = Beta2Schedule(config.beta2_scheduler.init_beta2, config.beta2_scheduler.c)
@@ -306,12 +313,14 @@ class _Loop:
             )
         elif self.links is None:
             step_loss = forward_backward(
-                self.model, micro_batches, self.optimizer.scaler.scale, config.loss.label_smoothing, self.metrics
+                self.model, micro_batches, self.optimizer.scaler.scale, config.loss.label_smoothing, self.metrics,
+                before_last_backward=self.optimizer.before_last_backward,
             )
         else:
             step_loss = pipeline_forward_backward(
                 self.model, micro_batches, self.optimizer.scaler.scale, config.loss.label_smoothing, self.metrics,
                 self.links, self.parallel.pp_rank, self.parallel.pp_size,
+                before_last_backward=self.optimizer.before_last_backward,
             )
         fwd_bwd_seconds = time.perf_counter() - data_ready
         result = self.optimizer.step(

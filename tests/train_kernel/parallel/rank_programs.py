@@ -55,10 +55,50 @@ def rank_1_dies() -> dict:
     return {"returned": True}
 
 
+def overlapped_grad_reduce() -> dict:
+    """Two data-parallel ranks, two micro-batches: the overlapped reducer communicates during the
+    last backward only, and its averaged gradients equal average_gradients' exactly."""
+    from train_kernel.parallel.collectives import average_gradients
+
+    parallel = init_parallel(ParallelConfig(zero1=1))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    optimizer = ZeroOptimizer(
+        list(model.parameters()), AdamSettings(lr=0.1), DynamicLossScaler(enabled=False), 0.0,
+        data_group=parallel.data_group, data_size=2, overlap_grad_reduce=True, reduce_bucket_size=200,
+    )
+    reducer = optimizer.grad_reducer
+    torch.manual_seed(1 + parallel.rank)
+    inputs = [torch.randn(3, 8) for _ in range(2)]
+    model(inputs[0]).square().sum().backward()
+    pending_after_first = len(reducer._pending)
+    optimizer.before_last_backward()
+    model(inputs[1]).square().sum().backward()
+    started = reducer.started_during_backward
+    local = [p.grad.clone() for p in model.parameters()]
+    reducer.finish()
+    overlapped = [p.grad.clone() for p in model.parameters()]
+    for p, g in zip(model.parameters(), local):
+        p.grad = g.clone()
+    average_gradients(list(model.parameters()), parallel.data_group, 2)
+    equal = all(torch.equal(a, p.grad) for a, p in zip(overlapped, model.parameters()))
+    # A step that never arms (e.g. the interleaved schedule) still reduces, after backward.
+    for p, g in zip(model.parameters(), local):
+        p.grad = g.clone()
+    reducer.finish()
+    equal_unarmed = all(torch.equal(a, p.grad) for a, p in zip(overlapped, model.parameters()))
+    parallel.close(barrier=True)
+    return {
+        "buckets": len(reducer.buckets), "pending_after_first": pending_after_first, "started": started,
+        "equal": equal, "equal_unarmed": equal_unarmed,
+    }
+
+
 PROGRAMS = {
     "overflow": lambda: overflow_on_rank_0_only(False),
     "overflow_dp": lambda: overflow_on_rank_0_only(True),
     "rank_1_dies": rank_1_dies,
+    "overlapped_grad_reduce": overlapped_grad_reduce,
 }
 
 if __name__ == "__main__":
