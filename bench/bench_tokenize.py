@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from bench.common import OUT, cli, demo_texts, run_measured, save_result, train_bpe_tokenizer, write_corpus

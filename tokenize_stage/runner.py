@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
 import queue
 import shutil
 import time

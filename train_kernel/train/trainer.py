@@ -4,11 +4,9 @@ then step after step with InternLM's log line, metrics records, validation and m
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -426,6 +424,3 @@ class _Loop:
             (folder / "config.py").write_text(self.config.source_text)
         log.info("saved model weights to %s in %.1f s", folder, time.perf_counter() - started)
 
-
-def _finite(value: float) -> float:
-    return value if math.isfinite(value) else float("nan")
