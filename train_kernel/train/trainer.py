@@ -184,6 +184,8 @@ def _train(config: TrainConfig, parallel: ParallelContext) -> None:
             "data-parallel gradient all-reduce overlapped with backward: %d buckets of <= %s elements",
             len(optimizer.grad_reducer.buckets), f"{config.hybrid_zero_optimizer.reduce_bucket_size:,}",
         )
+    # The seed's start-up line: how evenly ZeRO-1 split this stage's parameters over its group.
+    log.info("Number of elements on ranks: %s, rank:%d", [end - start for start, end in optimizer.ranges], parallel.rank)
     lr_cfg = config.lr_scheduler
     lr_schedule = WarmupCosineLR(adam.lr, lr_cfg.total_steps, lr_cfg.warmup_ratio, lr_cfg.eta_min, lr_cfg.init_steps)
     beta2_schedule = Beta2Schedule(config.beta2_scheduler.init_beta2, config.beta2_scheduler.c)
