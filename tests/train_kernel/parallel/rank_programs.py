@@ -94,11 +94,50 @@ def overlapped_grad_reduce() -> dict:
     }
 
 
+def zero_state_round_trip() -> dict:
+    """Each ZeRO rank saves its optimizer state after 2 steps; a fresh optimizer (fresh model weights)
+    loads it and takes the 3rd step. The weights must equal an uninterrupted 3-step run's."""
+    parallel = init_parallel(ParallelConfig(zero1=2))
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+        optimizer = ZeroOptimizer(
+            list(model.parameters()), AdamSettings(lr=0.05), DynamicLossScaler(enabled=False), 1.0,
+            data_group=parallel.data_group, data_size=2,
+            zero_group=parallel.zero_group, zero_ranks=parallel.zero_ranks, zero_rank=parallel.zero_rank,
+        )
+        return model, optimizer
+
+    def step(model, optimizer, k: int) -> None:
+        for i, p in enumerate(model.parameters()):
+            p.grad = torch.full_like(p, 0.1 * (k + 1) * (i + 1) * (parallel.rank + 1))
+        optimizer.step(lr=0.05, beta2=0.95)
+
+    model, optimizer = build(0)
+    for k in range(3):
+        step(model, optimizer, k)
+    uninterrupted = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    model, optimizer = build(0)
+    for k in range(2):
+        step(model, optimizer, k)
+    state = optimizer.state_dict()
+    resumed_model, resumed = build(123)  # other initial weights: everything must come from the state
+    resumed.load_state_dict(state)
+    step(resumed_model, resumed, 2)
+    restored = torch.cat([p.detach().reshape(-1) for p in resumed_model.parameters()])
+    parallel.close(barrier=True)
+    return {"partition": state["partition"], "equal": torch.equal(uninterrupted, restored),
+            "max_diff": (uninterrupted - restored).abs().max().item()}
+
+
 PROGRAMS = {
     "overflow": lambda: overflow_on_rank_0_only(False),
     "overflow_dp": lambda: overflow_on_rank_0_only(True),
     "rank_1_dies": rank_1_dies,
     "overlapped_grad_reduce": overlapped_grad_reduce,
+    "zero_state_round_trip": zero_state_round_trip,
 }
 
 if __name__ == "__main__":

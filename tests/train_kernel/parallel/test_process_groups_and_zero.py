@@ -36,6 +36,17 @@ def test_overflow_on_one_rank_makes_both_ranks_skip(program):
     assert outcomes[0]["weights"] == outcomes[1]["weights"]
 
 
+def test_optimizer_state_saved_per_zero_rank_restores_exactly():
+    results = run_ranks(["-m", "tests.train_kernel.parallel.rank_programs", "zero_state_round_trip"], world_size=2, timeout=60)
+    for result in results:
+        assert result.returncode == 0, result.output[-3000:]
+    outcomes = [_result(r.output) for r in results]
+    # 6*5+5 + 5*3+3 = 53 elements: rank 0 owns [0, 27), rank 1 [27, 53).
+    assert [o["partition"] for o in outcomes] == [[0, 27], [27, 53]]
+    for outcome in outcomes:
+        assert outcome["equal"], outcome["max_diff"]
+
+
 def test_a_failing_rank_takes_the_job_down_instead_of_hanging():
     started = time.monotonic()
     results = run_ranks(
