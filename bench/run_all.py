@@ -3,7 +3,15 @@
 
 from __future__ import annotations
 
-from bench import bench_memory, bench_pack_reader, bench_tokenize, bench_train, bench_zero_memory
+from bench import (
+    bench_memory,
+    bench_overlap,
+    bench_pack_reader,
+    bench_pipeline_bubble,
+    bench_tokenize,
+    bench_train,
+    bench_zero_memory,
+)
 
 
 def main() -> None:
@@ -12,6 +20,8 @@ def main() -> None:
     bench_memory.main()
     bench_train.main()
     bench_zero_memory.main()
+    bench_pipeline_bubble.main()
+    bench_overlap.main()
 
 
 if __name__ == "__main__":
