@@ -103,8 +103,7 @@ def _free_port() -> int:
 def _ranks(args: list[str], world_size: int, jobs: int = 1) -> list[str]:
     """`jobs` copies of a `world_size`-rank job, all at once."""
     processes = []
-    for rank in [r for _ in range(jobs) for r in range(world_size)]:
-        port = _free_port() if rank == 0 else port
+    for rank, port in [(r, port) for port in (_free_port() for _ in range(jobs)) for r in range(world_size)]:
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                "PYTHONPATH": str(ROOT)}

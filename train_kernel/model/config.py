@@ -77,12 +77,5 @@ class ModelConfig:
         hidden = int(self.hidden_size * self.mlp_ratio)
         return MLP_MULTIPLE_OF * ((hidden + MLP_MULTIPLE_OF - 1) // MLP_MULTIPLE_OF)
 
-    @property
-    def checkpoint_layers(self) -> int:
-        """How many layers (the first ones) recompute their activations in backward."""
-        if isinstance(self.checkpoint, bool):
-            return self.num_layers if self.checkpoint else 0
-        return int(self.checkpoint * self.num_layers)
-
     def to_json(self) -> dict:
         return asdict(self)

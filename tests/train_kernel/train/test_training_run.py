@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import torch
 
 from tests.train_kernel.train.tiny_config import tiny_config_text
 from train_kernel.config import config_from_text
-from train_kernel.model import build_model, load_model_state
+from train_kernel.model import load_model_state
 from train_kernel.optim.hybrid_adamw import AdamSettings, HybridAdamW
 from train_kernel.optim.loss_scaler import DynamicLossScaler
 from train_kernel.train.trainer import train
@@ -60,8 +59,6 @@ def test_log_record_has_every_field_of_the_seed_line(tmp_path):
 
 def test_tiny_model_overfits_one_batch(tmp_path):
     # skip_batches can't repeat a batch; a single-row dataset can: every step sees the same rows.
-    from pack_stage.pack import PackConfig, pack  # noqa: F401  (the packed path is covered in test_packed_data)
-
     config = config_from_text(tiny_config_text(tmp_path, total_steps=60, lr=1e-2, micro_num=1))
     from train_kernel.train import trainer as trainer_module
 
