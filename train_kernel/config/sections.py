@@ -563,6 +563,11 @@ class UploaderConfig(Section):
     """`uploader = dict(...)` (ours): the checkpoint uploader service."""
 
     address: Optional[str] = None
-    """host:port of the ckpt_uploader service; None = the trainer writes to the storage folder itself."""
+    """ZeroMQ endpoint of a running ckpt-uploader ("tcp://host:port" or "host:port"); None = with
+    ckpt.async_upload the trainer starts a private uploader itself."""
     spool: Optional[str] = None
-    """Local folder where checkpoints are staged for the uploader."""
+    """The uploader's spool folder, where the trainer writes checkpoints for it; default:
+    ckpt.async_upload_tmp_folder. A standalone uploader must be serving this same folder."""
+    spool_quota_gb: Optional[float] = None
+    """Room the trainer may use in the spool; default: the free space of its file system. When the
+    next checkpoint does not fit, the trainer waits for the oldest upload to finish."""

@@ -155,6 +155,61 @@ class HybridAdamW:
                 p.view(-1)[lo - offset : hi - offset].copy_(self.master[lo - self.start : hi - self.start])
             offset += n
 
+    @torch.no_grad()
+    def reset_master_from_model(self) -> None:
+        """Re-reads this rank's slice of the master weights from the model (after weights were
+        loaded into the model without an optimizer state) and drops the Adam moments."""
+        flat = torch.cat([p.detach().reshape(-1).float() for p in self.params])[self.start : self.end]
+        self.master.copy_(flat)
+        self.optimizer.state.clear()
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """This rank's slice of the optimizer in a layout-free form: the fp32 master weights and the
+        Adam moments of elements [start, end) of the flat parameter vector, and the step count.
+        Slices of all ranks concatenated in order are the whole stage's state, whatever the ZeRO
+        size was, which is what lets a checkpoint be re-partitioned."""
+        state = self.optimizer.state.get(self.master, {})
+        if "exp_avg" in state:
+            exp_avg, exp_avg_sq = state["exp_avg"].detach(), state["exp_avg_sq"].detach()
+            step = float(state["step"]) if "step" in state else float(self.optimizer.param_groups[0].get("step", 0))
+        else:  # no update yet: AdamW creates its state lazily
+            exp_avg = exp_avg_sq = torch.zeros_like(self.master.detach())
+            step = 0.0
+        return {
+            "master": self.master.detach().float().cpu(),
+            "exp_avg": exp_avg.float().cpu(),
+            "exp_avg_sq": exp_avg_sq.float().cpu(),
+            "step": torch.tensor(step, dtype=torch.float64),
+        }
+
+    @torch.no_grad()
+    def import_state(self, master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: float) -> None:
+        """Inverse of export_state for this rank's [start, end) slice; writes the weights back."""
+        expected = self.end - self.start
+        for name, value in (("master", master), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            if value.numel() != expected:
+                raise ValueError(f"optimizer {name} has {value.numel()} elements, this rank owns {expected}")
+        self.master.copy_(master.reshape(-1))
+        if step > 0:
+            groups = self.optimizer.state_dict()["param_groups"]
+            # NOTE: through load_state_dict so the optimizer puts `step` where its kernel wants it
+            # (a CPU scalar for the default path, a device tensor for fused/capturable ones).
+            self.optimizer.load_state_dict(
+                {
+                    "state": {
+                        0: {
+                            "step": torch.tensor(float(step), dtype=torch.float32),
+                            "exp_avg": exp_avg.reshape(-1).to(self.master.device, torch.float32).clone(),
+                            "exp_avg_sq": exp_avg_sq.reshape(-1).to(self.master.device, torch.float32).clone(),
+                        }
+                    },
+                    "param_groups": groups,
+                }
+            )
+        else:
+            self.optimizer.state.clear()
+        self.write_back()
+
     def state_dict(self) -> dict:
         return {
             "master": self.master.detach().clone(),

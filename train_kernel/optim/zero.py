@@ -141,6 +141,62 @@ class ZeroOptimizer:
     def state_dict(self) -> dict:
         return self.inner.state_dict()
 
+    @property
+    def partition(self) -> tuple[int, int]:
+        return self.inner.start, self.inner.end
+
+    def export_state(self) -> dict:
+        """This rank's checkpoint payload: its slice of the flat state (HybridAdamW.export_state),
+        where the slice lies, and the loss scaler. Tensors and plain numbers only, so it loads with
+        torch.load(weights_only=True)."""
+        return {
+            **self.inner.export_state(),
+            "partition": list(self.partition),
+            "numel": self.inner.numel,
+            "zero_size": len(self.zero_ranks),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def reset_master_from_model(self) -> None:
+        self.inner.reset_master_from_model()
+
+    def import_state(self, slices: Sequence[dict]) -> None:
+        """Restores from the payloads of the ranks that saved this stage, whatever their ZeRO size:
+        this rank takes elements [start, end) of their concatenation. One slice with this rank's
+        exact range is the common case (same layout) and copies nothing extra."""
+        slices = sorted(slices, key=lambda piece: piece["partition"][0])
+        numel = self.inner.numel
+        for piece in slices:
+            if piece["numel"] != numel:
+                raise ValueError(
+                    f"optimizer state is for a stage of {piece['numel']:,} elements, this stage has {numel:,} "
+                    "(another model or pipeline layout)"
+                )
+        start, end = self.partition
+        pieces = {name: [] for name in ("master", "exp_avg", "exp_avg_sq")}
+        covered = start
+        for piece in slices:
+            lo, hi = piece["partition"]
+            if hi <= start or lo >= end:
+                continue
+            if lo > covered:
+                raise ValueError(f"optimizer state misses elements [{covered}, {lo}) of this rank's slice")
+            take_lo, take_hi = max(lo, start) - lo, min(hi, end) - lo
+            for name in pieces:
+                pieces[name].append(piece[name].reshape(-1)[take_lo:take_hi])
+            covered = min(hi, end)
+        if covered < end:
+            raise ValueError(f"optimizer state misses elements [{covered}, {end}) of this rank's slice")
+        if start == end:
+            joined = {name: torch.zeros(0) for name in pieces}
+        else:
+            joined = {name: torch.cat(values) for name, values in pieces.items()}
+        self.inner.import_state(
+            joined["master"], joined["exp_avg"], joined["exp_avg_sq"], float(slices[0]["step"])
+        )
+        self.scaler.load_state_dict(slices[0]["scaler"])
+        self._share_slices()
+
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state)  # writes back this rank's slice only
         self._share_slices()

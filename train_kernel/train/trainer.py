@@ -15,8 +15,9 @@ from train_kernel.config import TrainConfig
 from train_kernel.data.batches import PackedRows, RandomRows, RowSource, to_micro_batches
 from train_kernel.data.sampler import BatchSampler, Rampup
 from train_kernel.flops import flops_per_step, tflops
-from train_kernel.model import build_model, count_parameters, save_model_checkpoint
-from train_kernel.model.state_files import write_model_state
+from train_kernel.checkpoint.capture import RunState
+from train_kernel.checkpoint.manager import CheckpointManager
+from train_kernel.model import build_model, count_parameters
 from train_kernel.optim.hybrid_adamw import AdamSettings
 from train_kernel.optim.loss_scaler import DynamicLossScaler
 from train_kernel.optim.schedules import Beta2Schedule, WarmupCosineLR
@@ -36,8 +37,9 @@ from train_kernel.parallel.pipeline_schedule import (
 from train_kernel.parallel.process_groups import ParallelContext, init_parallel
 from train_kernel.parallel.stage import StageChunks, activation_dtype, build_stage, build_stage_chunks
 from train_kernel.train.log_line import format_log_line
-from train_kernel.train.run_folder import resolve_run_dir, setup_logging, storage_path
+from train_kernel.train.run_folder import resolve_run_dir, setup_logging
 from train_kernel.train.step import forward_backward, forward_only
+from train_kernel.train.stop_file import SAVE, STOP, StopFile
 from train_kernel.train.token_metrics import TokenMetrics
 
 log = logging.getLogger(__name__)
@@ -200,15 +202,27 @@ def _train(config: TrainConfig, parallel: ParallelContext) -> None:
         rampup=Rampup(rampup.start_bsz, rampup.bsz_incre, rampup.incre_every) if rampup else None,
         skip_batches=tuple(data.skip_batch_indices),
     )
-    emitter = MetricsEmitter(run_dir) if parallel.is_logging_rank else _NoEmitter()
-    tags = {"job_name": config.job_name, "world_size": parallel.world_size}
-    emitter.emit("params", {"params": config.to_json(), "tags": tags})
-    loop = _Loop(config, model, optimizer, lr_schedule, beta2_schedule, sampler, train_rows, valid_rows, emitter, device, run_dir, parallel)
+    checkpoints = CheckpointManager(config, parallel)
     try:
-        with StopRequest() as stop:
-            loop.run(stop)
+        checkpoints.check_storage()
+        counters = TrainState()
+        run = RunState(config, model, optimizer, sampler, counters, parallel)
+        checkpoints.resume(run)
+        emitter = MetricsEmitter(run_dir) if parallel.is_logging_rank else _NoEmitter()
+        if parallel.is_logging_rank:
+            (run_dir / "config.py").write_text(config.source_text, encoding="utf-8")
+        tags = {"job_name": config.job_name, "world_size": parallel.world_size, "parallel": parallel.layout.describe()}
+        emitter.emit("params", {"params": config.to_json(), "tags": tags, "step": counters.batch_count})
+        loop = _Loop(config, model, optimizer, lr_schedule, beta2_schedule, sampler, train_rows, valid_rows, emitter, device, run_dir, parallel)
+        loop.state = counters
+        loop.checkpoints, loop.run_state = checkpoints, run
+        try:
+            with StopRequest() as stop:
+                loop.run(stop)
+        finally:
+            emitter.close()
     finally:
-        emitter.close()
+        checkpoints.close()
     if stop.signal is not None:
         raise SystemExit(128 + stop.signal)
 
@@ -236,6 +250,10 @@ class _Loop:
         self.started = time.perf_counter()
         self.links: StageLinks | None = None  # this pipeline stage's neighbours (1F1B)
         self.ring: ChunkRing | None = None  # this stage's place among the pieces (interleaved)
+        self.checkpoints: CheckpointManager | None = None
+        self.run_state: RunState | None = None
+        self.stop_file = StopFile(config.ckpt.stop_file_path if parallel.rank == 0 else None)
+        self.save_requested = False  # the stop file asked for a checkpoint after this step
         if isinstance(model, StageChunks):
             self.ring = ChunkRing(
                 parallel.pp_rank, parallel.pipeline_ranks, config.model.num_chunks, config.model.hidden_size,
@@ -249,17 +267,20 @@ class _Loop:
 
     def run(self, stop: StopRequest) -> None:
         total = self.config.data.total_steps
-        ckpt = self.config.ckpt
-        every = ckpt.checkpoint_every or total
+        if self.state.batch_count >= total:
+            log.info("nothing to train: the checkpoint is at step %d of %d", self.state.batch_count, total)
         while self.state.batch_count < total and not self.stopping:
             self.train_step(stop)
             done = self.state.batch_count
             if self.valid_rows is not None and self.config.data.valid_every and done % self.config.data.valid_every == 0:
                 self.validate()
-            if ckpt.enable_save_ckpt and (done % every == 0 or done == total):
-                self.save_model()
-        if self.stopping and ckpt.enable_save_ckpt and self.state.batch_count % every:
-            log.warning("stopped at step %d; this run's last model save is the previous one", self.state.batch_count)
+            kind = self.checkpoints.due(done) if self.checkpoints else None
+            if self.stopping or self.save_requested:
+                kind = "checkpoint"  # a stop (signal or stop file) or the stop file's save: keep this step
+            if kind and self.checkpoints is not None:
+                saved = self.checkpoints.save(self.run_state, done, kind)
+                if saved is None and (self.stopping or self.save_requested) and self.parallel.rank == 0:
+                    log.warning("step %d: checkpoint requested but enable_save_ckpt is off; nothing saved", done)
         self._summarise()
 
     def _summarise(self) -> None:
@@ -276,13 +297,13 @@ class _Loop:
             self.state.num_consumed_tokens, self.state.inf_nan_skip_batches,
         )
 
-    def _reduce_step_stats(self, loss: float, tokens: int, stop_requested: bool) -> tuple[float, int, bool]:
+    def _reduce_step_stats(self, loss: float, tokens: int, stop_requested: bool, save_requested: bool = False) -> tuple[float, int, bool]:
         """The step's loss averaged, tokens and metric sums summed over data parallel, and whether
         any rank was asked to stop. With a pipeline only the last stage has a loss and metrics, and
         it alone counts the tokens; the other stages add zeros."""
         if not self.parallel.is_last_stage:
             loss, tokens = 0.0, 0
-        local = torch.tensor([loss, float(tokens), float(stop_requested)], dtype=torch.float64)
+        local = torch.tensor([loss, float(tokens), float(stop_requested), float(save_requested)], dtype=torch.float64)
         packed = torch.cat([local, self.metrics.sums.reshape(-1)])
         # NOTE: brings the last stage's loss, tokens and metric sums to every stage (the logging
         # rank is on stage 0), and every stage's stop flag to all; no-op without a pipeline.
@@ -290,8 +311,9 @@ class _Loop:
         # NOTE: one all-reduce per step carries every number the log line reports for the whole job
         # (and the stop flag, so a signal that reached one rank stops all of them at the same step).
         packed = sum_over(packed.to(self.device), self.parallel.data_group).cpu()
-        self.metrics.sums.copy_(packed[3:].view_as(self.metrics.sums))
-        total_loss, total_tokens, stops = packed[:3].tolist()
+        self.metrics.sums.copy_(packed[4:].view_as(self.metrics.sums))
+        total_loss, total_tokens, stops, saves = packed[:4].tolist()
+        self.save_requested = saves > 0
         return total_loss / self.parallel.dp_size, int(total_tokens), stops > 0
 
     def train_step(self, stop: StopRequest) -> None:
@@ -331,8 +353,10 @@ class _Loop:
         else:
             state.inf_nan_skip_batches += 1
             log.warning("inf or nan in the gradients at step %d: update skipped, loss scale now %s", state.batch_count, self.optimizer.scaler.scale)
+        order = self.stop_file.order_at(state.batch_count + 1)
         loss, tokens, self.stopping = self._reduce_step_stats(
-            step_loss.loss, sum(m.num_tokens for m in micro_batches), stop.signal is not None
+            step_loss.loss, sum(m.num_tokens for m in micro_batches), stop.signal is not None or order == STOP,
+            order == SAVE,
         )
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -412,17 +436,3 @@ class _Loop:
         record["val/seconds"] = round(time.perf_counter() - started, 2)
         log.info("validation: " + format_log_line(record))
         self.emitter.emit("valid", record)
-
-    def save_model(self) -> None:
-        if self.parallel.dp_rank != 0:
-            return  # the ranks of a stage hold the same weights after the step: its first one writes them
-        folder = storage_path(self.config.ckpt.save_ckpt_folder) / str(self.state.batch_count)
-        started = time.perf_counter()
-        if isinstance(self.model, StageChunks):
-            write_model_state(self.config.model, self.model.model_state_dict(), folder, self.parallel.pp_rank)
-        else:
-            save_model_checkpoint(self.model, folder, pipeline_stage=self.parallel.pp_rank)
-        if self.parallel.is_logging_rank:
-            (folder / "config.py").write_text(self.config.source_text)
-        log.info("saved model weights to %s in %.1f s", folder, time.perf_counter() - started)
-

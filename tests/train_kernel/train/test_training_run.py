@@ -112,7 +112,7 @@ def test_fp16_run_with_loss_scaler_counts_skipped_steps(tmp_path):
 def test_saved_weights_load_back(tmp_path):
     config = config_from_text(tiny_config_text(tmp_path, total_steps=4, save=True, checkpoint_every=2))
     train(config)
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2", "4"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2", "4", "snapshot"]
     model_config, state = load_model_state(tmp_path / "ckpt" / "4")
     assert model_config.hidden_size == 64 and "head.weight" in state
     assert (tmp_path / "ckpt" / "4" / "config.py").read_text() == config.source_text

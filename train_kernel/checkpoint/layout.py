@@ -1,0 +1,57 @@
+"""File names of a checkpoint folder (docs/ARCHITECTURE.md, section 4).
+
+    model_tp0_pp{p}.safetensors   weights of pipeline stage p (full-model key names)
+    model_config.json             the model's settings
+    optimizer_tp0_pp{p}_zo{z}.pt  ZeRO rank z's slice of stage p's optimizer (tensors only)
+    rng_tp0_pp{p}_dp{d}.pt        random generator states of one rank
+    sampler.json                  the data sampler's position
+    scheduler.json                the lr / beta2 schedules' position
+    context.json                  step counters and the layout that wrote the checkpoint
+    config.py                     the config text of the run
+    manifest.json                 every file above with size and sha256
+    <step>.step                   the marker: written last, only when all of the above is durable
+"""
+
+from __future__ import annotations
+
+import re
+
+FORMAT = "llm-pretrain-ckpt/1"
+MANIFEST = "manifest.json"
+SAMPLER = "sampler.json"
+SCHEDULER = "scheduler.json"
+CONTEXT = "context.json"
+CONFIG = "config.py"
+MODEL_CONFIG = "model_config.json"
+SNAPSHOT_SLOTS = ("0", "1")
+
+_MARKER = re.compile(r"^(\d+)\.step$")
+_OPTIMIZER = re.compile(r"^optimizer_tp0_pp(\d+)_zo(\d+)\.pt$")
+
+
+def model_file(pipeline_stage: int) -> str:
+    return f"model_tp0_pp{pipeline_stage}.safetensors"
+
+
+def optimizer_file(pipeline_stage: int, zero_rank: int) -> str:
+    return f"optimizer_tp0_pp{pipeline_stage}_zo{zero_rank}.pt"
+
+
+def rng_file(pipeline_stage: int, data_rank: int) -> str:
+    return f"rng_tp0_pp{pipeline_stage}_dp{data_rank}.pt"
+
+
+def marker_name(step: int) -> str:
+    return f"{step}.step"
+
+
+def marker_step(name: str) -> int | None:
+    """`120.step` -> 120; anything else -> None."""
+    match = _MARKER.match(name)
+    return int(match.group(1)) if match else None
+
+
+def optimizer_coords(name: str) -> tuple[int, int] | None:
+    """`optimizer_tp0_pp1_zo3.pt` -> (1, 3)."""
+    match = _OPTIMIZER.match(name)
+    return (int(match.group(1)), int(match.group(2))) if match else None

@@ -1,0 +1,192 @@
+"""The trainer's checkpoint policy: when to save (checkpoint_every, snapshots, stop requests),
+where (local / object store / the uploader), and what to resume from at start (auto_resume,
+load_ckpt_folder, load_ckpt_info, load_model_only_folder), falling back past a damaged checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from train_kernel.model.state_files import CONFIG_FILE as MODEL_CONFIG_FILE
+from train_kernel.model.state_files import load_model_state as load_plain_model_state
+
+from . import layout, world
+from .capture import RunState
+from .discovery import complete_checkpoints
+from .locations import Location, open_location
+from .manifest import CheckpointError
+from .model_state import check_model_state, load_model_state
+from .restore import apply_payload, expand_content, read_manifest, read_payload
+from .saver import CheckpointSaver, SaveResult
+
+log = logging.getLogger(__name__)
+
+_READ_ERRORS = (CheckpointError, OSError, KeyError, ValueError, RuntimeError)
+
+
+class CheckpointManager:
+    def __init__(self, config, parallel) -> None:
+        self.config = config
+        self.parallel = parallel
+        ckpt = config.ckpt
+        self.enabled = bool(ckpt.enable_save_ckpt)
+        total = config.data.total_steps
+        self.every = ckpt.checkpoint_every or total
+        snapshot_every = ckpt.oss_snapshot_freq if ckpt.oss_snapshot_freq is not None else self.every // 2
+        self.snapshot_every = snapshot_every if snapshot_every and snapshot_every < self.every else 0
+        self.save_root: Location | None = open_location(ckpt.save_ckpt_folder) if ckpt.save_ckpt_folder else None
+        self.snapshot_root: Location | None = (
+            open_location(ckpt.snapshot_ckpt_folder) if ckpt.snapshot_ckpt_folder else None
+        )
+        self.private_uploader = None
+        self.saver = self._make_saver()
+        self.scratch = Path(tempfile.mkdtemp(prefix="ckpt-read-"))
+        self.last_saved_step: int | None = None
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def _make_saver(self) -> CheckpointSaver:
+        ckpt, uploader_cfg = self.config.ckpt, self.config.uploader
+        spool_dir = uploader_cfg.spool or ckpt.async_upload_tmp_folder
+        staging = Path(spool_dir) if spool_dir else None
+        if not (self.enabled and ckpt.async_upload):
+            return CheckpointSaver(staging_root=staging)
+        spool = Path(spool_dir).resolve()
+        quota = int(uploader_cfg.spool_quota_gb * 1e9) if uploader_cfg.spool_quota_gb else None
+        client = None
+        if self.parallel.rank == 0:
+            client = self._connect_uploader(spool)
+        return CheckpointSaver(staging_root=spool / ".staging", uploader=client, spool=spool, spool_quota_bytes=quota)
+
+    def _connect_uploader(self, spool: Path):
+        from ckpt_uploader.client import UploaderClient
+
+        address = self.config.uploader.address
+        if address is None:
+            from ckpt_uploader.embedded import start_private_uploader
+
+            spool.mkdir(parents=True, exist_ok=True)
+            self.private_uploader = start_private_uploader(spool)
+            address = self.private_uploader.address
+            log.info("started a private checkpoint uploader at %s (spool %s)", address, spool)
+        if "://" not in address:
+            address = f"tcp://{address}"
+        client = UploaderClient(address)
+        client.ping()
+        return client
+
+    def check_storage(self) -> None:
+        """Fails before the first step when the save folder cannot be written (unreachable store,
+        missing bucket, bad credentials), as InternLM pings its storage at start."""
+        error = None
+        if self.parallel.rank == 0 and self.enabled and self.save_root is not None:
+            try:
+                self.save_root.check_access()
+            except Exception as failure:  # noqa: BLE001 - any failure here stops the job with its message
+                error = f"checkpoint folder {self.save_root.uri} is not usable: {failure}"
+        error = world.broadcast_from_zero(error)
+        if error:
+            raise CheckpointError(error)
+
+    # -- saving --------------------------------------------------------------------------------
+
+    def due(self, step: int) -> str | None:
+        """What to save after `step` steps: "checkpoint", "snapshot" or None."""
+        if not self.enabled:
+            return None
+        if step % self.every == 0 or step == self.config.data.total_steps:
+            return "checkpoint"
+        if self.snapshot_every and step % self.snapshot_every == 0:
+            return "snapshot"
+        return None
+
+    def save(self, run: RunState, step: int, kind: str = "checkpoint") -> SaveResult | None:
+        if not self.enabled or self.save_root is None or self.last_saved_step == step:
+            return None
+        if kind == "snapshot" and self.snapshot_root is not None:
+            target = self.snapshot_root.child(layout.SNAPSHOT_SLOTS[(step // self.snapshot_every) % 2])
+        else:
+            target = self.save_root.child(str(step))
+        result = self.saver.save(run, target, step)
+        self.last_saved_step = step
+        if self.parallel.rank == 0:
+            log.info(
+                "saved %s %d to %s (%s): training waited %.2f s", kind, step, target.uri, result.mode,
+                result.stall_seconds,
+            )
+        return result
+
+    def close(self) -> None:
+        try:
+            if self.parallel.rank == 0 and self.saver.pending:
+                log.info("waiting for %d checkpoint upload(s) to finish", len(self.saver.pending))
+            self.saver.close(wait=True)
+        finally:
+            if self.private_uploader is not None:
+                self.private_uploader.stop(drain=True, timeout_s=3600)
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    # -- resuming ------------------------------------------------------------------------------
+
+    def _auto_candidates(self) -> list[str]:
+        if not (self.config.ckpt.auto_resume and self.save_root is not None):
+            return []
+        if self.parallel.rank == 0:
+            self.saver.close(wait=True)  # an upload still in flight is the newest checkpoint
+            uris = [c.location.uri for c in complete_checkpoints(self.save_root, self.snapshot_root)]
+        else:
+            uris = None
+        return world.broadcast_from_zero(uris)
+
+    def resume(self, run: RunState) -> str | None:
+        """Loads the checkpoint the config asks for; returns its URI, or None for a fresh start."""
+        auto = self._auto_candidates()
+        if auto:
+            return self._load_first_good(run, auto, ("all",), strict=False)
+        info = self.config.ckpt.load_info
+        if info is None:
+            if self.config.ckpt.auto_resume:
+                log.info("auto_resume: no complete checkpoint in %s, starting from scratch", self.config.ckpt.save_ckpt_folder)
+            return None
+        return self._load_first_good(run, [info.path], tuple(info.content), strict=True)
+
+    def _load_first_good(self, run: RunState, uris: list[str], content: tuple[str, ...], strict: bool) -> str | None:
+        wanted = expand_content(content)
+        for uri in uris:
+            location = open_location(uri)
+            error, payload = None, None
+            try:
+                if wanted == {"model"} and not location.exists(layout.MANIFEST) and location.exists(MODEL_CONFIG_FILE):
+                    payload = "plain-model"  # a weights-only folder (train-kernel import-hf)
+                    _, plain_state = load_plain_model_state(location.local_path)
+                    check_model_state(run.model, plain_state, uri)
+                else:
+                    payload = read_payload(location, read_manifest(location), wanted, run, self.scratch / "files")
+            except _READ_ERRORS as failure:
+                error = str(failure)
+            errors = [e for e in world.gather_to_all(error) if e]
+            if errors:
+                if strict:
+                    raise CheckpointError(f"cannot load {uri}: {errors[0]}")
+                if self.parallel.rank == 0:
+                    log.warning("checkpoint %s is not usable (%s): falling back to the previous complete one", uri, errors[0])
+                continue
+            if payload == "plain-model":
+                load_model_state(run.model, plain_state, uri)
+                run.optimizer.reset_master_from_model()
+            else:
+                apply_payload(payload, run, uri)
+                for note in payload.notes:
+                    if self.parallel.rank == 0:
+                        log.info("%s: %s", uri, note)
+            shutil.rmtree(self.scratch / "files", ignore_errors=True)
+            if self.parallel.rank == 0:
+                log.info("resumed from %s (%s) at step %d", uri, ", ".join(sorted(wanted)), run.counters.batch_count)
+            return uri
+        raise CheckpointError(
+            "auto_resume: every complete checkpoint in "
+            f"{self.config.ckpt.save_ckpt_folder} failed its checks (see the warnings above); refusing to start "
+            "from scratch over them: move them away or set auto_resume=False"
+        )

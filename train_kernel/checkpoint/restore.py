@@ -1,0 +1,133 @@
+"""Reading a checkpoint back into a run. Each rank reads only the files it needs, checks each
+against the manifest (size and sha256) before using it, and applies nothing until every rank has
+read its share: a corrupt file anywhere lets the whole job fall back to an older checkpoint
+together (trainer side: manager.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from train_kernel.parallel.zero_partition import partition_ranges
+
+from . import layout
+from .capture import RunState, layout_of
+from .locations import Location
+from .manifest import CheckpointError, Manifest, verify_file
+from .model_state import check_model_state, load_model_state
+from .rng import restore_rng
+
+log = logging.getLogger(__name__)
+
+CONTENTS = ("model", "optimizer", "sampler", "scheduler")
+
+
+def expand_content(content: tuple[str, ...]) -> set[str]:
+    return set(CONTENTS) if "all" in content else set(content)
+
+
+def read_manifest(location: Location) -> Manifest:
+    if not location.exists(layout.MANIFEST):
+        raise CheckpointError(f"{location.uri}: no {layout.MANIFEST} (not a checkpoint of this layout)")
+    return Manifest.parse(location.read_bytes(layout.MANIFEST), f"{location.uri}/{layout.MANIFEST}")
+
+
+@dataclass
+class RankPayload:
+    """What this rank read, verified, not yet applied."""
+
+    model: dict[str, torch.Tensor] | None = None
+    optimizer: list[dict] | None = None
+    sampler: dict | None = None
+    scheduler: dict | None = None
+    context: dict | None = None
+    rng: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class _Reader:
+    def __init__(self, location: Location, manifest: Manifest, scratch: Path) -> None:
+        self.location, self.manifest, self.scratch = location, manifest, scratch
+
+    def path(self, name: str) -> Path:
+        entry = self.manifest.entry(name)
+        if entry is None:
+            raise CheckpointError(f"{self.location.uri}: the manifest lists no {name}")
+        path = self.location.fetch(name, self.scratch)
+        verify_file(path, entry, self.location.uri)
+        return path
+
+    def json(self, name: str) -> dict:
+        return json.loads(self.path(name).read_text(encoding="utf-8"))
+
+    def torch(self, name: str) -> dict:
+        return torch.load(self.path(name), map_location="cpu", weights_only=True)
+
+
+def read_payload(location: Location, manifest: Manifest, content: set[str], run: RunState, scratch: Path) -> RankPayload:
+    parallel = run.parallel
+    saved, current = manifest.layout, layout_of(parallel, run.config)
+    same_stages = (saved.get("pipeline"), saved.get("num_chunks")) == (current["pipeline"], current["num_chunks"])
+    reader = _Reader(location, manifest, scratch)
+    payload = RankPayload()
+    if "model" in content:
+        if same_stages:
+            names = [layout.model_file(parallel.pp_rank)]
+        else:  # another pipeline layout: every stage file, keys picked by name when applied
+            names = sorted(name for name in manifest.names() if name.startswith("model_tp0_pp"))
+        payload.model = {}
+        for name in names:
+            payload.model.update(load_file(str(reader.path(name))))
+        check_model_state(run.model, payload.model, location.uri)
+    if "optimizer" in content:
+        if not same_stages:
+            raise CheckpointError(
+                f"{location.uri}: optimizer states were saved with pipeline size {saved.get('pipeline')} and "
+                f"{saved.get('num_chunks')} chunk(s), this run has {current['pipeline']} and {current['num_chunks']}; "
+                "load it with content=('model', 'sampler', 'scheduler') or load_optimizer=False"
+            )
+        numel = run.optimizer.inner.numel
+        start, end = run.optimizer.partition
+        wanted = [
+            z for z, (lo, hi) in enumerate(partition_ranges(numel, int(saved["zero"])))
+            if lo < end and hi > start or (lo == hi == start == end and z == 0)
+        ] or [0]
+        payload.optimizer = [reader.torch(layout.optimizer_file(parallel.pp_rank, z)) for z in wanted]
+        if saved["zero"] != current["zero"]:
+            payload.notes.append(f"optimizer re-partitioned from ZeRO size {saved['zero']} to {current['zero']}")
+    if "sampler" in content:
+        payload.sampler = reader.json(layout.SAMPLER)
+        payload.context = reader.json(layout.CONTEXT)
+        rng_name = layout.rng_file(parallel.pp_rank, parallel.dp_rank)
+        if manifest.entry(rng_name) is not None:
+            payload.rng = reader.torch(rng_name)
+        else:
+            payload.notes.append(f"no random state saved for {rng_name}: the data-parallel size changed")
+    if "scheduler" in content:
+        payload.scheduler = reader.json(layout.SCHEDULER)
+    return payload
+
+
+def apply_payload(payload: RankPayload, run: RunState, source: str) -> None:
+    if payload.model is not None:
+        load_model_state(run.model, payload.model, source)
+        if payload.optimizer is None:
+            run.optimizer.reset_master_from_model()
+    if payload.optimizer is not None:
+        run.optimizer.import_state(payload.optimizer)
+    counters = run.counters
+    if payload.sampler is not None:
+        run.sampler.load_state_dict(payload.sampler)
+        context = payload.context or {}
+        counters.batch_count = int(context.get("batch_count", 0))
+        counters.inf_nan_skip_batches = int(context.get("inf_nan_skip_batches", 0))
+        counters.num_consumed_tokens = int(context.get("num_consumed_tokens", 0))
+    if payload.rng is not None:
+        restore_rng(payload.rng)
+    if payload.scheduler is not None:
+        counters.step_count = int(payload.scheduler["step_count"])

@@ -1,0 +1,200 @@
+"""Saving a checkpoint from every rank, to one of three destinations:
+
+- a local folder: ranks write straight into `<folder>/<step>/`, rank 0 adds the manifest, then
+  the marker;
+- an object store, synchronously: ranks write into a local staging folder and upload their own
+  files, rank 0 uploads the manifest, then the marker;
+- an object store or folder through the uploader (async_upload): ranks write into the spool
+  (/dev/shm by default), rank 0 writes the manifest there and submits one job; training resumes
+  as soon as the files are in memory. The uploader writes the marker after verifying the upload.
+
+In every case the marker is the last thing written, so a reader never trusts a partial folder.
+A rank on another host than rank 0 cannot reach rank 0's spool: it uploads its own files
+synchronously and the job carries the rest.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import layout, world
+from .capture import RunState, layout_of, write_rank_files
+from .locations import Location
+from .manifest import FileEntry, Manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    target: str
+    step: int
+    stall_seconds: float  # how long training waited for this save on this rank
+    bytes_written: int  # this rank's files
+    mode: str  # local | store | async | store (spool full)
+
+
+def invalidate(target: Location) -> None:
+    """Before a folder is (re)written: its old markers and manifest go first, so the folder reads
+    as incomplete from now until the new marker."""
+    for name in target.files():
+        if layout.marker_step(name) is not None or name == layout.MANIFEST:
+            target.delete(name)
+
+
+def _manifest(run: RunState, step: int, entries: list[FileEntry]) -> Manifest:
+    return Manifest(step, tuple(entries), layout_of(run.parallel, run.config), time.time())
+
+
+class CheckpointSaver:
+    def __init__(self, staging_root: Path | None = None, uploader=None, spool: Path | None = None,
+                 spool_quota_bytes: int | None = None) -> None:
+        self.staging_root = staging_root
+        self.uploader = uploader  # a ckpt_uploader client when saving asynchronously
+        self.spool = spool
+        self.spool_quota_bytes = spool_quota_bytes
+        self.pending: list[str] = []  # submitted upload jobs not yet known to be done (rank 0)
+        self.last_size = 0  # bytes of the previous checkpoint in the spool, the room the next needs
+        self._on_spool_host = True
+        self._hosts_checked = False
+        self._job_names: dict[int, str] = {}
+
+    def close(self, wait: bool = True, timeout_s: float = 3600.0) -> None:
+        """Waits for the uploads still running (rank 0): the end of a run is not the end of its
+        last checkpoint."""
+        if self.uploader is None or not wait:
+            return
+        for job_id in list(self.pending):
+            self._wait_job(job_id, timeout_s)
+
+    # -- the save ------------------------------------------------------------------------------
+
+    def save(self, run: RunState, target: Location, step: int) -> SaveResult:
+        started = time.perf_counter()
+        rank0 = run.parallel.rank == 0
+        asynchronous = self.uploader is not None or (self.spool is not None and not rank0)
+        if asynchronous and not self._hosts_checked:
+            self._on_spool_host = world.same_host_as_rank_zero()
+            self._hosts_checked = True
+        if rank0:
+            invalidate(target)
+            if asynchronous:
+                self._make_room()
+        world.barrier()  # no rank writes before the old marker is gone
+        if target.local_path is not None and not asynchronous:
+            mode, entries = "local", write_rank_files(target.local_path, run)
+        elif asynchronous and self._on_spool_host:
+            mode, entries = self._write_to_spool(run, step)
+            if mode != "async":
+                entries = self._write_and_upload(run, target)
+        else:
+            mode, entries = "store", self._write_and_upload(run, target)
+        everyone = world.gather_to_all((mode, [e.__dict__ for e in entries]))
+        if rank0:
+            all_entries = [FileEntry(**e) for _, part in everyone for e in part]
+            manifest = _manifest(run, step, all_entries)
+            if mode == "async":
+                self._submit(target, step, manifest)
+            else:
+                target.write_bytes(layout.MANIFEST, manifest.to_bytes())
+                target.write_bytes(layout.marker_name(step), b"")
+        stall = time.perf_counter() - started
+        return SaveResult(target.uri, step, stall, sum(e.size for e in entries), mode)
+
+    def _write_and_upload(self, run: RunState, target: Location) -> list[FileEntry]:
+        staging = Path(tempfile.mkdtemp(prefix="ckpt-stage-", dir=self._staging_root()))
+        try:
+            entries = write_rank_files(staging, run)
+            for entry in entries:
+                target.put_file(staging / entry.name, entry.name)
+            return entries
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _staging_root(self) -> str | None:
+        if self.staging_root is not None:
+            self.staging_root.mkdir(parents=True, exist_ok=True)
+            return str(self.staging_root)
+        return None
+
+    # -- async ---------------------------------------------------------------------------------
+
+    def _job_folder(self, step: int) -> str:
+        return self._job_names.setdefault(step, f"step{step}-{uuid.uuid4().hex[:8]}")
+
+    def _write_to_spool(self, run: RunState, step: int) -> tuple[str, list[FileEntry]]:
+        # NOTE: every rank must use the same job folder: rank 0 names it, the others learn it.
+        name = world.broadcast_from_zero(self._job_folder(step) if run.parallel.rank == 0 else None)
+        folder = self.spool / name
+        failed = False
+        try:
+            entries = write_rank_files(folder, run)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            log.warning("spool %s is full (%s): this checkpoint is saved synchronously instead", self.spool, error)
+            failed, entries = True, []
+        if world.any_rank(failed):  # one rank out of room: all of them take the synchronous path
+            shutil.rmtree(folder, ignore_errors=True)
+            return "store (spool full)", []
+        return "async", entries
+
+    def _submit(self, target: Location, step: int, manifest: Manifest) -> None:
+        name = self._job_names.pop(step)
+        folder = self.spool / name
+        data = manifest.to_bytes()
+        (folder / layout.MANIFEST).write_bytes(data)
+        in_spool = {p.name for p in folder.iterdir()}
+        files = [
+            {"name": e.name, "size": e.size, "sha256": e.sha256} for e in manifest.files if e.name in in_spool
+        ]
+        files.append({"name": layout.MANIFEST, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        job_id = name
+        self.uploader.submit(job_id, name, target.uri, files, layout.marker_name(step))
+        self.pending.append(job_id)
+        self.last_size = sum(f["size"] for f in files)
+        log.info("checkpoint %d handed to the uploader as job %s (%s MB)", step, job_id, f"{self.last_size / 1e6:,.1f}")
+
+    def _make_room(self) -> None:
+        """Waits for the oldest uploads until the spool has room for another checkpoint of the
+        last one's size; the common case (room for two) waits for nothing."""
+        self._forget_finished()
+        while self.pending and self._free_bytes() < self.last_size * 1.1:
+            job_id = self.pending[0]
+            log.info("spool %s needs room for the next checkpoint: waiting for upload %s", self.spool, job_id)
+            self._wait_job(job_id, 3600.0)
+
+    def _free_bytes(self) -> int:
+        self.spool.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.spool).free
+        if self.spool_quota_bytes is not None:
+            used = sum(p.stat().st_size for p in self.spool.rglob("*") if p.is_file())
+            free = min(free, self.spool_quota_bytes - used)
+        return free
+
+    def _forget_finished(self) -> None:
+        still = []
+        for job_id in self.pending:
+            state = self.uploader.status(job_id)
+            if state.get("state") == "failed":
+                raise RuntimeError(f"upload {job_id} failed: {state.get('error')}")
+            if state.get("state") != "done":
+                still.append(job_id)
+        self.pending = still
+
+    def _wait_job(self, job_id: str, timeout_s: float) -> None:
+        state = self.uploader.wait(job_id, timeout_s)
+        if state.get("state") == "failed":
+            raise RuntimeError(f"upload {job_id} failed: {state.get('error')}")
+        if state.get("state") != "done":
+            raise TimeoutError(f"upload {job_id} not finished after {timeout_s:.0f} s: {state}")
+        if job_id in self.pending:
+            self.pending.remove(job_id)
