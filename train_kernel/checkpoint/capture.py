@@ -91,3 +91,15 @@ def write_rank_files(folder: Path, run: RunState) -> list[FileEntry]:
         entries.append(_write(folder, layout.CONTEXT, _json_bytes(context)))
         entries.append(_write(folder, layout.CONFIG, config.source_text.encode()))
     return entries
+
+
+def estimate_rank_bytes(run: RunState) -> int:
+    """About how many bytes write_rank_files will write on this rank (the spool's room check)."""
+    parallel = run.parallel
+    total = 64 * 1024  # json files, RNG state, headers
+    if parallel.dp_rank == 0:
+        total += sum(t.numel() * t.element_size() for t in model_state(run.model).values())
+    if parallel.dp_rank < parallel.zero_size:
+        start, end = run.optimizer.partition
+        total += 3 * 4 * (end - start)  # fp32 master, exp_avg, exp_avg_sq
+    return total

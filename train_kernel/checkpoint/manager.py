@@ -134,7 +134,7 @@ class CheckpointManager:
         if not (self.config.ckpt.auto_resume and self.save_root is not None):
             return []
         if self.parallel.rank == 0:
-            self.saver.close(wait=True)  # an upload still in flight is the newest checkpoint
+            self.saver.wait_all_uploads()  # an upload still in flight may be the newest checkpoint
             uris = [c.location.uri for c in complete_checkpoints(self.save_root, self.snapshot_root)]
         else:
             uris = None

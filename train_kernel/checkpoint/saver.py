@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import layout, world
-from .capture import RunState, layout_of, write_rank_files
+from .capture import RunState, estimate_rank_bytes, layout_of, write_rank_files
 from .locations import Location
 from .manifest import FileEntry, Manifest
 
@@ -75,6 +75,18 @@ class CheckpointSaver:
         for job_id in list(self.pending):
             self._wait_job(job_id, timeout_s)
 
+    def wait_all_uploads(self, timeout_s: float = 3600.0) -> None:
+        """Waits for every job the uploader knows (rank 0), also those of an earlier trainer that a
+        restarted uploader resumed from its journal: they may hold the newest checkpoint."""
+        if self.uploader is None:
+            return
+        for job in self.uploader.status().get("jobs", []):
+            if job.get("state") not in ("done", "failed"):
+                state = self.uploader.wait(job["job_id"], timeout_s)
+                if state.get("state") != "done":
+                    log.warning("upload %s of an earlier run ended %s: %s", job["job_id"], state.get("state"), state.get("error"))
+        self.pending.clear()
+
     # -- the save ------------------------------------------------------------------------------
 
     def save(self, run: RunState, target: Location, step: int) -> SaveResult:
@@ -84,15 +96,20 @@ class CheckpointSaver:
         if asynchronous and not self._hosts_checked:
             self._on_spool_host = world.same_host_as_rank_zero()
             self._hosts_checked = True
+        room = True
+        if asynchronous:
+            need = sum(world.gather_to_all(estimate_rank_bytes(run) if self._on_spool_host else 0))
         if rank0:
             invalidate(target)
             if asynchronous:
-                self._make_room()
+                room = self._make_room(need)
+        if asynchronous:
+            room = world.broadcast_from_zero(room)
         world.barrier()  # no rank writes before the old marker is gone
         if target.local_path is not None and not asynchronous:
             mode, entries = "local", write_rank_files(target.local_path, run)
         elif asynchronous and self._on_spool_host:
-            mode, entries = self._write_to_spool(run, step)
+            mode, entries = self._write_to_spool(run, step) if room else ("store (spool full)", [])
             if mode != "async":
                 entries = self._write_and_upload(run, target)
         else:
@@ -163,14 +180,24 @@ class CheckpointSaver:
         self.last_size = sum(f["size"] for f in files)
         log.info("checkpoint %d handed to the uploader as job %s (%s MB)", step, job_id, f"{self.last_size / 1e6:,.1f}")
 
-    def _make_room(self) -> None:
-        """Waits for the oldest uploads until the spool has room for another checkpoint of the
-        last one's size; the common case (room for two) waits for nothing."""
+    def _make_room(self, need: int) -> bool:
+        """Waits for the oldest uploads until the spool has room for this checkpoint (`need`
+        bytes, estimated from the state sizes); the common case (room for two) waits for nothing.
+        False when even an empty spool is too small: the caller then saves synchronously."""
         self._forget_finished()
-        while self.pending and self._free_bytes() < self.last_size * 1.1:
+        while self.pending and self._free_bytes() < need:
             job_id = self.pending[0]
             log.info("spool %s needs room for the next checkpoint: waiting for upload %s", self.spool, job_id)
             self._wait_job(job_id, 3600.0)
+        free = self._free_bytes()
+        if free < need:
+            log.warning(
+                "spool %s has room for %s MB, the checkpoint needs about %s MB: it is saved synchronously "
+                "instead (raise uploader.spool_quota_gb or free the spool)", self.spool,
+                f"{max(free, 0) / 1e6:,.1f}", f"{need / 1e6:,.1f}",
+            )
+            return False
+        return True
 
     def _free_bytes(self) -> int:
         self.spool.mkdir(parents=True, exist_ok=True)
