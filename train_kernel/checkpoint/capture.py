@@ -1,22 +1,23 @@
-"""What one rank writes into a checkpoint folder. Every file is serialised in memory, hashed from
-those bytes (no read-back) and written atomically with fsync, so the manifest entry and the file
-always agree and a crash leaves no half-written file under a final name."""
+"""What one rank writes into a checkpoint folder. Every file is serialised straight into a
+temporary file (one pass over the bytes: the trainer's stall), fsynced and renamed, so a crash
+leaves no half-written file under a final name. Checksums are taken here (synchronous saves) or
+later by a background thread (async saves: see saver.py), off the training path."""
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import save_file
 
 from . import layout
-from .manifest import FileEntry, atomic_write_bytes
+from .manifest import FileEntry, fsync_dir, sha256_of
 from .model_state import model_state
 from .rng import capture_rng
 
@@ -43,42 +44,53 @@ def layout_of(parallel: Any, config: Any) -> dict:
     }
 
 
-def _write(folder: Path, name: str, data: bytes) -> FileEntry:
-    atomic_write_bytes(folder / name, data)
-    return FileEntry(name, len(data), hashlib.sha256(data).hexdigest())
+def _write(folder: Path, name: str, write: Callable[[Path], None], checksum: bool) -> FileEntry:
+    path = folder / name
+    tmp = folder / f".{name}.tmp-{os.getpid()}"
+    write(tmp)
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return FileEntry(name, path.stat().st_size, sha256_of(path) if checksum else "")
 
 
-def _torch_bytes(payload: dict) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return buffer.getvalue()
+def _torch_writer(payload: dict) -> Callable[[Path], None]:
+    return lambda path: torch.save(payload, path)
 
 
-def _json_bytes(payload: dict) -> bytes:
-    return json.dumps(payload, indent=1, sort_keys=True).encode()
+def _bytes_writer(data: bytes) -> Callable[[Path], None]:
+    return lambda path: path.write_bytes(data)
 
 
-def write_rank_files(folder: Path, run: RunState) -> list[FileEntry]:
+def _json_writer(payload: dict) -> Callable[[Path], None]:
+    return _bytes_writer(json.dumps(payload, indent=1, sort_keys=True).encode())
+
+
+def write_rank_files(folder: Path, run: RunState, checksum: bool = True) -> list[FileEntry]:
     """Writes this rank's share of the checkpoint into `folder`: the model file from the first
     data-parallel rank of each stage, the optimizer slice from each rank of the stage's first ZeRO
-    group, its RNG state, and (rank 0) the run-wide files."""
+    group, its RNG state, and (rank 0) the run-wide files. `checksum=False` leaves the entries'
+    sha256 empty, for a later pass."""
     folder.mkdir(parents=True, exist_ok=True)
     parallel, config = run.parallel, run.config
     pp, dp = parallel.pp_rank, parallel.dp_rank
     entries: list[FileEntry] = []
+
+    def add(name: str, write: Callable[[Path], None]) -> None:
+        entries.append(_write(folder, name, write, checksum))
+
     if dp == 0:
         tensors = {key: value.detach().to("cpu").contiguous() for key, value in model_state(run.model).items()}
-        entries.append(_write(folder, layout.model_file(pp), safetensors_bytes(tensors, metadata={"format": "pt"})))
+        add(layout.model_file(pp), lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
         if pp == 0:
-            model_json = json.dumps(config.model.to_json(), indent=2, sort_keys=True).encode()
-            entries.append(_write(folder, layout.MODEL_CONFIG, model_json))
+            add(layout.MODEL_CONFIG, _bytes_writer(json.dumps(config.model.to_json(), indent=2, sort_keys=True).encode()))
     if dp < parallel.zero_size:  # the first ZeRO group of the stage; the others hold copies
-        entries.append(_write(folder, layout.optimizer_file(pp, parallel.zero_rank), _torch_bytes(run.optimizer.export_state())))
-    entries.append(_write(folder, layout.rng_file(pp, dp), _torch_bytes(capture_rng())))
+        add(layout.optimizer_file(pp, parallel.zero_rank), _torch_writer(run.optimizer.export_state()))
+    add(layout.rng_file(pp, dp), _torch_writer(capture_rng()))
     if parallel.rank == 0:
         counters = run.counters
-        entries.append(_write(folder, layout.SAMPLER, _json_bytes(run.sampler.state_dict())))
-        entries.append(_write(folder, layout.SCHEDULER, _json_bytes({"step_count": counters.step_count})))
+        add(layout.SAMPLER, _json_writer(run.sampler.state_dict()))
+        add(layout.SCHEDULER, _json_writer({"step_count": counters.step_count}))
         context = {
             "batch_count": counters.batch_count,
             "step_count": counters.step_count,
@@ -88,8 +100,9 @@ def write_rank_files(folder: Path, run: RunState) -> list[FileEntry]:
             "job_name": config.job_name,
             "saved_at": time.time(),
         }
-        entries.append(_write(folder, layout.CONTEXT, _json_bytes(context)))
-        entries.append(_write(folder, layout.CONFIG, config.source_text.encode()))
+        add(layout.CONTEXT, _json_writer(context))
+        add(layout.CONFIG, _bytes_writer(config.source_text.encode()))
+    fsync_dir(folder)
     return entries
 
 

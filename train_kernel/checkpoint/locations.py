@@ -15,7 +15,7 @@ from .manifest import atomic_write_bytes, fsync_dir
 class Location(Protocol):
     uri: str
 
-    def child(self, name: str) -> "Location": ...
+    def child(self, name: str) -> Location: ...
     def subfolders(self) -> list[str]: ...
     def files(self) -> list[str]: ...
     def exists(self, name: str) -> bool: ...
@@ -34,7 +34,7 @@ def is_local(uri: str) -> bool:
 
 
 def _local_root(uri: str) -> Path:
-    return Path(uri[len("local:") :] if uri.startswith("local:") else uri)
+    return Path(uri.removeprefix("local:"))
 
 
 class LocalLocation:
@@ -46,7 +46,7 @@ class LocalLocation:
     def local_path(self) -> Path:
         return self.root
 
-    def child(self, name: str) -> "LocalLocation":
+    def child(self, name: str) -> LocalLocation:
         return LocalLocation(self.root / name, self.uri.rstrip("/") + "/" + name)
 
     def subfolders(self) -> list[str]:
@@ -108,7 +108,7 @@ class StoreLocation:
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
 
-    def child(self, name: str) -> "StoreLocation":
+    def child(self, name: str) -> StoreLocation:
         return StoreLocation(self.store, self.uri.rstrip("/") + "/" + name, self._key(name))
 
     def _below(self) -> list[str]:

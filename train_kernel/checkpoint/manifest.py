@@ -61,7 +61,7 @@ class Manifest:
         return json.dumps(body, indent=1).encode()
 
     @staticmethod
-    def parse(data: bytes, source: str) -> "Manifest":
+    def parse(data: bytes, source: str) -> Manifest:
         try:
             body = json.loads(data)
             if body.get("format") != FORMAT:

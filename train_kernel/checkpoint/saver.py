@@ -20,6 +20,7 @@ import hashlib
 import logging
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from pathlib import Path
 from . import layout, world
 from .capture import RunState, estimate_rank_bytes, layout_of, write_rank_files
 from .locations import Location
-from .manifest import FileEntry, Manifest
+from .manifest import FileEntry, Manifest, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,14 @@ class CheckpointSaver:
         self._on_spool_host = True
         self._hosts_checked = False
         self._job_names: dict[int, str] = {}
+        self._job_targets: dict[str, str] = {}  # pending job -> the folder it writes
+        self._handoff: threading.Thread | None = None  # checksums, manifest and submit of the last save
+        self._handoff_error: BaseException | None = None
 
     def close(self, wait: bool = True, timeout_s: float = 3600.0) -> None:
         """Waits for the uploads still running (rank 0): the end of a run is not the end of its
         last checkpoint."""
+        self._join_handoff()
         if self.uploader is None or not wait:
             return
         for job_id in list(self.pending):
@@ -78,6 +83,7 @@ class CheckpointSaver:
     def wait_all_uploads(self, timeout_s: float = 3600.0) -> None:
         """Waits for every job the uploader knows (rank 0), also those of an earlier trainer that a
         restarted uploader resumed from its journal: they may hold the newest checkpoint."""
+        self._join_handoff()
         if self.uploader is None:
             return
         for job in self.uploader.status().get("jobs", []):
@@ -92,6 +98,7 @@ class CheckpointSaver:
     def save(self, run: RunState, target: Location, step: int) -> SaveResult:
         started = time.perf_counter()
         rank0 = run.parallel.rank == 0
+        self._join_handoff()  # the previous save's hand-off (long done, normally)
         asynchronous = self.uploader is not None or (self.spool is not None and not rank0)
         if asynchronous and not self._hosts_checked:
             self._on_spool_host = world.same_host_as_rank_zero()
@@ -100,6 +107,10 @@ class CheckpointSaver:
         if asynchronous:
             need = sum(world.gather_to_all(estimate_rank_bytes(run) if self._on_spool_host else 0))
         if rank0:
+            # A snapshot slot is rewritten every other snapshot: its previous upload must be over
+            # before the old marker goes, or the two would interleave in the same folder.
+            for job_id in [j for j in self.pending if self._job_targets.get(j) == target.uri]:
+                self._wait_job(job_id, 3600.0)
             invalidate(target)
             if asynchronous:
                 room = self._make_room(need)
@@ -109,7 +120,7 @@ class CheckpointSaver:
         if target.local_path is not None and not asynchronous:
             mode, entries = "local", write_rank_files(target.local_path, run)
         elif asynchronous and self._on_spool_host:
-            mode, entries = self._write_to_spool(run, step) if room else ("store (spool full)", [])
+            mode, entries = self._write_to_spool(run, step, checksum=not rank0) if room else ("store (spool full)", [])
             if mode != "async":
                 entries = self._write_and_upload(run, target)
         else:
@@ -119,7 +130,10 @@ class CheckpointSaver:
             all_entries = [FileEntry(**e) for _, part in everyone for e in part]
             manifest = _manifest(run, step, all_entries)
             if mode == "async":
-                self._submit(target, step, manifest)
+                self._handoff = threading.Thread(
+                    target=self._run_handoff, args=(target, step, manifest), name=f"ckpt-handoff-{step}", daemon=True
+                )
+                self._handoff.start()
             else:
                 target.write_bytes(layout.MANIFEST, manifest.to_bytes())
                 target.write_bytes(layout.marker_name(step), b"")
@@ -147,13 +161,13 @@ class CheckpointSaver:
     def _job_folder(self, step: int) -> str:
         return self._job_names.setdefault(step, f"step{step}-{uuid.uuid4().hex[:8]}")
 
-    def _write_to_spool(self, run: RunState, step: int) -> tuple[str, list[FileEntry]]:
+    def _write_to_spool(self, run: RunState, step: int, checksum: bool) -> tuple[str, list[FileEntry]]:
         # NOTE: every rank must use the same job folder: rank 0 names it, the others learn it.
         name = world.broadcast_from_zero(self._job_folder(step) if run.parallel.rank == 0 else None)
         folder = self.spool / name
         failed = False
         try:
-            entries = write_rank_files(folder, run)
+            entries = write_rank_files(folder, run, checksum=checksum)
         except OSError as error:
             if error.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -163,6 +177,27 @@ class CheckpointSaver:
             shutil.rmtree(folder, ignore_errors=True)
             return "store (spool full)", []
         return "async", entries
+
+    def _join_handoff(self) -> None:
+        if self._handoff is not None:
+            self._handoff.join()
+            self._handoff = None
+        if self._handoff_error is not None:
+            error, self._handoff_error = self._handoff_error, None
+            raise RuntimeError(f"handing the last checkpoint to the uploader failed: {error}") from error
+
+    def _run_handoff(self, target: Location, step: int, manifest: Manifest) -> None:
+        """Off the training path: checksums of the files rank 0's host wrote without them, the
+        manifest, then the job to the uploader."""
+        try:
+            folder = self.spool / self._job_names[step]
+            files = tuple(
+                FileEntry(e.name, e.size, e.sha256 or sha256_of(folder / e.name)) for e in manifest.files
+            )
+            self._submit(target, step, Manifest(manifest.step, files, manifest.layout, manifest.created))
+        except BaseException as error:  # noqa: BLE001 - reported at the next save or at close
+            log.error("checkpoint %d: hand-off to the uploader failed: %s", step, error)
+            self._handoff_error = error
 
     def _submit(self, target: Location, step: int, manifest: Manifest) -> None:
         name = self._job_names.pop(step)
@@ -177,6 +212,7 @@ class CheckpointSaver:
         job_id = name
         self.uploader.submit(job_id, name, target.uri, files, layout.marker_name(step))
         self.pending.append(job_id)
+        self._job_targets[job_id] = target.uri
         self.last_size = sum(f["size"] for f in files)
         log.info("checkpoint %d handed to the uploader as job %s (%s MB)", step, job_id, f"{self.last_size / 1e6:,.1f}")
 

@@ -10,7 +10,7 @@ from tests.train_kernel.train.tiny_config import tiny_config_text
 
 
 def config_text(run_dir: Path, *, extra: str = "", **overrides) -> str:
-    values = dict(save=True, checkpoint_every=2, total_steps=6)
+    values = {"save": True, "checkpoint_every": 2, "total_steps": 6}
     values.update(overrides)
     return tiny_config_text(run_dir, **values) + extra
 

@@ -15,7 +15,7 @@ from train_kernel.config import config_from_text
 from train_kernel.train.trainer import train
 
 STEPS = 40
-SIZES = dict(total_steps=STEPS, checkpoint_every=5, seq_len=128, micro_bsz=4, valid_every=0)
+SIZES = {"total_steps": STEPS, "checkpoint_every": 5, "seq_len": 128, "micro_bsz": 4, "valid_every": 0}
 
 
 def _start(config_file, tmp_path):

@@ -5,6 +5,7 @@ content selection, weights-only starts, and clear errors for checkpoints of anot
 from __future__ import annotations
 
 import json
+
 import pytest
 import torch
 
