@@ -213,6 +213,7 @@ def _train(config: TrainConfig, parallel: ParallelContext) -> None:
             (run_dir / "config.py").write_text(config.source_text, encoding="utf-8")
         tags = {"job_name": config.job_name, "world_size": parallel.world_size, "parallel": parallel.layout.describe()}
         emitter.emit("params", {"params": config.to_json(), "tags": tags, "step": counters.batch_count})
+        sidecar = _start_metrics_sidecar(config, run_dir) if parallel.is_logging_rank else None
         loop = _Loop(config, model, optimizer, lr_schedule, beta2_schedule, sampler, train_rows, valid_rows, emitter, device, run_dir, parallel)
         loop.state = counters
         loop.checkpoints, loop.run_state = checkpoints, run
@@ -221,10 +222,29 @@ def _train(config: TrainConfig, parallel: ParallelContext) -> None:
                 loop.run(stop)
         finally:
             emitter.close()
+            if sidecar is not None:
+                log.info("metrics: waiting for the sidecar to forward the last records to MLflow")
+                code = sidecar.stop(timeout_s=120)
+                if code != 0:
+                    log.warning("metrics sidecar exited with %s; see %s (rerun `metrics-sidecar run --once` "
+                                "on this run folder to forward what is left)", code, sidecar.log_file)
     finally:
         checkpoints.close()
     if stop.signal is not None:
         raise SystemExit(128 + stop.signal)
+
+
+def _start_metrics_sidecar(config: TrainConfig, run_dir):
+    """The metrics sidecar beside rank 0 when the config names an MLflow tracking URI; it tails
+    metrics.jsonl, so training never waits on MLflow."""
+    uri = config.metrics.mlflow_tracking_uri
+    if not uri:
+        return None
+    from metrics.supervisor import start_sidecar
+
+    sidecar = start_sidecar(run_dir, uri, config.metrics.experiment)
+    log.info("metrics: sidecar pid %d forwards %s to MLflow at %s", sidecar.pid, run_dir / "metrics.jsonl", uri)
+    return sidecar
 
 
 class _Loop:
