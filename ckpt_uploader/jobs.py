@@ -1,0 +1,245 @@
+"""Runs upload jobs, one job at a time in submission order (the trainer's "previous upload
+finished" rule relies on that order), with the files of a job and the parts of each file sent in
+parallel.
+
+A job: check the spool files -> check the destination is reachable -> remove stale `*.step`
+markers from the destination folder -> upload and verify every file -> write the marker LAST ->
+journal "done" -> delete the spool copy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckpt_uploader.journal import Journal
+from ckpt_uploader.protocol import JobSpec, ProtocolError
+from ckpt_uploader.spool import Spool
+from ckpt_uploader.stores import DEFAULT_PART_SIZE_BYTES, Store, StoreError, open_store
+from ckpt_uploader.uri import StorageURIError, parse_storage_uri
+
+log = logging.getLogger(__name__)
+
+
+class JobFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Job:
+    spec: JobSpec
+    state: str = "queued"
+    bytes_done: int = 0
+    error: str | None = None
+    files_done: set[str] = field(default_factory=set)
+    resumed: bool = False  # replayed from the journal after a restart
+
+    def status(self) -> dict:
+        return {
+            "job_id": self.spec.job_id,
+            "state": self.state,
+            "bytes_done": min(self.bytes_done, self.spec.bytes_total),
+            "bytes_total": self.spec.bytes_total,
+            "error": self.error,
+            "dst": self.spec.dst,
+            "marker": self.spec.marker,
+        }
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    workers: int = 4  # files in flight per job; S3 parts in flight: 2 x workers
+    part_size_bytes: int = DEFAULT_PART_SIZE_BYTES
+    checksum_algorithm: str = "SHA256"  # S3 per-part checksum, read back after the upload
+    part_delay_s: float = 0.0  # tests only: slows every part down
+
+
+class JobRunner:
+    def __init__(self, spool: Spool, journal: Journal, options: TransferOptions) -> None:
+        self.spool, self.journal, self.options = spool, journal, options
+        self.jobs: dict[str, Job] = {}
+        self._queue: queue.Queue[Job] = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="jobs", daemon=True)
+
+    def start(self) -> None:
+        """Replays the journal: unfinished jobs go back in the queue, in their order."""
+        for job_id, record in self.journal.replay().items():
+            job = Job(
+                record.spec,
+                state=record.state,
+                error=record.error,
+                files_done=set(record.files_done),
+                resumed=True,
+            )
+            self.jobs[job_id] = job
+            if job.state == "queued":
+                log.info(
+                    "resuming job %s from the journal (%d file(s) already uploaded)",
+                    job_id,
+                    len(job.files_done),
+                )
+                self._queue.put(job)
+            elif job.state == "done":
+                self._remove_spool_copy(job)  # a crash may have come between "done" and the delete
+        self._thread.start()
+
+    # ---- called from the server thread --------------------------------------------------------
+    def submit(self, spec: JobSpec) -> None:
+        """Journals and queues the job; returns once the journal record is durable. The same
+        job again is accepted without effect, unless it failed: then it is tried again."""
+        with self._lock:
+            existing = self.jobs.get(spec.job_id)
+            if existing is not None and existing.spec != spec:
+                raise ProtocolError(
+                    f"job_id {spec.job_id!r} was already submitted with a different src/dst/files/marker"
+                )
+            if existing is not None and existing.state != "failed":
+                return
+        self.spool.check_job(spec)
+        parse_storage_uri(spec.dst)  # StorageURIError is a ValueError: an error reply
+        self.journal.append({"event": "submit", "job": spec.to_dict()})
+        job = Job(spec)
+        with self._lock:
+            self.jobs[spec.job_id] = job
+        self._queue.put(job)
+
+    def status(self, job_id: str | None = None) -> dict | list[dict]:
+        with self._lock:
+            if job_id is None:
+                return [job.status() for job in self.jobs.values()]
+            job = self.jobs.get(job_id)
+        if job is None:
+            raise ProtocolError(f"unknown job_id {job_id!r}")
+        return job.status()
+
+    # ---- the job thread ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            job.state, job.error, job.bytes_done = "uploading", None, 0
+            try:
+                self._run(job)
+            except (JobFailed, StoreError, StorageURIError, ProtocolError, OSError) as error:
+                self._fail(job, str(error))
+            except Exception as error:  # a bug: the job fails, the service stays up
+                log.exception("job %s: unexpected error", job.spec.job_id)
+                self._fail(job, f"internal error: {type(error).__name__}: {error}")
+
+    def _fail(self, job: Job, error: str) -> None:
+        log.error("job %s failed: %s", job.spec.job_id, error)
+        try:
+            self.journal.append({"event": "failed", "job_id": job.spec.job_id, "error": error})
+        except OSError as journal_error:  # the job thread must survive a full disk
+            log.error("job %s: could not journal the failure: %s", job.spec.job_id, journal_error)
+        job.error, job.state = error, "failed"
+
+    def _run(self, job: Job) -> None:
+        spec = job.spec
+        folder = self._check_spool_files(spec)
+        store = open_store(
+            spec.dst,
+            concurrency=2 * self.options.workers,  # parts in flight, shared by the files in flight
+            part_size_bytes=self.options.part_size_bytes,
+            part_delay_s=self.options.part_delay_s,
+            checksum_algorithm=self.options.checksum_algorithm,
+        )
+        try:
+            store.check_access()
+            if job.resumed and (aborted := store.abort_incomplete_uploads()):
+                log.info(
+                    "job %s: aborted %d multipart upload(s) left by the previous uploader",
+                    spec.job_id,
+                    aborted,
+                )
+            # NOTE: a destination folder reused for a new step (snapshot/0, snapshot/1) still holds
+            # the old step's marker; it must go before any file is overwritten.
+            for key in store.list_keys():
+                if "/" not in key and key.endswith(".step"):
+                    log.info("job %s: removing stale marker %s from %s", spec.job_id, key, store.describe())
+                    store.delete(key)
+            self._upload_files(job, folder, store)
+            self._verify(job, store)
+            store.put_bytes(spec.marker, json.dumps(spec.to_dict(), indent=1).encode("utf-8"))
+        finally:
+            store.close()
+        self.journal.append({"event": "done", "job_id": spec.job_id})
+        job.state = "done"
+        log.info(
+            "job %s done: %d file(s), %d bytes -> %s",
+            spec.job_id,
+            len(spec.files),
+            spec.bytes_total,
+            spec.dst,
+        )
+        self._remove_spool_copy(job)
+
+    def _check_spool_files(self, spec: JobSpec) -> Path:
+        """Before sending anything: every file is inside the spool and has the manifest's size."""
+        self.spool.check_job(spec)
+        folder = self.spool.job_folder(spec.src)
+        if not folder.is_dir():
+            raise JobFailed(f"spool folder {folder} does not exist")
+        for entry in spec.files:
+            path = folder / entry.name
+            if not path.is_file():
+                raise JobFailed(f"{path}: file is missing from the spool")
+            size = path.stat().st_size
+            if size != entry.size:
+                raise JobFailed(f"{path}: {size} bytes in the spool, the manifest says {entry.size}")
+        return folder
+
+    def _upload_files(self, job: Job, folder: Path, store: Store) -> None:
+        progress_lock = threading.Lock()
+
+        def progress(count: int) -> None:
+            with progress_lock:
+                job.bytes_done += count
+
+        def upload(entry) -> None:
+            if entry.name in job.files_done and store.size(entry.name) == entry.size:
+                progress(entry.size)  # finished before a restart
+                return
+            store.put_file(
+                folder / entry.name,
+                entry.name,
+                expected_size=entry.size,
+                expected_sha256=entry.sha256,
+                on_progress=progress,
+            )
+            self.journal.append({"event": "file_done", "job_id": job.spec.job_id, "name": entry.name})
+            job.files_done.add(entry.name)
+
+        # Largest files first: they hold the most parts, the small ones fill in around them.
+        entries = sorted(job.spec.files, key=lambda e: -e.size)
+        with ThreadPoolExecutor(
+            max_workers=max(1, min(self.options.workers, len(entries))), thread_name_prefix="file"
+        ) as pool:
+            futures = [pool.submit(upload, entry) for entry in entries]
+            errors = [f.exception() for f in futures]
+        for error in errors:
+            if error is not None:
+                raise error
+
+    def _verify(self, job: Job, store: Store) -> None:
+        """The last look before the marker: every file is there with its full size."""
+        for entry in job.spec.files:
+            stored = store.size(entry.name)
+            if stored != entry.size:
+                raise JobFailed(
+                    f"{store.describe()}: {entry.name} has {stored} bytes after the upload, expected {entry.size}"
+                )
+
+    def _remove_spool_copy(self, job: Job) -> None:
+        try:
+            folder = self.spool.job_folder(job.spec.src)
+        except ProtocolError:
+            return
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)

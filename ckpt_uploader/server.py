@@ -1,0 +1,151 @@
+"""The uploader service: a ROUTER socket answering requests in one thread while the JobRunner
+uploads in others. ``wait`` requests are parked (ROUTER lets us answer them later, in any order)
+and answered when their job ends or their timeout passes, so a waiting trainer never blocks the
+others."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from ckpt_uploader.curve import secure_server_socket
+from ckpt_uploader.jobs import JobRunner, TransferOptions
+from ckpt_uploader.journal import Journal
+from ckpt_uploader.protocol import (
+    ProtocolError,
+    decode_request,
+    encode,
+    error_reply,
+    job_id_of,
+    parse_job_spec,
+)
+from ckpt_uploader.spool import Spool
+
+log = logging.getLogger(__name__)
+
+_POLL_MS = 50
+LISTENING = "ckpt-uploader listening on "  # the line embedded.py reads to learn the port
+
+
+@dataclass
+class _Waiter:
+    envelope: list[bytes]
+    job_id: str
+    deadline: float
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    bind: str
+    spool: Path
+    journal: Path | None = None  # default: <spool>/.ckpt-uploader-journal.jsonl
+    curve_keys: Path | None = None
+    transfer: TransferOptions = field(default_factory=TransferOptions)
+    parent_pid: int | None = None  # exit when this process is gone (embedded uploaders)
+
+
+def serve(options: ServeOptions) -> None:
+    spool = Spool(options.spool)
+    journal = Journal(options.journal or spool.root / ".ckpt-uploader-journal.jsonl")
+    runner = JobRunner(spool, journal, options.transfer)
+    runner.start()
+
+    context = zmq.Context()
+    socket = context.socket(zmq.ROUTER)
+    socket.linger = 0
+    authenticator = secure_server_socket(context, socket, options.curve_keys) if options.curve_keys else None
+    socket.bind(options.bind)
+    endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+    print(f"{LISTENING}{endpoint}", flush=True)
+    log.info(
+        "spool %s, journal %s, %d worker(s)%s",
+        spool.root,
+        journal.path,
+        options.transfer.workers,
+        ", CURVE on" if authenticator else "",
+    )
+
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    waiters: list[_Waiter] = []
+    try:
+        while not stopping:
+            if socket.poll(_POLL_MS):
+                frames = socket.recv_multipart()
+                reply = _handle(frames, runner, waiters)
+                if reply is not None:
+                    socket.send_multipart([*_envelope(frames), reply])
+            waiters[:] = [w for w in waiters if not _answer_if_ready(socket, runner, w)]
+            if options.parent_pid and not _alive(options.parent_pid):
+                log.warning(
+                    "parent process %d is gone; stopping (unfinished jobs stay in the journal)",
+                    options.parent_pid,
+                )
+                break
+    finally:
+        log.info("stopping")
+        socket.close(0)
+        if authenticator:
+            authenticator.stop()
+        context.term()
+        journal.close()
+
+
+def _envelope(frames: list[bytes]) -> list[bytes]:
+    """The routing frames up to and including the empty delimiter (REQ clients send one)."""
+    if b"" in frames:
+        return frames[: frames.index(b"") + 1]
+    return frames[:1]
+
+
+def _handle(frames: list[bytes], runner: JobRunner, waiters: list[_Waiter]) -> bytes | None:
+    body = frames[len(_envelope(frames)) :]
+    if len(body) != 1:
+        return error_reply(f"malformed request: expected one frame holding a JSON object, got {len(body)}")
+    try:
+        message = decode_request(body[0])
+        op = message["op"]
+        if op == "ping":
+            return encode({"ok": True, "op": "pong", "pid": os.getpid()})
+        if op == "submit":
+            spec = parse_job_spec(message)
+            runner.submit(spec)
+            return encode({"ok": True, "op": "accepted", "job_id": spec.job_id})
+        if op == "status":
+            if message.get("job_id") is None:
+                return encode({"ok": True, "jobs": runner.status()})
+            return encode({"ok": True, "job": runner.status(job_id_of(message))})
+        # wait
+        job_id = job_id_of(message)
+        runner.status(job_id)  # unknown job -> error now
+        timeout = message.get("timeout", 0)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+            raise ProtocolError(f"timeout: expected seconds >= 0, got {timeout!r}")
+        waiters.append(_Waiter(_envelope(frames), job_id, time.monotonic() + timeout))
+        return None
+    except (ProtocolError, ValueError) as error:
+        return error_reply(str(error))
+    except OSError as error:  # the journal could not be written: the job is NOT accepted
+        log.error("request failed: %s", error)
+        return error_reply(f"uploader I/O error, request not accepted: {error}")
+
+
+def _answer_if_ready(socket: zmq.Socket, runner: JobRunner, waiter: _Waiter) -> bool:
+    status = runner.status(waiter.job_id)
+    finished = status["state"] in ("done", "failed")
+    if not finished and time.monotonic() < waiter.deadline:
+        return False
+    socket.send_multipart([*waiter.envelope, encode({"ok": True, "job": status, "timed_out": not finished})])
+    return True
+
+
+def _alive(parent_pid: int) -> bool:
+    """True while the process that started us is still our parent (we are re-parented when it dies)."""
+    return os.getppid() == parent_pid
