@@ -1,0 +1,87 @@
+"""Public API for the trainer: start the sidecar beside rank 0 and stop it at the end.
+
+    sidecar = start_sidecar(run_dir, tracking_uri, experiment)
+    ...  # training; MetricsEmitter appends to run_dir/metrics.jsonl
+    sidecar.stop()  # forwards what the file holds, then exits
+
+The sidecar is a child process (`python -m metrics.sidecar run ... --follow`): the trainer never
+waits on MLflow. If the trainer dies, the kernel (Linux) sends the sidecar SIGTERM and it drains
+the file and exits (the signal comes when the thread that started it ends: start it from the
+main thread); the sidecar also notices within one poll that its parent is gone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+SIDECAR_LOG = "sidecar.log"
+
+
+class SidecarProcess:
+    """A running sidecar."""
+
+    def __init__(self, process: subprocess.Popen, log_file: Path) -> None:
+        self.process = process
+        self.log_file = log_file
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def poll(self) -> int | None:
+        """The exit code, or None while it runs."""
+        return self.process.poll()
+
+    def stop(self, timeout_s: float = 60) -> int:
+        """SIGTERM (the sidecar forwards what the file holds, then exits 0); SIGKILL after
+        `timeout_s` (what was not forwarded is forwarded by the next sidecar of this run folder).
+        Returns the exit code (negative: killed by that signal)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+
+def start_sidecar(
+    run_dir: Path, tracking_uri: str, experiment: str | None = None, log_file: Path | None = None
+) -> SidecarProcess:
+    """Starts a sidecar forwarding `run_dir/metrics.jsonl` to MLflow at `tracking_uri`; its output
+    is appended to `log_file` (default: `run_dir/sidecar.log`)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(
+            f"run folder {run_dir} does not exist: create it before starting the metrics sidecar"
+        )
+    if importlib.util.find_spec("mlflow") is None:
+        raise ModuleNotFoundError(
+            "the metrics sidecar needs mlflow: pip install -e '.[metrics]' (make install does)"
+        )
+    log_file = Path(log_file) if log_file is not None else run_dir / SIDECAR_LOG
+    args = [
+        sys.executable,
+        "-m",
+        "metrics.sidecar",
+        "run",
+        "--run-dir",
+        str(run_dir),
+        "--tracking-uri",
+        tracking_uri,
+        "--follow",
+        "--parent-pid",
+        str(os.getpid()),
+    ]
+    if experiment is not None:
+        args += ["--experiment", experiment]
+    with open(log_file, "ab") as log:
+        process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    return SidecarProcess(process, log_file)

@@ -1,0 +1,74 @@
+"""Reading metrics.jsonl while it is written, and what becomes an MLflow metric or param (no MLflow
+server needed)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+from metrics.emitter import METRICS_FILE, MetricsEmitter
+from metrics.records import JsonlReader, metrics_of, param_value
+from metrics.sidecar import _Batcher
+from tests.metrics.helpers import append, train_record
+
+
+def test_partial_last_line_is_waited_for_then_read(tmp_path):
+    append(tmp_path, [train_record(0)], text='{"kind":"train","step":1,"loss":')
+    reader = JsonlReader(tmp_path / METRICS_FILE)
+    assert [r.step for r in reader.read(100)] == [0]
+    assert reader.read(100) == [] and reader.pending_bytes() > 0 and not reader.skipped
+    append(tmp_path, [], text="2.5}\n")
+    [record] = reader.read(100)
+    assert (record.step, record.line, record.data["loss"]) == (1, 2, 2.5)
+
+
+def test_malformed_lines_are_reported_with_line_number_and_skipped(tmp_path, caplog):
+    append(tmp_path, [train_record(0)], text='not json\n{"kind":"train"}\n[1,2]\n')
+    append(tmp_path, [train_record(1)])
+    # A record that a killed trainer's fragment runs into is recovered.
+    append(tmp_path, [], text='{"kind":"train","step":2,"lo' + json.dumps(train_record(3)) + "\n")
+    reader = JsonlReader(tmp_path / METRICS_FILE)
+    with caplog.at_level(logging.WARNING):
+        records = reader.read(100)
+    assert [r.step for r in records] == [0, 1, 3]
+    assert reader.skipped == [2, 3, 4, 6]
+    assert f"{METRICS_FILE}:2: not a metrics record (not json)" in caplog.text
+    assert f"{METRICS_FILE}:6:" in caplog.text and "recover" not in caplog.text
+
+
+def test_emitter_ends_a_dead_runs_fragment_before_appending(tmp_path):
+    (tmp_path / METRICS_FILE).write_text('{"kind":"train","step":0}\n{"kind":"tra')
+    emitter = MetricsEmitter(tmp_path)
+    emitter.emit("train", {"step": 1, "loss": float("nan")})
+    emitter.close()
+    lines = (tmp_path / METRICS_FILE).read_text().splitlines()
+    assert lines[1] == '{"kind":"tra' and json.loads(lines[2])["step"] == 1
+
+
+def test_numeric_fields_become_metrics_dicts_flattened(tmp_path):
+    append(tmp_path, [train_record(5)])
+    [record] = JsonlReader(tmp_path / METRICS_FILE).read(10)
+    metrics = metrics_of(record)
+    assert (
+        metrics["grad_norm/0_default"] == 1.05
+        and metrics["acc/code"] == 0.33
+        and math.isnan(metrics["loss/en"])
+    )
+    assert not {"step", "time", "kind", "note", "grad_norm"} & set(metrics)
+    assert len(metrics) == 26 and record.timestamp_ms == 1_800_000_005_000
+
+
+def test_batches_respect_mlflow_limits():
+    from mlflow.entities import Metric, Param
+
+    batcher = _Batcher()
+    for i in range(250):
+        batcher.add_param(Param(f"p{i}", "v"))
+    for step in range(100):  # 31 metrics per record: a record never straddles two requests
+        batcher.add_metrics([Metric(f"m{i}", 1.0, 0, step) for i in range(31)])
+    requests = batcher.nonempty()
+    assert all(len(r.params) + len(r.tags) <= 100 and r.size() <= 1000 for r in requests)
+    assert sum(len(r.params) for r in requests) == 250 and sum(len(r.metrics) for r in requests) == 3100
+    assert all(len(r.metrics) % 31 == 0 for r in requests)
+    assert len(param_value("x" * 7000, 6000)) == 6000
