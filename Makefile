@@ -18,10 +18,15 @@ WORKERS ?= $(shell nproc)
 VALID_FRACTION ?= 0.01
 MIN_LENGTH ?= 0
 
+# make mlflow-ui [MLFLOW_PORT=5000]: the MLflow UI over this folder's runs (the store that
+# `metrics-sidecar --tracking-uri sqlite:///mlruns/mlflow.db` writes without a server).
+MLFLOW_PORT ?= 5000
+MLFLOW_DB ?= mlruns/mlflow.db
+
 DEMO_DIR ?= demo_data
 DEMO_STEPS ?= 400
 
-.PHONY: install prepare demo test bench clean-demo
+.PHONY: install prepare demo test bench clean-demo mlflow-ui
 
 install: $(STAMP)
 
@@ -29,7 +34,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,metrics]'
 	touch $(STAMP)
 
 prepare: install
@@ -51,6 +56,13 @@ demo: install
 	@echo "  (any packed row, decoded: $(BIN)/pack-stage inspect $(DEMO_DIR)/packed --row N)"
 	@echo "Run: log runs/demo/train.log, per-step records runs/demo/metrics.jsonl, weights runs/demo/ckpt/<step>/,"
 	@echo "  and a Hugging Face export (LlamaForCausalLM) in runs/demo/hf"
+	@echo "Watch it in MLflow: make mlflow-ui, then open http://127.0.0.1:$(MLFLOW_PORT) (experiment 'demo')"
+
+mlflow-ui: install
+	mkdir -p $(dir $(MLFLOW_DB))artifacts
+	@echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT) (Ctrl-C stops it)"
+	$(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
+		--backend-store-uri sqlite:///$(MLFLOW_DB) --artifacts-destination $(dir $(MLFLOW_DB))artifacts
 
 test: install
 	$(BIN)/python -m pytest -q

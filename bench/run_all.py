@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from bench import (
     bench_memory,
+    bench_metrics,
     bench_overlap,
     bench_pack_reader,
     bench_pipeline_bubble,
     bench_tokenize,
     bench_train,
+    bench_uploader,
     bench_zero_memory,
 )
 
@@ -22,6 +24,8 @@ def main() -> None:
     bench_zero_memory.main()
     bench_pipeline_bubble.main()
     bench_overlap.main()
+    bench_metrics.main()
+    bench_uploader.main()
 
 
 if __name__ == "__main__":

@@ -9,12 +9,24 @@ MLP_RATIO = 8 / 3
 NUM_LAYER = 4
 VOCAB_SIZE = 384  # the byte tokenizer's 259 ids, padded to a multiple of 128
 
+import os
+
 CHECKPOINT_EVERY = 100
+SAVE_CKPT_FOLDER = "local:runs/demo/ckpt"
 ckpt = dict(
     enable_save_ckpt=True,
-    save_ckpt_folder="local:runs/demo/ckpt",
+    save_ckpt_folder=SAVE_CKPT_FOLDER,
     checkpoint_every=CHECKPOINT_EVERY,
+    oss_snapshot_freq=CHECKPOINT_EVERY // 2,
+    # Training waits only for the copy into memory; a private ckpt-uploader writes the folder.
+    async_upload=True,
+    async_upload_tmp_folder="/dev/shm/llm-pretrain-demo/" if os.path.isdir("/dev/shm") else "runs/demo/spool/",
+    # `make demo` again continues from the newest complete checkpoint (or does nothing when done).
+    auto_resume=True,
 )
+
+# Every step also goes to MLflow (a SQLite store in the project folder; `make mlflow-ui` serves it).
+metrics = dict(mlflow_tracking_uri="sqlite:///mlruns/mlflow.db", experiment="demo")
 
 TRAIN_FOLDER = "demo_data/packed"
 data = dict(

@@ -75,3 +75,140 @@ def hf_tokenizer_json(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
     tokenizer.save(str(path))
     return path
+
+
+class MlflowServer:
+    """A real `mlflow server` (one uvicorn worker, SQLite store) on a free loopback port, as a
+    process group of its own; `restart()` kills it and starts it again on the same port and store."""
+
+    def __init__(self, folder: Path) -> None:
+        import socket
+
+        self.folder = folder
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 60) -> None:
+        import os
+        import time
+        import urllib.request
+
+        args = [
+            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+            "--artifacts-destination", str(self.folder / "artifacts"),
+            "--uvicorn-opts", "--timeout-graceful-shutdown 1",
+        ]
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+        log = open(self.folder / "server.log", "ab")
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited ({self.process.returncode}); see {self.folder / 'server.log'}")
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=1).read()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"mlflow server did not answer on {self.uri} within {timeout_s} s")
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGKILL)  # as a crash would: no goodbye to clients
+        self.process.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One MLflow tracking server for the whole session (start-up takes seconds): `.uri`,
+    `.restart()`, `.stop()`, `.start()`. Tests that stop it start it again before they end."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+# ---- S3: a real moto server (HTTP on a free loopback port), for the uploader and the trainer ----
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class S3Server:
+    """moto's S3 server in its own process. Nothing is set globally: pass ``.env`` to the
+    processes (or ``open_store``/boto3 clients) that should talk to it."""
+
+    def __init__(self, extra_env: dict | None = None) -> None:
+        import os
+        import time
+        import urllib.request
+
+        port = free_port()
+        self.endpoint_url = f"http://127.0.0.1:{port}"
+        self.env = {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, **(extra_env or {})},
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.endpoint_url}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"moto server did not start on port {port}")
+                time.sleep(0.1)
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+
+    def make_bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server: ``.endpoint_url``, ``.env`` (AWS_* for it) and ``.make_bucket(name)``."""
+    server = S3Server()
+    yield server
+    server.stop()

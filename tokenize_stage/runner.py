@@ -226,7 +226,11 @@ def _check_same_settings(previous: dict, header: dict, where: Path) -> None:
 
 
 def _drop_stale_outputs(output: Path, files: list[InputFile]) -> None:
-    """Shards of inputs that are gone are removed, so the folder mirrors the input."""
+    """Shards of inputs that are gone are removed, so the folder mirrors the input; so are the
+    temporary files of a run that was killed while writing (`*.tmp-<pid>`)."""
+    for path in output.rglob("*.tmp-*"):
+        if path.is_file() and path.name.rsplit(".tmp-", 1)[-1].isdigit():
+            path.unlink()
     current = {f.shard_rel for f in files} | {rejects_rel(f) for f in files}
     for pattern in ("*.arrow", "*.rejects.jsonl"):
         for path in output.rglob(pattern):

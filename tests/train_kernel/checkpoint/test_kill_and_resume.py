@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.train_kernel.checkpoint.helpers import config_text, losses_by_step, train_records
 from train_kernel.config import config_from_text
 from train_kernel.train.trainer import train
@@ -34,12 +36,15 @@ def _wait_for(path, process, timeout=60.0):
         time.sleep(0.005)
 
 
-def test_sigkill_then_auto_resume_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("upload", ["sync", "async"])
+def test_sigkill_then_auto_resume_matches_an_uninterrupted_run(tmp_path, upload):
     reference = tmp_path / "reference"
     train(config_from_text(config_text(reference, **SIZES)))
     run_dir = tmp_path / "killed"
     config_file = tmp_path / "killed.py"
     extra = "\nckpt['auto_resume'] = True\nckpt['oss_snapshot_freq'] = 0\n"
+    if upload == "async":  # the private uploader dies with the trainer; the next one finishes its journal
+        extra += f"ckpt['async_upload'] = True\nckpt['async_upload_tmp_folder'] = {str(tmp_path / 'spool')!r}\n"
     config_file.write_text(config_text(run_dir, extra=extra, **SIZES))
     process = _start(config_file, tmp_path)
     _wait_for(run_dir / "ckpt" / "10" / "10.step", process)
