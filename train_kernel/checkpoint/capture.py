@@ -72,6 +72,7 @@ def write_rank_files(folder: Path, run: RunState, checksum: bool = True) -> list
     group, its RNG state, and (rank 0) the run-wide files. `checksum=False` leaves the entries'
     sha256 empty, for a later pass."""
     folder.mkdir(parents=True, exist_ok=True)
+    run.optimizer.wait_params()  # the weights of an overlapped ZeRO broadcast must have landed
     parallel, config = run.parallel, run.config
     pp, dp = parallel.pp_rank, parallel.dp_rank
     entries: list[FileEntry] = []

@@ -25,6 +25,7 @@ from train_kernel.optim.hybrid_adamw import AdamSettings, HybridAdamW, StepResul
 from train_kernel.optim.loss_scaler import DynamicLossScaler
 from train_kernel.parallel.collectives import average_gradients
 from train_kernel.parallel.grad_overlap import OverlappedGradReducer
+from train_kernel.parallel.param_overlap import OverlappedParamSync
 from train_kernel.parallel.zero_partition import partition_ranges
 
 
@@ -75,6 +76,7 @@ class ZeroOptimizer:
             if overlap_grad_reduce and data_group is not None and data_size > 1
             else None
         )
+        self.param_sync: OverlappedParamSync | None = None
         numel = sum(p.numel() for p in self.params)
         self.ranges = partition_ranges(numel, len(self.zero_ranks))
         self.inner = HybridAdamW(
@@ -109,7 +111,20 @@ class ZeroOptimizer:
         if self.grad_reducer is not None:
             self.grad_reducer.arm()
 
+    def overlap_param_sync(self, roots: Sequence[nn.Module]) -> None:
+        """From now on the updated slices reach the other ranks of the ZeRO group during the next
+        forward (param_overlap.OverlappedParamSync); no-op without a ZeRO group."""
+        if self.zero_group is not None and self.param_sync is None:
+            self.param_sync = OverlappedParamSync(self.params, self.ranges, self.zero_ranks, self.zero_group, roots)
+
+    def wait_params(self) -> None:
+        """Completes an overlapped parameter broadcast still in flight (before reading weights
+        outside a forward: checkpoints, exports)."""
+        if self.param_sync is not None:
+            self.param_sync.wait_all()
+
     def step(self, lr: float, beta2: float) -> StepResult:
+        self.wait_params()
         if self.grad_reducer is not None:
             self.grad_reducer.finish()
         else:
@@ -122,6 +137,9 @@ class ZeroOptimizer:
     @torch.no_grad()
     def _share_slices(self) -> None:
         if self.zero_group is None:
+            return
+        if self.param_sync is not None:
+            self.param_sync.start()
             return
         dtype, device = self.params[0].dtype, self.params[0].device
         for owner, (start, end) in zip(self.zero_ranks, self.ranges):

@@ -181,6 +181,9 @@ def _train(config: TrainConfig, parallel: ParallelContext) -> None:
         overlap_grad_reduce=config.hybrid_zero_optimizer.overlap_sync_grad,
         reduce_bucket_size=config.hybrid_zero_optimizer.reduce_bucket_size,
     )
+    if config.hybrid_zero_optimizer.overlap_sync_param and optimizer.zero_group is not None:
+        optimizer.overlap_param_sync(list(model.chunks) if isinstance(model, StageChunks) else [model])
+        log.info("ZeRO-1 parameter broadcast overlapped with the next forward (overlap_sync_param)")
     if optimizer.grad_reducer is not None:
         log.info(
             "data-parallel gradient all-reduce overlapped with backward: %d buckets of <= %s elements",

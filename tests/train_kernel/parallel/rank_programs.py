@@ -132,7 +132,44 @@ def zero_state_round_trip() -> dict:
             "max_diff": (uninterrupted - restored).abs().max().item()}
 
 
+def overlapped_param_sync() -> dict:
+    """ZeRO over 2 ranks, a 4-layer stack: after a step the broadcasts are still in flight; the
+    forward waits for them layer by layer and ends with the same weights on both ranks as the
+    synchronous broadcast gives."""
+    parallel = init_parallel(ParallelConfig(zero1=2))
+
+    def build(overlap: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(4)])
+        optimizer = ZeroOptimizer(
+            list(model.parameters()), AdamSettings(lr=0.1), DynamicLossScaler(enabled=False), 1.0,
+            zero_group=parallel.zero_group, zero_ranks=parallel.zero_ranks, zero_rank=parallel.zero_rank,
+        )
+        if overlap:
+            optimizer.overlap_param_sync([model])
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.5 + parallel.rank)  # both ranks step their own slice
+        optimizer.step(lr=0.1, beta2=0.95)
+        return model, optimizer
+
+    model, optimizer = build(True)
+    in_flight = optimizer.param_sync.busy
+    out = model(torch.ones(2, 16))
+    waited_in_forward = optimizer.param_sync.waited_in_forward
+    reference_model, _ = build(False)
+    expected = reference_model(torch.ones(2, 16))
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(2)]
+    dist.all_gather(gathered, flat)
+    parallel.close(barrier=True)
+    return {
+        "in_flight_after_step": in_flight, "waited_in_forward": waited_in_forward,
+        "same_output": torch.equal(out, expected), "ranks_agree": torch.equal(gathered[0], gathered[1]),
+    }
+
+
 PROGRAMS = {
+    "overlapped_param_sync": overlapped_param_sync,
     "overflow": lambda: overflow_on_rank_0_only(False),
     "overflow_dp": lambda: overflow_on_rank_0_only(True),
     "rank_1_dies": rank_1_dies,
