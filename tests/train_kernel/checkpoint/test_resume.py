@@ -125,3 +125,24 @@ def test_another_model_shape_names_the_weight(tmp_path, reference):
     text = text.replace("hidden_size=64", "hidden_size=32")
     with pytest.raises(CheckpointError, match="shape"):
         train(config_from_text(text))
+
+
+def test_auto_resume_falls_back_past_a_checkpoint_with_a_deleted_file(tmp_path, reference, capsys):
+    import shutil
+
+    save = tmp_path / "resumed" / "ckpt"
+    shutil.copytree(reference / "ckpt", save)
+    (save / "6" / "sampler.json").unlink()  # marker and manifest intact, one file gone
+    run_dir = _resumed(tmp_path, reference, "\nckpt['auto_resume'] = True\ndata['total_steps'] = 8\n")
+    out = capsys.readouterr().out
+    assert "ckpt/6: sampler.json is missing" in out and "falling back" in out
+    assert train_records(run_dir)[0]["step"] == 5  # the step-5 snapshot, newest intact
+
+
+def test_load_optimizer_false_resumes_weights_data_and_schedule_with_fresh_moments(tmp_path, reference):
+    extra = f"\nckpt['load_ckpt_folder'] = 'local:{reference}/ckpt/4'\nckpt['load_optimizer'] = False\n"
+    run_dir = _resumed(tmp_path, reference, extra)
+    got, want = train_records(run_dir), train_records(reference)
+    assert [r["step"] for r in got] == [4, 5]
+    assert got[0]["loss"] == want[4]["loss"]  # same weights and batch
+    assert got[1]["loss"] != want[5]["loss"]  # but Adam started over
