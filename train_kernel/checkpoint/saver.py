@@ -210,11 +210,28 @@ class CheckpointSaver:
         ]
         files.append({"name": layout.MANIFEST, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
         job_id = name
-        self.uploader.submit(job_id, name, target.uri, files, layout.marker_name(step))
+        try:
+            self.uploader.submit(job_id, name, target.uri, files, layout.marker_name(step))
+        except Exception as error:  # noqa: BLE001 - any failure to hand off: the checkpoint must still land
+            log.error(
+                "checkpoint %d: the uploader did not take the job (%s); uploading it from this process instead",
+                step, error,
+            )
+            self._upload_directly(folder, target, step, [f["name"] for f in files])
+            return
         self.pending.append(job_id)
         self._job_targets[job_id] = target.uri
         self.last_size = sum(f["size"] for f in files)
         log.info("checkpoint %d handed to the uploader as job %s (%s MB)", step, job_id, f"{self.last_size / 1e6:,.1f}")
+
+    def _upload_directly(self, folder: Path, target: Location, step: int, names: list[str]) -> None:
+        """The uploader's job, done here (off the training path, in the hand-off thread): files,
+        then the marker, then the spool copy goes."""
+        for name in names:
+            target.put_file(folder / name, name)
+        target.write_bytes(layout.marker_name(step), b"")
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("checkpoint %d written to %s without the uploader", step, target.uri)
 
     def _make_room(self, need: int) -> bool:
         """Waits for the oldest uploads until the spool has room for this checkpoint (`need`
