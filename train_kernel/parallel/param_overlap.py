@@ -13,7 +13,7 @@ weight (the head's weight is read by the fused loss outside any module's forward
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
