@@ -71,7 +71,7 @@ def main(verbose: bool) -> None:
 @click.option(
     "--checksum",
     type=click.Choice(["sha256", "crc32"]),
-    default="sha256",
+    default="crc32",
     show_default=True,
     help="S3 checksum sent with every part and read back (crc32: boto3's default, cheaper for the "
     "endpoint). Every file's sha256 is checked against the manifest either way.",

@@ -56,7 +56,7 @@ class Job:
 class TransferOptions:
     workers: int = 4  # files in flight per job; S3 parts in flight: 2 x workers
     part_size_bytes: int = DEFAULT_PART_SIZE_BYTES
-    checksum_algorithm: str = "SHA256"  # S3 per-part checksum, read back after the upload
+    checksum_algorithm: str = "CRC32"  # S3 per-part checksum, read back after the upload
     part_delay_s: float = 0.0  # tests only: slows every part down
 
 

@@ -126,7 +126,7 @@ class S3Store(Store):
         concurrency: int = 8,
         part_size_bytes: int = DEFAULT_PART_SIZE_BYTES,
         part_delay_s: float = 0.0,
-        checksum_algorithm: str = "SHA256",
+        checksum_algorithm: str = "CRC32",
     ) -> None:
         """``checksum_algorithm``: the S3 checksum sent with every part and read back after the
         upload (SHA256, or CRC32 as boto3 uses by default: cheaper for the endpoint to compute).

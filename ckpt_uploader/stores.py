@@ -3,7 +3,7 @@
 Keys are '/'-separated paths under the URI's root (its folder or its key prefix). Both stores
 check what they write: the bytes read are counted and hashed while they are sent, compared with
 the expected size and sha256 before the object becomes visible, and the stored size (and, on S3,
-the SHA256 checksum S3 keeps) is read back afterwards.
+the CRC32 (or SHA256) checksum S3 keeps) is read back afterwards.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def open_store(
     concurrency: int = 8,
     part_size_bytes: int = DEFAULT_PART_SIZE_BYTES,
     part_delay_s: float = 0.0,
-    checksum_algorithm: str = "SHA256",
+    checksum_algorithm: str = "CRC32",
 ) -> Store:
     """The store for a storage URI (see ckpt_uploader.uri for the forms). ``concurrency``: S3 parts
     in flight; ``checksum_algorithm``: S3 per-part checksum (SHA256 or CRC32); ``part_delay_s``
