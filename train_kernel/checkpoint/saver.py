@@ -119,12 +119,10 @@ class CheckpointSaver:
         world.barrier()  # no rank writes before the old marker is gone
         if target.local_path is not None and not asynchronous:
             mode, entries = "local", write_rank_files(target.local_path, run)
-        elif asynchronous and self._on_spool_host:
-            mode, entries = self._write_to_spool(run, step, checksum=not rank0) if room else ("store (spool full)", [])
-            if mode != "async":
-                entries = self._write_and_upload(run, target)
+        elif asynchronous and room:
+            mode, entries = self._write_async(run, target, step)
         else:
-            mode, entries = "store", self._write_and_upload(run, target)
+            mode, entries = "store (spool full)" if asynchronous else "store", self._write_and_upload(run, target)
         everyone = world.gather_to_all((mode, [e.__dict__ for e in entries]))
         if rank0:
             all_entries = [FileEntry(**e) for _, part in everyone for e in part]
@@ -161,13 +159,21 @@ class CheckpointSaver:
     def _job_folder(self, step: int) -> str:
         return self._job_names.setdefault(step, f"step{step}-{uuid.uuid4().hex[:8]}")
 
-    def _write_to_spool(self, run: RunState, step: int, checksum: bool) -> tuple[str, list[FileEntry]]:
+    def _write_async(self, run: RunState, target: Location, step: int) -> tuple[str, list[FileEntry]]:
+        """Ranks on rank 0's host write into the spool (rank 0 checksums later, off the training
+        path); ranks elsewhere upload their own files now. Every rank takes part in the two
+        collectives, wherever it writes."""
+        rank0 = run.parallel.rank == 0
         # NOTE: every rank must use the same job folder: rank 0 names it, the others learn it.
-        name = world.broadcast_from_zero(self._job_folder(step) if run.parallel.rank == 0 else None)
+        name = world.broadcast_from_zero(self._job_folder(step) if rank0 else None)
+        if not self._on_spool_host:
+            entries = self._write_and_upload(run, target)
+            world.any_rank(False)
+            return "store", entries
         folder = self.spool / name
         failed = False
         try:
-            entries = write_rank_files(folder, run, checksum=checksum)
+            entries = write_rank_files(folder, run, checksum=not rank0)
         except OSError as error:
             if error.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -175,7 +181,8 @@ class CheckpointSaver:
             failed, entries = True, []
         if world.any_rank(failed):  # one rank out of room: all of them take the synchronous path
             shutil.rmtree(folder, ignore_errors=True)
-            return "store (spool full)", []
+            self._job_names.pop(step, None)
+            return "store (spool full)", self._write_and_upload(run, target)
         return "async", entries
 
     def _join_handoff(self) -> None:

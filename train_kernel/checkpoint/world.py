@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
@@ -43,7 +44,9 @@ def any_rank(flag: bool) -> bool:
 
 
 def host_name() -> str:
-    return socket.gethostname()
+    """The node this rank runs on: Slurm's node name when under Slurm, else the host name. Ranks on
+    another node than rank 0 cannot write into its spool (async saves: saver.py)."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def same_host_as_rank_zero() -> bool:
