@@ -54,6 +54,7 @@ class CheckpointManager:
         if not (self.enabled and ckpt.async_upload):
             return CheckpointSaver(staging_root=staging)
         spool = Path(spool_dir).resolve()
+        self._spool = spool
         quota = int(uploader_cfg.spool_quota_gb * 1e9) if uploader_cfg.spool_quota_gb else None
         client = None
         if self.parallel.rank == 0:
@@ -76,6 +77,24 @@ class CheckpointManager:
         client = UploaderClient(address)
         client.ping()
         return client
+
+    def _revive_uploader(self) -> None:
+        """A private uploader that died (OOM killer, a stray signal) is started again on the same
+        spool and journal: it resumes every upload it had acknowledged."""
+        if self.private_uploader is None or self.private_uploader.process.poll() is None:
+            return
+        from ckpt_uploader.client import UploaderClient
+        from ckpt_uploader.embedded import start_private_uploader
+
+        log.warning(
+            "the private checkpoint uploader exited with %s: starting a new one on %s; it resumes the "
+            "unfinished uploads from its journal", self.private_uploader.process.returncode, self._spool,
+        )
+        self.saver.join_handoff()
+        self.saver.uploader.close()
+        self.private_uploader = start_private_uploader(self._spool)
+        self.saver.uploader = UploaderClient(self.private_uploader.address)
+        self.saver.uploader.ping()
 
     def check_storage(self) -> None:
         """Fails before the first step when the save folder cannot be written (unreachable store,
@@ -109,6 +128,7 @@ class CheckpointManager:
             target = self.snapshot_root.child(layout.SNAPSHOT_SLOTS[(step // self.snapshot_every) % 2])
         else:
             target = self.save_root.child(str(step))
+        self._revive_uploader()
         result = self.saver.save(run, target, step)
         self.last_saved_step = step
         if self.parallel.rank == 0:
@@ -122,6 +142,7 @@ class CheckpointManager:
         try:
             if self.parallel.rank == 0 and self.saver.pending:
                 log.info("waiting for %d checkpoint upload(s) to finish", len(self.saver.pending))
+            self._revive_uploader()
             self.saver.close(wait=True)
         finally:
             if self.private_uploader is not None:

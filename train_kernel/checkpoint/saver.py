@@ -74,7 +74,7 @@ class CheckpointSaver:
     def close(self, wait: bool = True, timeout_s: float = 3600.0) -> None:
         """Waits for the uploads still running (rank 0): the end of a run is not the end of its
         last checkpoint."""
-        self._join_handoff()
+        self.join_handoff()
         if self.uploader is None or not wait:
             return
         for job_id in list(self.pending):
@@ -83,7 +83,7 @@ class CheckpointSaver:
     def wait_all_uploads(self, timeout_s: float = 3600.0) -> None:
         """Waits for every job the uploader knows (rank 0), also those of an earlier trainer that a
         restarted uploader resumed from its journal: they may hold the newest checkpoint."""
-        self._join_handoff()
+        self.join_handoff()
         if self.uploader is None:
             return
         for job in self.uploader.status().get("jobs", []):
@@ -98,7 +98,7 @@ class CheckpointSaver:
     def save(self, run: RunState, target: Location, step: int) -> SaveResult:
         started = time.perf_counter()
         rank0 = run.parallel.rank == 0
-        self._join_handoff()  # the previous save's hand-off (long done, normally)
+        self.join_handoff()  # the previous save's hand-off (long done, normally)
         asynchronous = self.uploader is not None or (self.spool is not None and not rank0)
         if asynchronous and not self._hosts_checked:
             self._on_spool_host = world.same_host_as_rank_zero()
@@ -185,7 +185,7 @@ class CheckpointSaver:
             return "store (spool full)", self._write_and_upload(run, target)
         return "async", entries
 
-    def _join_handoff(self) -> None:
+    def join_handoff(self) -> None:
         if self._handoff is not None:
             self._handoff.join()
             self._handoff = None

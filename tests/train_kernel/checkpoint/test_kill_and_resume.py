@@ -97,3 +97,31 @@ def test_stop_file_saves_and_stops_or_saves_and_goes_on(tmp_path):
         raise AssertionError("a stop-file stop is a clean end, not a signal exit") from None
     assert [r["step"] for r in train_records(second)] == [0, 1, 2]
     assert (second / "ckpt" / "3" / "3.step").exists()
+
+
+def test_a_private_uploader_killed_mid_run_is_restarted_and_no_checkpoint_is_lost(tmp_path):
+    import psutil
+
+    run_dir = tmp_path / "run"
+    config_file = tmp_path / "run.py"
+    extra = (
+        f"\nckpt['async_upload'] = True\nckpt['async_upload_tmp_folder'] = {str(tmp_path / 'spool')!r}\n"
+        "ckpt['oss_snapshot_freq'] = 0\n"
+    )
+    config_file.write_text(config_text(run_dir, extra=extra, **SIZES))
+    process = _start(config_file, tmp_path)
+    _wait_for(run_dir / "ckpt" / "5" / "5.step", process)
+    uploaders = [
+        child for child in psutil.Process(process.pid).children()
+        if "ckpt_uploader" in " ".join(child.cmdline())
+    ]
+    assert len(uploaders) == 1
+    uploaders[0].kill()
+    assert process.wait(timeout=120) == 0
+    for step in range(5, STEPS + 1, 5):
+        folder = run_dir / "ckpt" / str(step)
+        assert (folder / f"{step}.step").exists(), step
+        manifest = (folder / "manifest.json").read_text()
+        assert '"step": %d' % step in manifest
+    log = "".join(p.read_text() for p in tmp_path.glob("out-*.log"))
+    assert "starting a new one" in log
