@@ -9,6 +9,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ckpt_uploader.stores import fsync_folder as fsync_dir  # one implementation for both services
+
 from .layout import FORMAT
 
 _CHUNK = 8 * 1024 * 1024
@@ -85,14 +87,6 @@ def verify_file(path: Path, entry: FileEntry, folder: str) -> None:
         raise CheckpointError(f"{folder}: {entry.name} has {size:,} bytes, the manifest says {entry.size:,}")
     if sha256_of(path) != entry.sha256:
         raise CheckpointError(f"{folder}: {entry.name} does not match its sha256 in the manifest (corrupt)")
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

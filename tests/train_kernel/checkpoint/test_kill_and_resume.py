@@ -122,6 +122,6 @@ def test_a_private_uploader_killed_mid_run_is_restarted_and_no_checkpoint_is_los
         folder = run_dir / "ckpt" / str(step)
         assert (folder / f"{step}.step").exists(), step
         manifest = (folder / "manifest.json").read_text()
-        assert '"step": %d' % step in manifest
+        assert f'"step": {step}' in manifest
     log = "".join(p.read_text() for p in tmp_path.glob("out-*.log"))
     assert "starting a new one" in log
