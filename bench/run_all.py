@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from bench import (
+    bench_ckpt_stall,
     bench_memory,
     bench_metrics,
     bench_overlap,
@@ -26,6 +27,7 @@ def main() -> None:
     bench_overlap.main()
     bench_metrics.main()
     bench_uploader.main()
+    bench_ckpt_stall.main()
 
 
 if __name__ == "__main__":
