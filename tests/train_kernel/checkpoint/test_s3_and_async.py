@@ -98,3 +98,26 @@ def test_missing_bucket_fails_before_the_first_step(tmp_path, s3_env):
     with pytest.raises(CheckpointError, match="no-such-bucket"):
         train(config_from_text(_s3_config(run_dir, "boto3:s3://no-such-bucket/x")))
     assert not (run_dir / "metrics.jsonl").exists() or train_records(run_dir) == []
+
+
+def test_async_save_through_a_standalone_uploader(tmp_path, reference):
+    from ckpt_uploader.embedded import start_private_uploader
+
+    spool = tmp_path / "uploader-spool"
+    spool.mkdir()
+    service = start_private_uploader(spool)  # the same `ckpt-uploader serve` a storage node runs
+    try:
+        extra = (
+            "\nckpt['async_upload'] = True\n"
+            f"uploader = dict(address={service.address!r}, spool={str(spool)!r})\n"
+        )
+        run_dir = tmp_path / "run"
+        train(config_from_text(config_text(run_dir, extra=extra)))
+        for step in (2, 4, 6):
+            assert (run_dir / "ckpt" / str(step) / f"{step}.step").exists()
+        jobs = service.client().status()["jobs"]
+        assert len(jobs) >= 3 and all(job["state"] == "done" for job in jobs)
+        assert service.process.poll() is None  # the trainer leaves a service it did not start running
+    finally:
+        service.stop(drain=False)
+    assert losses_by_step(run_dir) == losses_by_step(reference)
