@@ -230,17 +230,9 @@ class S3Store(Store):
             data = reader.read(self.part_size_bytes + 1)
         digest = hashlib.sha256(data)
         check_content(path, len(data), digest.hexdigest(), expected_size, expected_sha256)
-        checksum = b64_digest(_checksum(self.checksum_algorithm, data))
         if self.part_delay_s:
             time.sleep(self.part_delay_s)
-        self._with_retries(
-            f"uploading {path} to {full_key}",
-            self.client.put_object,
-            Bucket=self.bucket,
-            Key=full_key,
-            Body=data,
-            **{self._checksum_field: checksum},
-        )
+        checksum = self._put_object(full_key, data, f"uploading {path} to {full_key}")
         if on_progress:
             on_progress(len(data))
         return PutResult(len(data), digest.hexdigest()), checksum
@@ -345,15 +337,17 @@ class S3Store(Store):
 
     def put_bytes(self, key: str, data: bytes) -> None:
         full_key = self._key(key)
+        self._put_object(full_key, data, f"writing {full_key}")
+
+    def _put_object(self, full_key: str, data: bytes, what: str) -> str:
+        """One PUT with its checksum header (S3 rejects a body that does not match), retried;
+        returns that checksum (base64) for the read-back."""
         checksum = b64_digest(_checksum(self.checksum_algorithm, data))
         self._with_retries(
-            f"writing {full_key}",
-            self.client.put_object,
-            Bucket=self.bucket,
-            Key=full_key,
-            Body=data,
+            what, self.client.put_object, Bucket=self.bucket, Key=full_key, Body=data,
             **{self._checksum_field: checksum},
         )
+        return checksum
         self._verify_remote(full_key, len(data), checksum)
 
     # ---- reads and the rest ---------------------------------------------------------------
