@@ -153,5 +153,20 @@ def import_hf(hf_dir: Path, out_dir: Path) -> None:
     click.echo(f"imported {hf_dir} -> {out_dir}")
 
 
+@main.command("checkpoints")
+@click.argument("folder")
+@click.option("--verify", is_flag=True, help="Also check every file's sha256 against the manifest (reads it all).")
+def checkpoints(folder: str, verify: bool) -> None:
+    """List the checkpoints of a save folder (local:/path, boto3:s3://bucket/prefix or a path):
+    step, complete / incomplete / damaged, size, and the one auto_resume would take."""
+    inventory = _lazy("train_kernel.checkpoint.inventory", "inventory", "checkpoint listing")
+    from train_kernel.checkpoint.inventory import format_inventory
+
+    entries = _call(inventory, folder, verify)
+    click.echo(format_inventory(entries))
+    if any(entry.state == "damaged" for entry in entries):
+        raise SystemExit(1)
+
+
 if __name__ == "__main__":
     main()

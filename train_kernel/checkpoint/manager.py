@@ -5,6 +5,7 @@ load_ckpt_folder, load_ckpt_info, load_model_only_folder), falling back past a d
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -121,11 +122,19 @@ class CheckpointManager:
             return "snapshot"
         return None
 
+    def snapshot_index(self, step: int) -> int:
+        """How many snapshots were due up to `step`: multiples of oss_snapshot_freq, less those that
+        fell on checkpoint steps (no snapshot there). Consecutive snapshots then take the two slots
+        in turn, after a resume too (with freq 50 and checkpoints every 100, step // freq alone is
+        odd at every snapshot and would always pick the same slot)."""
+        both = math.lcm(self.snapshot_every, self.every)
+        return step // self.snapshot_every - step // both
+
     def save(self, run: RunState, step: int, kind: str = "checkpoint") -> SaveResult | None:
         if not self.enabled or self.save_root is None or self.last_saved_step == step:
             return None
         if kind == "snapshot" and self.snapshot_root is not None:
-            target = self.snapshot_root.child(layout.SNAPSHOT_SLOTS[(step // self.snapshot_every) % 2])
+            target = self.snapshot_root.child(layout.SNAPSHOT_SLOTS[self.snapshot_index(step) % 2])
         else:
             target = self.save_root.child(str(step))
         self._revive_uploader()
