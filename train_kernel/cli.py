@@ -6,13 +6,13 @@ import importlib
 import json
 import logging
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import click
 
 from pack_stage.reader import PackedDataError
-
 from train_kernel.config import ConfigError, TrainConfig, load_config
 from train_kernel.config.launcher import LAUNCHERS, launch_env
 
@@ -93,7 +93,7 @@ def main(verbose: bool) -> None:
 @click.option(
     "--port", type=click.IntRange(1, 65535), default=None, help="Master port [local: free port; slurm: 8888]."
 )
-def run(config_path: Path, overrides: tuple[str, ...], launcher: str, port: Optional[int]) -> None:
+def run(config_path: Path, overrides: tuple[str, ...], launcher: str, port: int | None) -> None:
     """Train with the config --config."""
     config = _load(config_path, overrides)
     env = _call(launch_env, launcher, port, os.environ)
@@ -112,7 +112,7 @@ def run(config_path: Path, overrides: tuple[str, ...], launcher: str, port: Opti
     help="Ranks of the job [default: tensor x pipeline x max(zero1, 1)].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def plan(config_path: Path, overrides: tuple[str, ...], world_size: Optional[int], as_json: bool) -> None:
+def plan(config_path: Path, overrides: tuple[str, ...], world_size: int | None, as_json: bool) -> None:
     """Parameters, parallel layout, ZeRO-1 partition, memory per rank and FLOPs per step of --config."""
     from train_kernel.plan import make_plan, render
 
