@@ -5,7 +5,9 @@
 1. attention: the packed attention paths on the device (flash-attn's varlen kernel when importable,
    the bucketed SDPA fallback) against a per-document reference, bf16;
 2. fp16: a short run with InternLM's dynamic loss scaler, counting skipped steps;
-3. MFU: `train-kernel`'s trainer on random tokens for the given InternLM size (default: the seed's
+3. checkpoints: a bf16 run saving asynchronously through the private uploader (device tensors to
+   the spool), resumed from its step-10 checkpoint: the resumed losses against the uninterrupted run;
+4. MFU: `train-kernel`'s trainer on random tokens for the given InternLM size (default: the seed's
    7B, activation checkpointing on), tflops from InternLM's formula over the device's bf16 matmul
    rate measured in the same run.
 Writes bench/out/gpu_check.json.
@@ -85,6 +87,27 @@ def train_records(text: str) -> list[dict]:
     return [r for r in rows if r["kind"] == "train"]
 
 
+def checkpoint_check(work: Path, small: dict) -> dict:
+    save = work / "ckpts"
+    ckpt = (
+        f"\nckpt = dict(enable_save_ckpt=True, save_ckpt_folder='local:{save}', checkpoint_every=10, "
+        f"async_upload=True, async_upload_tmp_folder='{work / 'spool'}')\n"
+    )
+    whole = train_records(CONFIG.format(dtype="torch.bfloat16", run_dir=str(work / "ckpt_whole"), **small) + ckpt)
+    resume = f"ckpt['load_ckpt_folder'] = 'local:{save}/10'\n"
+    resumed = train_records(
+        CONFIG.format(dtype="torch.bfloat16", run_dir=str(work / "ckpt_resumed"), **small) + ckpt + resume
+    )
+    want = {r["step"]: r["loss"] for r in whole}
+    diffs = [abs(r["loss"] - want[r["step"]]) / abs(want[r["step"]]) for r in resumed]
+    return {
+        "resumed_at": resumed[0]["step"],
+        "first_step_identical": resumed[0]["loss"] == want[resumed[0]["step"]],
+        "max_rel_loss_diff": max(diffs),
+        "complete_markers": sorted(int(p.parent.name) for p in save.glob("*/*.step")),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="a small shape, for trying the script on CPU")
@@ -109,6 +132,8 @@ def main() -> None:
         "loss_scale": fp16[-1]["loss_scale"],
         "loss_first_last": [fp16[0]["loss"], fp16[-1]["loss"]],
     }
+    result["checkpoint"] = checkpoint_check(work, small)
+    print("checkpoint:", result["checkpoint"], flush=True)
     rate = matmul_tflops(dev, 8192 if dev.type == "cuda" else 1024)
     shape = dict(seq_len=args.seq_len, micro_num=args.micro_num, steps=args.steps, layers=args.layers,
                  hidden=args.hidden, heads=args.heads, vocab=args.vocab, checkpoint=True)
