@@ -42,7 +42,11 @@ def device() -> torch.device:
 
 
 def attention_check(dev: torch.device) -> dict:
-    from train_kernel.model.attention import PackedSegments, flash_attention_available, varlen_causal_attention
+    from train_kernel.model.attention import (
+        PackedSegments,
+        flash_attention_available,
+        varlen_causal_attention,
+    )
 
     torch.manual_seed(0)
     lengths = [700, 300, 1048]
