@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 SIDECAR_LOG = "sidecar.log"
@@ -25,9 +26,25 @@ SIDECAR_LOG = "sidecar.log"
 class SidecarProcess:
     """A running sidecar."""
 
-    def __init__(self, process: subprocess.Popen, log_file: Path) -> None:
+    def __init__(self, process: subprocess.Popen, log_file: Path, args: list[str] | None = None) -> None:
         self.process = process
         self.log_file = log_file
+        self.args = args  # how to start it again
+        self.restarts = 0
+        self._last_restart = float("-inf")  # the first restart may come at once
+
+    def restart_if_exited(self, min_interval_s: float = 30.0) -> bool:
+        """Starts the sidecar again when it has exited on its own (a crash, the OOM killer): it
+        resumes exactly where MLflow's data ends. At most once per `min_interval_s`, so a sidecar
+        that cannot start is not retried every step. Returns True when it restarted it."""
+        if self.args is None or self.process.poll() is None:
+            return False
+        if time.monotonic() - self._last_restart < min_interval_s:
+            return False
+        self.process = _spawn(self.args, self.log_file)
+        self._last_restart = time.monotonic()
+        self.restarts += 1
+        return True
 
     @property
     def pid(self) -> int:
@@ -80,8 +97,11 @@ def start_sidecar(
     ]
     if experiment is not None:
         args += ["--experiment", experiment]
+    return SidecarProcess(_spawn(args, log_file), log_file, args)
+
+
+def _spawn(args: list[str], log_file: Path) -> subprocess.Popen:
     with open(log_file, "ab") as log:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )
-    return SidecarProcess(process, log_file)

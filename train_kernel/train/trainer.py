@@ -11,12 +11,12 @@ from dataclasses import dataclass
 import torch
 
 from metrics.emitter import MetricsEmitter
+from train_kernel.checkpoint.capture import RunState
+from train_kernel.checkpoint.manager import CheckpointManager
 from train_kernel.config import TrainConfig
 from train_kernel.data.batches import PackedRows, RandomRows, RowSource, to_micro_batches
 from train_kernel.data.sampler import BatchSampler, Rampup
 from train_kernel.flops import flops_per_step, tflops
-from train_kernel.checkpoint.capture import RunState
-from train_kernel.checkpoint.manager import CheckpointManager
 from train_kernel.model import build_model, count_parameters
 from train_kernel.optim.hybrid_adamw import AdamSettings
 from train_kernel.optim.loss_scaler import DynamicLossScaler
@@ -53,7 +53,7 @@ class StopRequest:
         self.signal: int | None = None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -220,6 +220,7 @@ def _train(config: TrainConfig, parallel: ParallelContext) -> None:
         loop = _Loop(config, model, optimizer, lr_schedule, beta2_schedule, sampler, train_rows, valid_rows, emitter, device, run_dir, parallel)
         loop.state = counters
         loop.checkpoints, loop.run_state = checkpoints, run
+        loop.sidecar = sidecar
         try:
             with StopRequest() as stop:
                 loop.run(stop)
@@ -227,6 +228,7 @@ def _train(config: TrainConfig, parallel: ParallelContext) -> None:
             emitter.close()
             if sidecar is not None:
                 log.info("metrics: waiting for the sidecar to forward the last records to MLflow")
+                sidecar.restart_if_exited(min_interval_s=0)  # one that died still gets to drain
                 code = sidecar.stop(timeout_s=120)
                 if code != 0:
                     log.warning("metrics sidecar exited with %s; see %s (rerun `metrics-sidecar run --once` "
@@ -245,7 +247,15 @@ def _start_metrics_sidecar(config: TrainConfig, run_dir):
         return None
     from metrics.supervisor import start_sidecar
 
-    sidecar = start_sidecar(run_dir, uri, config.metrics.experiment)
+    try:
+        sidecar = start_sidecar(run_dir, uri, config.metrics.experiment)
+    except (ModuleNotFoundError, OSError) as error:
+        # Monitoring must not stop a training run: every record is still in metrics.jsonl.
+        log.warning(
+            "metrics: no MLflow sidecar (%s); the records stay in %s, forward them later with "
+            "`metrics-sidecar run --run-dir %s --tracking-uri %s --once`", error, run_dir / "metrics.jsonl", run_dir, uri,
+        )
+        return None
     log.info("metrics: sidecar pid %d forwards %s to MLflow at %s", sidecar.pid, run_dir / "metrics.jsonl", uri)
     return sidecar
 
@@ -274,6 +284,7 @@ class _Loop:
         self.links: StageLinks | None = None  # this pipeline stage's neighbours (1F1B)
         self.ring: ChunkRing | None = None  # this stage's place among the pieces (interleaved)
         self.checkpoints: CheckpointManager | None = None
+        self.sidecar = None  # rank 0's metrics sidecar, kept running
         self.run_state: RunState | None = None
         self.stop_file = StopFile(config.ckpt.stop_file_path if parallel.rank == 0 else None)
         self.save_requested = False  # the stop file asked for a checkpoint after this step
@@ -389,6 +400,8 @@ class _Loop:
         record["data_wait_s"] = round(data_ready - started, 6)
         log.info(format_log_line(record))
         self.emitter.emit("train", record)
+        if self.sidecar is not None and self.sidecar.restart_if_exited():
+            log.warning("metrics: the sidecar had exited (see %s); started it again", self.sidecar.log_file)
         self.losses.append(loss)
         state.batch_count += 1
 
