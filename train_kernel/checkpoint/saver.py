@@ -63,7 +63,6 @@ class CheckpointSaver:
         self.spool = spool
         self.spool_quota_bytes = spool_quota_bytes
         self.pending: list[str] = []  # submitted upload jobs not yet known to be done (rank 0)
-        self.last_size = 0  # bytes of the previous checkpoint in the spool, the room the next needs
         self._on_spool_host = True
         self._hosts_checked = False
         self._job_names: dict[int, str] = {}
@@ -228,8 +227,8 @@ class CheckpointSaver:
             return
         self.pending.append(job_id)
         self._job_targets[job_id] = target.uri
-        self.last_size = sum(f["size"] for f in files)
-        log.info("checkpoint %d handed to the uploader as job %s (%s MB)", step, job_id, f"{self.last_size / 1e6:,.1f}")
+        size_mb = sum(f["size"] for f in files) / 1e6
+        log.info("checkpoint %d handed to the uploader as job %s (%s MB)", step, job_id, f"{size_mb:,.1f}")
 
     def _upload_directly(self, folder: Path, target: Location, step: int, names: list[str]) -> None:
         """The uploader's job, done here (off the training path, in the hand-off thread): files,
