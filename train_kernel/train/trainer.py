@@ -313,7 +313,7 @@ class _Loop:
                 kind = "checkpoint"  # a stop (signal or stop file) or the stop file's save: keep this step
             if kind and self.checkpoints is not None:
                 saved = self.checkpoints.save(self.run_state, done, kind)
-                if saved is None and (self.stopping or self.save_requested) and self.parallel.rank == 0:
+                if saved is None and not self.checkpoints.enabled and (self.stopping or self.save_requested) and self.parallel.rank == 0:
                     log.warning("step %d: checkpoint requested but enable_save_ckpt is off; nothing saved", done)
         self._summarise()
 
