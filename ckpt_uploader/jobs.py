@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from ckpt_uploader.stores import DEFAULT_PART_SIZE_BYTES, Store, StoreError, ope
 from ckpt_uploader.uri import StorageURIError, parse_storage_uri
 
 log = logging.getLogger(__name__)
+_STEP_MARKER = re.compile(r"\d+\.step")
 
 
 class JobFailed(RuntimeError):
@@ -159,9 +161,11 @@ class JobRunner:
                     aborted,
                 )
             # NOTE: a destination folder reused for a new step (snapshot/0, snapshot/1) still holds
-            # the old step's marker; it must go before any file is overwritten.
+            # the old step's marker (`<step>.step`); it must go before any file is overwritten.
+            # Other `*.step` files are left alone: on a multi-node save each node's job writes its
+            # own part marker into the same folder, and another node's must survive this job.
             for key in store.list_keys():
-                if "/" not in key and key.endswith(".step"):
+                if "/" not in key and _STEP_MARKER.fullmatch(key):
                     log.info("job %s: removing stale marker %s from %s", spec.job_id, key, store.describe())
                     store.delete(key)
             self._upload_files(job, folder, store)

@@ -45,6 +45,12 @@ def marker_name(step: int) -> str:
     return f"{step}.step"
 
 
+def part_marker_name(node: int, step: int) -> str:
+    """What a node's upload job writes last on a multi-node async save (its files, verified); the
+    checkpoint is complete only with `marker_name(step)`, written after every node's part."""
+    return f"node{node}-{step}.part.step"
+
+
 def marker_step(name: str) -> int | None:
     """`120.step` -> 120; anything else -> None."""
     match = _MARKER.match(name)

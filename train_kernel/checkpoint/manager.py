@@ -57,10 +57,16 @@ class CheckpointManager:
         spool = Path(spool_dir).resolve()
         self._spool = spool
         quota = int(uploader_cfg.spool_quota_gb * 1e9) if uploader_cfg.spool_quota_gb else None
-        client = None
-        if self.parallel.rank == 0:
-            client = self._connect_uploader(spool)
-        return CheckpointSaver(staging_root=spool / ".staging", uploader=client, spool=spool, spool_quota_bytes=quota)
+        # Each node has its own spool (/dev/shm) and its own uploader, held by its first rank.
+        hosts = world.gather_to_all(world.host_name())
+        names = list(dict.fromkeys(hosts))
+        host = hosts[self.parallel.rank]
+        node, nodes = names.index(host), len(names)
+        self._journal = spool / f".ckpt-uploader-journal-{host}.jsonl" if nodes > 1 else None
+        client = self._connect_uploader(spool) if hosts.index(host) == self.parallel.rank else None
+        return CheckpointSaver(
+            staging_root=spool / ".staging", uploader=client, spool=spool, spool_quota_bytes=quota, node=node, nodes=nodes
+        )
 
     def _connect_uploader(self, spool: Path):
         from ckpt_uploader.client import UploaderClient
@@ -70,7 +76,7 @@ class CheckpointManager:
             from ckpt_uploader.embedded import start_private_uploader
 
             spool.mkdir(parents=True, exist_ok=True)
-            self.private_uploader = start_private_uploader(spool)
+            self.private_uploader = start_private_uploader(spool, journal=self._journal)
             address = self.private_uploader.address
             log.info("started a private checkpoint uploader at %s (spool %s)", address, spool)
         if "://" not in address:
@@ -93,7 +99,7 @@ class CheckpointManager:
         )
         self.saver.join_handoff()
         self.saver.uploader.close()
-        self.private_uploader = start_private_uploader(self._spool)
+        self.private_uploader = start_private_uploader(self._spool, journal=self._journal)
         self.saver.uploader = UploaderClient(self.private_uploader.address)
         self.saver.uploader.ping()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import shutil
 import tempfile
@@ -47,7 +48,7 @@ def invalidate(target: Location) -> None:
     """Before a folder is (re)written: its old markers and manifest go first, so the folder reads
     as incomplete from now until the new marker."""
     for name in target.files():
-        if layout.marker_step(name) is not None or name == layout.MANIFEST:
+        if name.endswith(".step") or name == layout.MANIFEST:  # step and part markers, the manifest
             target.delete(name)
 
 
@@ -57,14 +58,13 @@ def _manifest(run: RunState, step: int, entries: list[FileEntry]) -> Manifest:
 
 class CheckpointSaver:
     def __init__(self, staging_root: Path | None = None, uploader=None, spool: Path | None = None,
-                 spool_quota_bytes: int | None = None) -> None:
+                 spool_quota_bytes: int | None = None, node: int = 0, nodes: int = 1) -> None:
         self.staging_root = staging_root
-        self.uploader = uploader  # a ckpt_uploader client when saving asynchronously
-        self.spool = spool
+        self.uploader = uploader  # a ckpt_uploader client: on the first rank of each node, async only
+        self.spool = spool  # this node's spool (every rank, async only)
         self.spool_quota_bytes = spool_quota_bytes
-        self.pending: list[str] = []  # submitted upload jobs not yet known to be done (rank 0)
-        self._on_spool_host = True
-        self._hosts_checked = False
+        self.node, self.nodes = node, nodes  # this rank's node among the job's nodes
+        self.pending: list[str] = []  # submitted upload jobs not yet known to be done (node leaders)
         self._job_names: dict[int, str] = {}
         self._job_targets: dict[str, str] = {}  # pending job -> the folder it writes
         self._handoff: threading.Thread | None = None  # checksums, manifest and submit of the last save
@@ -98,13 +98,10 @@ class CheckpointSaver:
         started = time.perf_counter()
         rank0 = run.parallel.rank == 0
         self.join_handoff()  # the previous save's hand-off (long done, normally)
-        asynchronous = self.uploader is not None or (self.spool is not None and not rank0)
-        if asynchronous and not self._hosts_checked:
-            self._on_spool_host = world.same_host_as_rank_zero()
-            self._hosts_checked = True
+        asynchronous = self.spool is not None
         room = True
-        if asynchronous:
-            need = sum(world.gather_to_all(estimate_rank_bytes(run) if self._on_spool_host else 0))
+        if asynchronous:  # the room rank 0's node needs; the other nodes are alike
+            need = sum(world.gather_to_all(estimate_rank_bytes(run) if self.node == 0 else 0))
         if rank0:
             # A snapshot slot is rewritten every other snapshot: its previous upload must be over
             # before the old marker goes, or the two would interleave in the same folder.
@@ -122,18 +119,18 @@ class CheckpointSaver:
             mode, entries = self._write_async(run, target, step)
         else:
             mode, entries = "store (spool full)" if asynchronous else "store", self._write_and_upload(run, target)
-        everyone = world.gather_to_all((mode, [e.__dict__ for e in entries]))
-        if rank0:
-            all_entries = [FileEntry(**e) for _, part in everyone for e in part]
-            manifest = _manifest(run, step, all_entries)
-            if mode == "async":
-                self._handoff = threading.Thread(
-                    target=self._run_handoff, args=(target, step, manifest), name=f"ckpt-handoff-{step}", daemon=True
-                )
-                self._handoff.start()
-            else:
-                target.write_bytes(layout.MANIFEST, manifest.to_bytes())
-                target.write_bytes(layout.marker_name(step), b"")
+        everyone = world.gather_to_all((mode, self.node, [e.__dict__ for e in entries]))
+        if mode == "async" and self.uploader is not None:  # the first rank of each node
+            mine = [FileEntry(**e) for _, node, part in everyone if node == self.node for e in part]
+            template = _manifest(run, step, [])
+            self._handoff = threading.Thread(
+                target=self._run_handoff, args=(target, step, mine, template), name=f"ckpt-handoff-{step}", daemon=True
+            )
+            self._handoff.start()
+        elif rank0 and mode != "async":
+            manifest = _manifest(run, step, [FileEntry(**e) for _, _, part in everyone for e in part])
+            target.write_bytes(layout.MANIFEST, manifest.to_bytes())
+            target.write_bytes(layout.marker_name(step), b"")
         stall = time.perf_counter() - started
         return SaveResult(target.uri, step, stall, sum(e.size for e in entries), mode)
 
@@ -158,21 +155,20 @@ class CheckpointSaver:
     def _job_folder(self, step: int) -> str:
         return self._job_names.setdefault(step, f"step{step}-{uuid.uuid4().hex[:8]}")
 
+    def _job_folder_on_node(self, base: str) -> str:
+        return base if self.nodes == 1 else f"{base}-n{self.node}"
+
     def _write_async(self, run: RunState, target: Location, step: int) -> tuple[str, list[FileEntry]]:
-        """Ranks on rank 0's host write into the spool (rank 0 checksums later, off the training
-        path); ranks elsewhere upload their own files now. Every rank takes part in the two
-        collectives, wherever it writes."""
+        """Every rank serialises into its node's spool, without checksums (the node's first rank
+        takes them later, off the training path). Every rank takes part in both collectives."""
         rank0 = run.parallel.rank == 0
-        # NOTE: every rank must use the same job folder: rank 0 names it, the others learn it.
-        name = world.broadcast_from_zero(self._job_folder(step) if rank0 else None)
-        if not self._on_spool_host:
-            entries = self._write_and_upload(run, target)
-            world.any_rank(False)
-            return "store", entries
-        folder = self.spool / name
+        # NOTE: every rank must use the same job name: rank 0 chooses it, the others learn it.
+        base = world.broadcast_from_zero(self._job_folder(step) if rank0 else None)
+        self._job_names[step] = self._job_folder_on_node(base)
+        folder = self.spool / self._job_names[step]
         failed = False
         try:
-            entries = write_rank_files(folder, run, checksum=not rank0)
+            entries = write_rank_files(folder, run, checksum=False)
         except OSError as error:
             if error.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -192,52 +188,71 @@ class CheckpointSaver:
             error, self._handoff_error = self._handoff_error, None
             raise RuntimeError(f"handing the last checkpoint to the uploader failed: {error}") from error
 
-    def _run_handoff(self, target: Location, step: int, manifest: Manifest) -> None:
-        """Off the training path: checksums of the files rank 0's host wrote without them, the
-        manifest, then the job to the uploader."""
+    def _run_handoff(self, target: Location, step: int, mine: list[FileEntry], template: Manifest) -> None:
+        """Off the training path, on the first rank of each node: the checksums of the node's files,
+        then its job. Other nodes' jobs end with a part marker listing their files; rank 0's node
+        waits for those, writes the manifest of every file and submits the job whose marker makes
+        the checkpoint complete."""
         try:
             folder = self.spool / self._job_names[step]
-            files = tuple(
-                FileEntry(e.name, e.size, e.sha256 or sha256_of(folder / e.name)) for e in manifest.files
-            )
-            self._submit(target, step, Manifest(manifest.step, files, manifest.layout, manifest.created))
+            files = [FileEntry(e.name, e.size, e.sha256 or sha256_of(folder / e.name)) for e in mine]
+            if self.node != 0:
+                self._submit(target, step, files, None)
+                return
+            for node in range(1, self.nodes):
+                files += self._node_files(target, step, node)
+            self._submit(target, step, files, Manifest(step, tuple(files), template.layout, template.created))
         except BaseException as error:  # noqa: BLE001 - reported at the next save or at close
             log.error("checkpoint %d: hand-off to the uploader failed: %s", step, error)
             self._handoff_error = error
 
-    def _submit(self, target: Location, step: int, manifest: Manifest) -> None:
+    @staticmethod
+    def _node_files(target: Location, step: int, node: int, timeout_s: float = 3600.0) -> list[FileEntry]:
+        """The files another node uploaded, from its part marker (the uploader writes the job spec
+        there after verifying every file)."""
+        marker = layout.part_marker_name(node, step)
+        deadline = time.monotonic() + timeout_s
+        while not target.exists(marker):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node {node} did not finish uploading its part of checkpoint {step} to {target.uri}")
+            time.sleep(0.2)
+        spec = json.loads(target.read_bytes(marker))
+        return [FileEntry(f["name"], int(f["size"]), f["sha256"]) for f in spec["files"]]
+
+    def _submit(self, target: Location, step: int, files: list[FileEntry], manifest: Manifest | None) -> None:
         name = self._job_names.pop(step)
         folder = self.spool / name
-        data = manifest.to_bytes()
-        (folder / layout.MANIFEST).write_bytes(data)
         in_spool = {p.name for p in folder.iterdir()}
-        files = [
-            {"name": e.name, "size": e.size, "sha256": e.sha256} for e in manifest.files if e.name in in_spool
-        ]
-        files.append({"name": layout.MANIFEST, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        jobs = [{"name": e.name, "size": e.size, "sha256": e.sha256} for e in files if e.name in in_spool]
+        marker = layout.part_marker_name(self.node, step)
+        if manifest is not None:
+            data = manifest.to_bytes()
+            (folder / layout.MANIFEST).write_bytes(data)
+            jobs.append({"name": layout.MANIFEST, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+            marker = layout.marker_name(step)
         job_id = name
         try:
-            self.uploader.submit(job_id, name, target.uri, files, layout.marker_name(step))
+            self.uploader.submit(job_id, name, target.uri, jobs, marker)
         except Exception as error:  # noqa: BLE001 - any failure to hand off: the checkpoint must still land
             log.error(
                 "checkpoint %d: the uploader did not take the job (%s); uploading it from this process instead",
                 step, error,
             )
-            self._upload_directly(folder, target, step, [f["name"] for f in files])
+            self._upload_directly(folder, target, marker, jobs)
             return
         self.pending.append(job_id)
         self._job_targets[job_id] = target.uri
-        size_mb = sum(f["size"] for f in files) / 1e6
+        size_mb = sum(f["size"] for f in jobs) / 1e6
         log.info("checkpoint %d handed to the uploader as job %s (%s MB)", step, job_id, f"{size_mb:,.1f}")
 
-    def _upload_directly(self, folder: Path, target: Location, step: int, names: list[str]) -> None:
+    def _upload_directly(self, folder: Path, target: Location, marker: str, jobs: list[dict]) -> None:
         """The uploader's job, done here (off the training path, in the hand-off thread): files,
-        then the marker, then the spool copy goes."""
-        for name in names:
-            target.put_file(folder / name, name)
-        target.write_bytes(layout.marker_name(step), b"")
+        then the marker (listing them, as the uploader's does), then the spool copy goes."""
+        for job in jobs:
+            target.put_file(folder / job["name"], job["name"])
+        target.write_bytes(marker, json.dumps({"files": jobs}).encode())
         shutil.rmtree(folder, ignore_errors=True)
-        log.info("checkpoint %d written to %s without the uploader", step, target.uri)
+        log.info("%s written to %s without the uploader", marker, target.uri)
 
     def _make_room(self, need: int) -> bool:
         """Waits for the oldest uploads until the spool has room for this checkpoint (`need`

@@ -6,7 +6,6 @@ import os
 import socket
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 
@@ -47,12 +46,3 @@ def host_name() -> str:
     """The node this rank runs on: Slurm's node name when under Slurm, else the host name. Ranks on
     another node than rank 0 cannot write into its spool (async saves: saver.py)."""
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-
-
-def same_host_as_rank_zero() -> bool:
-    hosts = gather_to_all(host_name())
-    return hosts[dist.get_rank() if _active() else 0] == hosts[0]
-
-
-def fp_tensor(values: list[float]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float64)

@@ -1,7 +1,8 @@
-"""Async checkpoints of a two-rank job (data 2, ZeRO over both): both ranks write into rank 0's
-spool and rank 0 hands one job to its private uploader; when rank 1 runs on another node
-(SLURMD_NODENAME differs) it uploads its own files itself and the job carries the rest. Either way
-the checkpoint is complete, marker last, and resumes to the same losses."""
+"""Async checkpoints of a two-rank job (data 2, ZeRO over both): on one node both ranks write into
+the spool and rank 0 hands one job to its private uploader; on two nodes (SLURMD_NODENAME differs)
+each node's first rank runs its own uploader, the second node's job ends with a part marker listing
+its files, and rank 0's job (manifest of every file, then the step marker) goes last. Either way
+no rank waits for an upload, the checkpoint is complete, and it resumes to the same losses."""
 
 from __future__ import annotations
 
@@ -47,8 +48,17 @@ def test_async_checkpoint_of_two_ranks_is_complete_and_resumes(tmp_path, nodes):
     text = config_text(run_dir, micro_num=2, total_steps=STEPS, checkpoint_every=2, extra=extra)
     config_file = tmp_path / "two.py"
     config_file.write_text(text.replace("parallel = dict(zero1=1)", "parallel = dict(zero1=2)"))
-    for result in _run_two_ranks(config_file, nodes):
+    results = _run_two_ranks(config_file, nodes)
+    for result in results:
         assert result.returncode == 0, result.output[-3000:]
+    # Both ranks saved asynchronously (nobody uploaded in the training loop)...
+    assert "(async): training waited" in results[0].output
+    # ...and on two nodes each node's first rank ran an uploader of its own (one journal each).
+    journals = sorted(p.name for p in (tmp_path / "spool").glob(".ckpt-uploader-journal*"))
+    if len(set(nodes)) == 2:
+        assert journals == [".ckpt-uploader-journal-node-a.jsonl", ".ckpt-uploader-journal-node-b.jsonl"]
+    else:
+        assert journals == [".ckpt-uploader-journal.jsonl"]
     folder = run_dir / "ckpt" / "2"
     manifest = json.loads((folder / "manifest.json").read_text())
     names = {entry["name"] for entry in manifest["files"]}
@@ -56,6 +66,8 @@ def test_async_checkpoint_of_two_ranks_is_complete_and_resumes(tmp_path, nodes):
     for entry in manifest["files"]:
         assert (folder / entry["name"]).stat().st_size == entry["size"], entry["name"]
     assert (folder / "2.step").exists()
+    parts = sorted(p.name for p in folder.glob("*.part.step"))
+    assert parts == ([] if len(set(nodes)) == 1 else ["node1-2.part.step"])
     # One process resumes the two-rank checkpoint (micro_num doubled: the same global batch).
     resumed = tmp_path / "resumed"
     train(config_from_text(config_text(resumed, micro_num=4, total_steps=STEPS, extra=f"\nckpt['load_ckpt_folder'] = 'local:{folder}'\n")))
