@@ -154,7 +154,7 @@ class JobRunner:
         )
         try:
             store.check_access()
-            if job.resumed and (aborted := store.abort_incomplete_uploads()):
+            if job.resumed and (aborted := store.abort_incomplete_uploads(f.name for f in spec.files)):
                 log.info(
                     "job %s: aborted %d multipart upload(s) left by the previous uploader",
                     spec.job_id,

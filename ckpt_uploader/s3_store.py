@@ -10,6 +10,7 @@ import random
 import threading
 import time
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import boto3
@@ -401,15 +402,20 @@ class S3Store(Store):
             f"deleting {full_key}", self.client.delete_object, Bucket=self.bucket, Key=full_key
         )
 
-    def abort_incomplete_uploads(self) -> int:
-        """Aborts the multipart uploads left under the root by a killed uploader; returns how many."""
+    def abort_incomplete_uploads(self, keys: Iterable[str] | None = None) -> int:
+        """Aborts the multipart uploads left under the root by a killed uploader, only those of
+        `keys` when given (another uploader, e.g. another node's on a multi-node save, may be
+        uploading other files into the same folder right now); returns how many."""
         prefix = f"{self.root}/" if self.root else ""
+        only = None if keys is None else {self._key(key) for key in keys}
         aborted = 0
         try:
             for page in self.client.get_paginator("list_multipart_uploads").paginate(
                 Bucket=self.bucket, Prefix=prefix
             ):
                 for upload in page.get("Uploads", []):
+                    if only is not None and upload["Key"] not in only:
+                        continue
                     self.client.abort_multipart_upload(
                         Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
                     )

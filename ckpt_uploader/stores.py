@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,8 +90,9 @@ class Store(ABC):
     @abstractmethod
     def describe(self) -> str: ...
 
-    def abort_incomplete_uploads(self) -> int:
-        """Cleans up what a killed uploader left half-sent (S3 multipart uploads); returns how many."""
+    def abort_incomplete_uploads(self, keys: Iterable[str] | None = None) -> int:
+        """Cleans up what a killed uploader left half-sent (S3 multipart uploads), of `keys` only
+        when given; returns how many."""
         return 0
 
     def close(self) -> None:

@@ -114,3 +114,17 @@ def test_check_access_reports_bad_credentials(s3_server_with_auth, monkeypatch):
         open_store(f"boto3:s3://ckpts.127.0.0.1:{port}/x").check_access()
     assert "wrong" not in str(error.value) and "AKIAWRONG" not in str(error.value)  # never echoed
     assert time.monotonic() - started < 5
+
+
+def test_cleanup_after_a_crash_aborts_only_its_own_files_uploads(s3_store_env):
+    # On a multi-node save two uploaders write into one folder: a restarted one must not abort the
+    # other's multipart upload that is still running.
+    bucket = s3_store_env.make_bucket("shared-folder")
+    client = s3_store_env.client()
+    for name in ("mine.pt", "theirs.pt"):
+        client.create_multipart_upload(Bucket=bucket, Key=f"run/5/{name}")
+    store = open_store(f"boto3:s3://{bucket}/run/5")
+    assert store.abort_incomplete_uploads(["mine.pt"]) == 1
+    left = [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+    assert left == ["run/5/theirs.pt"]
+    assert store.abort_incomplete_uploads() == 1  # no keys: everything under the folder
