@@ -6,7 +6,6 @@ later by a background thread (async saves: see saver.py), off the training path.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,8 +15,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from train_kernel.model.state_files import atomic_write
+
 from . import layout
-from .manifest import FileEntry, fsync_dir, sha256_of
+from .manifest import FileEntry, sha256_of
 from .model_state import model_state
 from .rng import capture_rng
 
@@ -46,11 +47,7 @@ def layout_of(parallel: Any, config: Any) -> dict:
 
 def _write(folder: Path, name: str, write: Callable[[Path], None], checksum: bool) -> FileEntry:
     path = folder / name
-    tmp = folder / f".{name}.tmp-{os.getpid()}"
-    write(tmp)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, write)
     return FileEntry(name, path.stat().st_size, sha256_of(path) if checksum else "")
 
 
@@ -103,7 +100,6 @@ def write_rank_files(folder: Path, run: RunState, checksum: bool = True) -> list
         }
         add(layout.CONTEXT, _json_writer(context))
         add(layout.CONFIG, _bytes_writer(config.source_text.encode()))
-    fsync_dir(folder)
     return entries
 
 

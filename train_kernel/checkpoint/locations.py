@@ -9,7 +9,9 @@ import shutil
 from pathlib import Path
 from typing import Protocol
 
-from .manifest import atomic_write_bytes, fsync_dir
+from train_kernel.model.state_files import atomic_write
+
+from .manifest import atomic_write_bytes
 
 
 class Location(Protocol):
@@ -77,12 +79,7 @@ class LocalLocation:
         target = self.root / name
         if local.resolve() == target.resolve():
             return
-        tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
-        shutil.copyfile(local, tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-        fsync_dir(self.root)
+        atomic_write(target, lambda tmp: shutil.copyfile(local, tmp))
 
     def delete(self, name: str) -> None:
         (self.root / name).unlink(missing_ok=True)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ckpt_uploader.stores import fsync_folder as fsync_dir  # one implementation for both services
+from train_kernel.model.state_files import atomic_write
 
 from .layout import FORMAT
 
@@ -90,11 +89,4 @@ def verify_file(path: Path, entry: FileEntry, folder: str) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file, fsync, rename, fsync the folder: the file is whole or absent, even after a crash."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))

@@ -4,13 +4,13 @@
   the marker;
 - an object store, synchronously: ranks write into a local staging folder and upload their own
   files, rank 0 uploads the manifest, then the marker;
-- an object store or folder through the uploader (async_upload): ranks write into the spool
-  (/dev/shm by default), rank 0 writes the manifest there and submits one job; training resumes
-  as soon as the files are in memory. The uploader writes the marker after verifying the upload.
+- an object store or folder through the uploader (async_upload): ranks write into their node's
+  spool (/dev/shm by default) and training resumes at once; a background thread of each node's
+  first rank checksums the node's files and submits its job. Other nodes' jobs end with a part
+  marker listing their files; rank 0's waits for those, then carries the manifest, and the
+  uploader writes the step marker after verifying the upload.
 
 In every case the marker is the last thing written, so a reader never trusts a partial folder.
-A rank on another host than rank 0 cannot reach rank 0's spool: it uploads its own files
-synchronously and the job carries the rest.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ class CheckpointSaver:
         self._handoff_error: BaseException | None = None
 
     def close(self, wait: bool = True, timeout_s: float = 3600.0) -> None:
-        """Waits for the uploads still running (rank 0): the end of a run is not the end of its
-        last checkpoint."""
+        """Waits for this node's uploads still running (its first rank): the end of a run is not
+        the end of its last checkpoint."""
         self.join_handoff()
         if self.uploader is None or not wait:
             return
@@ -80,7 +80,7 @@ class CheckpointSaver:
             self._wait_job(job_id, timeout_s)
 
     def wait_all_uploads(self, timeout_s: float = 3600.0) -> None:
-        """Waits for every job the uploader knows (rank 0), also those of an earlier trainer that a
+        """Waits for every job this node's uploader knows, also those of an earlier trainer that a
         restarted uploader resumed from its journal: they may hold the newest checkpoint."""
         self.join_handoff()
         if self.uploader is None:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ckpt_uploader.stores import fsync_folder
 
 from .config import ModelConfig
 
@@ -42,10 +45,10 @@ def write_model_state(
     # safetensors refuses shared or strided storage; detach to plain contiguous CPU copies.
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
     path = folder / stage_file_name(pipeline_stage)
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     if pipeline_stage == 0:
         text = json.dumps(config.to_json(), indent=2, sort_keys=True)
-        _atomic_write(folder / CONFIG_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        atomic_write(folder / CONFIG_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
 
 
@@ -93,7 +96,12 @@ def _check_keys(config: ModelConfig, state: dict[str, torch.Tensor], folder: Pat
             )
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` to a temporary name beside `path`, fsync, rename, fsync the folder: the file is
+    whole or absent under its name, even after a crash (checkpoint files use this too)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(tmp)
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
+    fsync_folder(path.parent)

@@ -217,10 +217,10 @@ def _train(config: TrainConfig, parallel: ParallelContext) -> None:
         tags = {"job_name": config.job_name, "world_size": parallel.world_size, "parallel": parallel.layout.describe()}
         emitter.emit("params", {"params": config.to_json(), "tags": tags, "step": counters.batch_count})
         sidecar = _start_metrics_sidecar(config, run_dir) if parallel.is_logging_rank else None
-        loop = _Loop(config, model, optimizer, lr_schedule, beta2_schedule, sampler, train_rows, valid_rows, emitter, device, run_dir, parallel)
-        loop.state = counters
-        loop.checkpoints, loop.run_state = checkpoints, run
-        loop.sidecar = sidecar
+        loop = _Loop(
+            config, model, optimizer, lr_schedule, beta2_schedule, sampler, train_rows, valid_rows, emitter, device,
+            run_dir, parallel, run, checkpoints, sidecar,
+        )
         try:
             with StopRequest() as stop:
                 loop.run(stop)
@@ -261,7 +261,10 @@ def _start_metrics_sidecar(config: TrainConfig, run_dir):
 
 
 class _Loop:
-    def __init__(self, config, model, optimizer, lr_schedule, beta2_schedule, sampler, train_rows, valid_rows, emitter, device, run_dir, parallel: ParallelContext) -> None:
+    def __init__(
+        self, config, model, optimizer, lr_schedule, beta2_schedule, sampler, train_rows, valid_rows, emitter, device,
+        run_dir, parallel: ParallelContext, run_state: RunState, checkpoints: CheckpointManager, sidecar=None,
+    ) -> None:
         self.parallel = parallel
         self.stopping = False  # some rank was asked to stop: every rank stops after this step
         self.config = config
@@ -275,7 +278,7 @@ class _Loop:
         self.emitter = emitter
         self.device = device
         self.run_dir = run_dir
-        self.state = TrainState()
+        self.state = run_state.counters  # what checkpoints save and resume restores
         self.metrics = TokenMetrics(train_rows.type_names)
         self.step_seconds_ema: float | None = None
         self.data_wait_seconds = 0.0
@@ -283,9 +286,9 @@ class _Loop:
         self.started = time.perf_counter()
         self.links: StageLinks | None = None  # this pipeline stage's neighbours (1F1B)
         self.ring: ChunkRing | None = None  # this stage's place among the pieces (interleaved)
-        self.checkpoints: CheckpointManager | None = None
-        self.sidecar = None  # rank 0's metrics sidecar, kept running
-        self.run_state: RunState | None = None
+        self.checkpoints = checkpoints
+        self.sidecar = sidecar  # rank 0's metrics sidecar, kept running
+        self.run_state = run_state
         self.stop_file = StopFile(config.ckpt.stop_file_path if parallel.rank == 0 else None)
         self.save_requested = False  # the stop file asked for a checkpoint after this step
         if isinstance(model, StageChunks):
@@ -308,10 +311,10 @@ class _Loop:
             done = self.state.batch_count
             if self.valid_rows is not None and self.config.data.valid_every and done % self.config.data.valid_every == 0:
                 self.validate()
-            kind = self.checkpoints.due(done) if self.checkpoints else None
+            kind = self.checkpoints.due(done)
             if self.stopping or self.save_requested:
                 kind = "checkpoint"  # a stop (signal or stop file) or the stop file's save: keep this step
-            if kind and self.checkpoints is not None:
+            if kind:
                 saved = self.checkpoints.save(self.run_state, done, kind)
                 if saved is None and not self.checkpoints.enabled and (self.stopping or self.save_requested) and self.parallel.rank == 0:
                     log.warning("step %d: checkpoint requested but enable_save_ckpt is off; nothing saved", done)
