@@ -26,44 +26,77 @@ class HeadLossOutput:
     correct: torch.Tensor  # [T] bool, argmax == label
 
 
+class _HostBuffers:
+    """Reused CPU buffers for the [T, V] gradient and the per-chunk logits. On CPU a fresh tensor
+    of tens of MB is a new mapping from the C allocator whose every page faults on first write:
+    about 3% of a CPU training step at V=32k (BENCHMARKS.md). Backward hands the gradient buffer
+    back once its two matmuls are done, so the loss must be backpropagated once (no retain_graph),
+    as the trainer does. CUDA's caching allocator already reuses memory: no pool there."""
+
+    def __init__(self, keep: int = 6) -> None:
+        self.keep = keep
+        self.free: list[torch.Tensor] = []
+
+    def take(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        for index, buffer in enumerate(self.free):
+            if buffer.shape == shape and buffer.dtype == dtype and buffer.device == device:
+                return self.free.pop(index)
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def give_back(self, buffer: torch.Tensor) -> None:
+        if buffer.device.type == "cpu" and len(self.free) < self.keep:
+            self.free.append(buffer)
+
+
+_HOST_BUFFERS = _HostBuffers()
+
+
 class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, label_smoothing, token_losses_out, correct_out):
         tokens, vocab = hidden.shape[0], weight.shape[0]
         valid = labels != IGNORE_INDEX
         count = int(valid.sum())
-        grad_logits = torch.empty(tokens, vocab, dtype=hidden.dtype, device=hidden.device)
+        grad_logits = _HOST_BUFFERS.take((tokens, vocab), hidden.dtype, hidden.device)
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         safe_labels = labels.clamp(min=0)
+        rows = min(CHUNK_TOKENS, tokens)
+        chunk_logits = _HOST_BUFFERS.take((rows, vocab), hidden.dtype, hidden.device)
+        chunk_float = _HOST_BUFFERS.take((rows, vocab), torch.float32, hidden.device)
         for start in range(0, tokens, CHUNK_TOKENS):
             end = min(start + CHUNK_TOKENS, tokens)
-            logits = (hidden[start:end] @ weight.t()).float()
-            target = safe_labels[start:end]
+            logits = chunk_float[: end - start]
+            logits.copy_(torch.mm(hidden[start:end], weight.t(), out=chunk_logits[: end - start]))
+            target = safe_labels[start:end].unsqueeze(1)
             keep = valid[start:end]
-            target_logit = logits.gather(1, target.unsqueeze(1)).squeeze(1)
-            correct_out[start:end] = (logits.argmax(-1) == target) & keep
+            target_logit = logits.gather(1, target).squeeze(1)
+            row_max = logits.amax(-1, keepdim=True)
+            correct_out[start:end] = _argmax_hits(logits, target, target_logit, row_max.squeeze(1)) & keep
             mean_logit = logits.mean(-1) if label_smoothing else None
             # Softmax in place, one exp per element: exp(x - max) / sum.
-            row_max = logits.amax(-1, keepdim=True)
-            probs = logits.sub_(row_max).exp_()
-            sums = probs.sum(-1, keepdim=True)
+            exps = logits.sub_(row_max).exp_()
+            sums = exps.sum(-1, keepdim=True)
             lse = sums.log().squeeze(1) + row_max.squeeze(1)
-            probs.div_(sums)
             nll = lse - target_logit
             token_losses_out[start:end] = torch.where(keep, nll, torch.zeros_like(nll))
             loss = nll
             if label_smoothing:
                 # Cross entropy against the uniform distribution is lse - mean(logits).
                 loss = (1 - label_smoothing) * nll + label_smoothing * (lse - mean_logit)
-                probs.sub_(label_smoothing / vocab)
             total += torch.where(keep, loss, torch.zeros_like(loss)).double().sum()
             # d loss / d logits = softmax - target distribution, stored without the 1/count of the
             # mean: values stay in [-1, 1], which fp16 holds without underflow; backward applies
             # 1/count together with the upstream gradient.
-            probs.scatter_add_(1, target.unsqueeze(1), torch.full_like(target_logit, -(1 - label_smoothing)).unsqueeze(1))
+            grad = grad_logits[start:end]
+            probs = exps.div_(sums)
+            if label_smoothing:
+                probs.sub_(label_smoothing / vocab)
+            probs.scatter_add_(1, target, torch.full_like(target_logit, -(1 - label_smoothing)).unsqueeze(1))
+            grad.copy_(probs)
             if not bool(keep.all()):
-                probs.mul_(keep.unsqueeze(1).to(probs.dtype))
-            grad_logits[start:end] = probs
+                grad.index_fill_(0, (~keep).nonzero().squeeze(1), 0)
+        _HOST_BUFFERS.give_back(chunk_logits)
+        _HOST_BUFFERS.give_back(chunk_float)
         ctx.save_for_backward(hidden, weight, grad_logits)
         ctx.count = max(count, 1)
         return (total / max(count, 1)).float()
@@ -73,8 +106,22 @@ class _HeadCrossEntropy(torch.autograd.Function):
         hidden, weight, grad_logits = ctx.saved_tensors
         scale = (grad_output / ctx.count).to(hidden.dtype)
         grad_hidden = (grad_logits @ weight) * scale if ctx.needs_input_grad[0] else None
-        grad_weight = (grad_logits.t() @ hidden) * scale if ctx.needs_input_grad[1] else None
+        # Scaling the [T, h] input rather than the [V, h] product: one rounding either way, and
+        # T/V of the work (1/16 at T = 2048, V = 32k).
+        grad_weight = grad_logits.t() @ (hidden * scale) if ctx.needs_input_grad[1] else None
+        _HOST_BUFFERS.give_back(grad_logits)
         return grad_hidden, grad_weight, None, None, None, None
+
+
+def _argmax_hits(logits: torch.Tensor, target: torch.Tensor, target_logit: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """argmax(logits) == target per row, argmax's first-index rule for ties included, without a
+    full argmax pass (the slowest reduction on CPU): only rows whose target logit equals the row
+    maximum can hit, and only those rows are searched."""
+    hits = target_logit == row_max
+    rows = hits.nonzero().squeeze(1)
+    if rows.numel():
+        hits[rows] = logits.index_select(0, rows).argmax(-1) == target.squeeze(1).index_select(0, rows)
+    return hits
 
 
 def head_cross_entropy(

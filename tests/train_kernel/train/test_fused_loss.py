@@ -40,3 +40,36 @@ def test_all_tokens_ignored_gives_zero_loss_and_gradient():
     out = head_cross_entropy(hidden, weight, torch.full((4,), -100))
     out.loss.backward()
     assert out.loss.item() == 0.0 and torch.count_nonzero(hidden.grad) == 0
+
+
+def test_accuracy_follows_argmax_first_index_on_ties():
+    # Rows 0 and 1 of the head are equal, so tokens pointing along them tie between classes 0 and 1:
+    # argmax says 0, and a label 1 is a miss even though its logit is the maximum.
+    weight = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    hidden = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 3.0], [0.0, 3.0]], requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 0])
+    out = head_cross_entropy(hidden, weight, labels)
+    assert out.correct.tolist() == [True, False, True, False]
+    assert torch.equal(out.correct, (hidden @ weight.t()).argmax(-1) == labels)
+
+
+def test_reused_buffers_give_the_same_result_in_low_precision():
+    # The gradient and chunk buffers are reused across calls: a second micro-batch with other
+    # ignored rows must not see anything of the first.
+    torch.manual_seed(1)
+    weight = torch.randn(64, 16, dtype=torch.bfloat16, requires_grad=True)
+    hidden = torch.randn(40, 16, dtype=torch.bfloat16, requires_grad=True)
+    results = []
+    for ignored in ([0, 5], [7], [0, 5]):
+        labels = torch.randint(0, 64, (40,), generator=torch.Generator().manual_seed(2))
+        labels[ignored] = -100
+        out = head_cross_entropy(hidden, weight, labels)
+        out.loss.backward()
+        results.append((out.loss.item(), hidden.grad.clone(), weight.grad.clone()))
+        hidden.grad = weight.grad = None
+        logits = (hidden.detach().float() @ weight.detach().float().t())
+        plain = F.cross_entropy(logits, labels, ignore_index=-100)
+        assert out.loss.item() == pytest.approx(plain.item(), rel=1e-2)
+    assert results[0][0] == results[2][0]
+    assert torch.equal(results[0][1], results[2][1]) and torch.equal(results[0][2], results[2][2])
+    assert not torch.equal(results[0][1], results[1][1])
