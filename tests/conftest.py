@@ -60,7 +60,7 @@ def sentencepiece_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def hf_tokenizer_json(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import ast
 import json
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 _SKIPPED_FOLDERS = {"site-packages", "dist-packages", "__pycache__", "idlelib", "turtledemo"}
 

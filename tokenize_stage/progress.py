@@ -25,7 +25,7 @@ class StageProgress:
         self.documents = 0
         self.tokens = 0
 
-    def drain(self, updates: "queue.Queue") -> None:
+    def drain(self, updates: queue.Queue) -> None:
         """Applies every (bytes, documents, tokens) update the workers have sent so far."""
         advanced = 0
         while True:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import gzip
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Union
+from typing import BinaryIO
 
 import orjson
 
@@ -28,7 +29,7 @@ class Blank:
 
 
 BLANK = Blank()
-Item = tuple[int, Union[str, Rejected, Blank]]
+Item = tuple[int, str | Rejected | Blank]
 
 
 @dataclass

@@ -9,10 +9,10 @@ import multiprocessing
 import queue
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 from tokenize_stage.progress import StageProgress
 from tokenize_stage.schema import FORMAT, MANIFEST_NAME, FileEntry, token_dtype_for
@@ -38,7 +38,14 @@ from tokenize_stage.sources import (
     type_ids_for,
 )
 from tokenize_stage.text_tokenizers import Tokenizer, load_tokenizer
-from tokenize_stage.worker import StrictReject, UnitStats, WorkerConfig, init_worker, run_unit, write_json_atomic
+from tokenize_stage.worker import (
+    StrictReject,
+    UnitStats,
+    WorkerConfig,
+    init_worker,
+    run_unit,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +58,9 @@ class StageError(RuntimeError):
 class StageOptions:
     input: Path
     output: Path
-    tokenizer_path: Optional[str] = None
-    bos_token: Optional[str] = None
-    eos_token: Optional[str] = None
+    tokenizer_path: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
     add_bos: bool = True
     add_eos: bool = True
     text_key: str = "content"
@@ -68,7 +75,7 @@ class StageOptions:
 
 @dataclass
 class StageReport:
-    manifest_path: Optional[Path]
+    manifest_path: Path | None
     files_done: int = 0
     files_skipped: int = 0
     documents: int = 0

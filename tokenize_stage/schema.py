@@ -13,9 +13,9 @@ and ``line: int64`` (the 1-based line of the document in its input; the row for 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 
@@ -27,17 +27,17 @@ from tokenize_stage.text_tokenizers import (
 )
 
 __all__ = [
+    "FIXED_TYPE_IDS",
     "FORMAT",
     "MANIFEST_NAME",
-    "FIXED_TYPE_IDS",
     "FileEntry",
-    "TokenManifest",
     "ManifestError",
+    "TokenManifest",
     "Tokenizer",
     "TokenizerError",
     "TokenizerIdentity",
-    "token_dtype_for",
     "open_token_shard",
+    "token_dtype_for",
     "tokenizer_from_identity",
 ]
 
@@ -72,7 +72,7 @@ class FileEntry:
     blank_lines: int
 
     @classmethod
-    def from_json(cls, path: str, data: dict) -> "FileEntry":
+    def from_json(cls, path: str, data: dict) -> FileEntry:
         return cls(
             path=path,
             data_type=data["type"],
@@ -122,7 +122,7 @@ class TokenManifest:
         return sum(f.tokens for f in self.files)
 
     @classmethod
-    def load(cls, folder: str | Path) -> "TokenManifest":
+    def load(cls, folder: str | Path) -> TokenManifest:
         folder = Path(folder)
         path = folder / MANIFEST_NAME
         if not path.is_file():

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -121,8 +121,7 @@ def _write_rejects(path: Path, file: InputFile, stats: list[UnitStats], line_off
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     with open(tmp, "w") as handle:
         for unit_stats, offset in zip(stats, line_offsets):
-            for line, reason in unit_stats.rejects:
-                handle.write(json.dumps({"file": file.rel, "line": offset + line, "reason": reason}) + "\n")
+            handle.writelines(json.dumps({"file": file.rel, "line": offset + line, "reason": reason}) + "\n" for line, reason in unit_stats.rejects)
             hidden = unit_stats.rejected - len(unit_stats.rejects)
             if hidden > 0:
                 handle.write(

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -41,7 +42,7 @@ class TokenizerIdentity:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "TokenizerIdentity":
+    def from_json(cls, data: dict) -> TokenizerIdentity:
         return cls(**data)
 
 
@@ -101,7 +102,7 @@ class SentencePieceTokenizer:
             self._sp.get_piece_size(),
             bos if bos >= 0 else None,
             eos if eos >= 0 else None,
-            pad if pad >= 0 else 0,
+            max(pad, 0),
         )
 
     def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,6 @@ import os
 from dataclasses import asdict, dataclass, field
 from multiprocessing.queues import Queue
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -32,9 +31,9 @@ MAX_REJECT_DETAILS = 10_000
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    tokenizer_path: Optional[str]
-    bos_token: Optional[str]
-    eos_token: Optional[str]
+    tokenizer_path: str | None
+    bos_token: str | None
+    eos_token: str | None
     add_bos: bool
     add_eos: bool
     text_key: str
@@ -56,7 +55,7 @@ class UnitStats:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "UnitStats":
+    def from_json(cls, data: dict) -> UnitStats:
         data = dict(data)
         data["rejects"] = [tuple(r) for r in data["rejects"]]
         return cls(**data)
@@ -75,7 +74,7 @@ class StrictReject(Exception):
 _state: dict = {}
 
 
-def init_worker(config: WorkerConfig, progress: Optional[Queue]) -> None:
+def init_worker(config: WorkerConfig, progress: Queue | None) -> None:
     """Pool initializer: one tokenizer per process, loaded once."""
     # The Rust tokenizer must not start its own thread pool inside each worker: the workers
     # are the parallelism.
@@ -96,7 +95,7 @@ def run_unit(unit: WorkUnit, parts_dir: Path) -> UnitStats:
 
 
 def tokenize_unit(
-    unit: WorkUnit, parts_dir: Path, config: WorkerConfig, tokenizer: Tokenizer, progress: Optional[Queue]
+    unit: WorkUnit, parts_dir: Path, config: WorkerConfig, tokenizer: Tokenizer, progress: Queue | None
 ) -> UnitStats:
     arrow_path, stats_path = part_paths(parts_dir, unit)
     arrow_path.parent.mkdir(parents=True, exist_ok=True)

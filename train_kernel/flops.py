@@ -59,7 +59,7 @@ def tflops(flops_per_step: float, step_seconds: float, world_size: int) -> float
     return flops_per_step / (step_seconds * world_size * 10**12)
 
 
-def flops_per_step(config: "TrainConfig", data_parallel_size: int, micro_num: int | None = None) -> float:
+def flops_per_step(config: TrainConfig, data_parallel_size: int, micro_num: int | None = None) -> float:
     """megatron_flops_per_step for a config: B = micro_bsz * micro_num * data_parallel_size sequences.
 
     `micro_num` defaults to data.micro_num (pass data.micro_num_at(step) during a batch-size ramp-up).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -77,7 +77,7 @@ def count_parameters(model: ModelConfig) -> int:
     return analytic_parameter_counts(model).stage_total(model.num_layers, first=True, last=True)
 
 
-def meta_parameter_count(model: ModelConfig) -> Optional[int]:
+def meta_parameter_count(model: ModelConfig) -> int | None:
     """Parameters of `train_kernel.model.build_model(model, device="meta")`; None if not importable."""
     try:
         from train_kernel.model import build_model  # type: ignore[attr-defined]
@@ -242,7 +242,7 @@ def default_world_size(config: TrainConfig) -> int:
     return parallel.tensor.size * parallel.pipeline.size * max(parallel.zero1, 1)
 
 
-def make_plan(config: TrainConfig, world_size: Optional[int] = None) -> Plan:
+def make_plan(config: TrainConfig, world_size: int | None = None) -> Plan:
     """The plan of `config` on `world_size` ranks (default: default_world_size). Raises ConfigError
     (a LayoutError naming parallel.* or world_size) when the layout does not fit."""
     if world_size is None:

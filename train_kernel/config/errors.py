@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 
 class ConfigError(ValueError):
@@ -13,7 +13,7 @@ class ConfigError(ValueError):
     so that callers can add the part they know (a section builder knows the section, the loader the file).
     """
 
-    def __init__(self, message: str, key: Optional[str] = None, source: Optional[str] = None) -> None:
+    def __init__(self, message: str, key: str | None = None, source: str | None = None) -> None:
         self.message = message
         self.key = key
         self.source = source
@@ -23,7 +23,7 @@ class ConfigError(ValueError):
         parts = [part for part in (self.source, self.key) if part]
         return ": ".join([*parts, self.message])
 
-    def within(self, prefix: Optional[str] = None, source: Optional[str] = None) -> "ConfigError":
+    def within(self, prefix: str | None = None, source: str | None = None) -> ConfigError:
         """The same error one level up: `prefix` goes before the key, `source` is set if not yet known."""
         key = self.key
         if prefix:
@@ -37,5 +37,5 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def unknown_key(name: str, candidates: Iterable[str], key: Optional[str] = None) -> ConfigError:
+def unknown_key(name: str, candidates: Iterable[str], key: str | None = None) -> ConfigError:
     return ConfigError(f"unknown key{did_you_mean(name, candidates)}", key=key or name)

@@ -9,7 +9,7 @@ import re
 import shutil
 import socket
 import subprocess
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 from train_kernel.config.errors import ConfigError
 
@@ -63,7 +63,7 @@ def _need(environ: Mapping[str, str], names: tuple[str, ...], launcher: str) -> 
     return {name: environ[name] for name in names}
 
 
-def launch_env(launcher: str, port: Optional[int], environ: Mapping[str, str]) -> dict[str, str]:
+def launch_env(launcher: str, port: int | None, environ: Mapping[str, str]) -> dict[str, str]:
     """The env:// variables for this process.
 
     local: one process (rank 0 of 1) on 127.0.0.1, port `port`, else $MASTER_PORT, else a free one.

@@ -12,9 +12,9 @@ import ast
 import builtins
 import dataclasses
 import types
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any
 
 from train_kernel.config.errors import ConfigError, did_you_mean, unknown_key
 from train_kernel.config.train_config import INTERNAL_FIELDS, TrainConfig
@@ -230,7 +230,7 @@ def build_config(
         raise error.within(source=source) from None
 
 
-def load_config(path: Union[str, Path], overrides: Sequence[str] = ()) -> TrainConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     """Reads, executes and validates an InternLM config file; `overrides` are "dotted.key=value" strings
     (value parsed with ast.literal_eval, else kept as a string).
 
@@ -254,4 +254,4 @@ def config_from_text(text: str, overrides: Iterable[str] = (), source: str = "<c
     return build_config(execute(text, source, parsed), source, None, text)
 
 
-__all__ = ["load_config", "config_from_text", "parse_override", "execute", "build_config", "Override"]
+__all__ = ["Override", "build_config", "config_from_text", "execute", "load_config", "parse_override"]

@@ -11,7 +11,7 @@ import bisect
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional, Tuple
+from typing import Any
 
 from train_kernel.config.errors import ConfigError, did_you_mean
 from train_kernel.config.typecheck import Section, set_field
@@ -28,7 +28,7 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(message, key=key)
 
 
-def check_storage_folder(value: Optional[str], key: str) -> None:
+def check_storage_folder(value: str | None, key: str) -> None:
     """InternLM's folder strings: "local:/path", "boto3:s3://bucket[.endpoint]/prefix", or a plain path."""
     if value is None:
         return
@@ -55,7 +55,7 @@ def check_storage_folder(value: Optional[str], key: str) -> None:
         )
 
 
-def parse_skip_batches(text: str) -> Tuple[int, ...]:
+def parse_skip_batches(text: str) -> tuple[int, ...]:
     """InternLM's skip_batches syntax: "3,5-8" -> (3, 5, 6, 7, 8); "" -> (); ranges are inclusive."""
     if text.strip() == "":
         return ()
@@ -96,7 +96,7 @@ class BatchRampup:
         return increments * self.incre_every
 
 
-def parse_rampup(text: str, micro_num: int) -> Optional[BatchRampup]:
+def parse_rampup(text: str, micro_num: int) -> BatchRampup | None:
     """InternLM's rampup_batch_size: "start_bsz bsz_incre incre_every" (micro-batches); "" = no ramp-up."""
     if text.strip() == "":
         return None
@@ -134,7 +134,7 @@ class DataConfig(Section):
     micro_bsz: int = 1
     """Sequences packed into one micro-batch: packed_length = micro_bsz * seq_len tokens per forward.
     Larger fills the accelerator better but needs proportionally more activation memory."""
-    valid_micro_num: Optional[int] = None
+    valid_micro_num: int | None = None
     """Micro-batches per validation step; default: micro_num."""
     valid_every: int = 0
     """Validate every this many steps; 0 = never."""
@@ -152,10 +152,10 @@ class DataConfig(Section):
     but noisier."""
     min_length: int = 0
     """Documents shorter than this many tokens are dropped (done by pack_stage; the trainer checks it)."""
-    train_folder: Optional[str] = None
+    train_folder: str | None = None
     """pack_stage output folder (holding its manifest.json) whose train split is read; None = random
     tokens (InternLM's dummy dataset), for throughput tests."""
-    valid_folder: Optional[str] = None
+    valid_folder: str | None = None
     """pack_stage output folder whose valid split is read; default: train_folder."""
     num_worker: int = 4
     """DataLoader worker processes per rank; 0 = load in the training process."""
@@ -165,12 +165,12 @@ class DataConfig(Section):
     """A rank whose step time exceeds the median by this factor is reported as slow (>= 1)."""
     fixed_random_dataset_seqlen: bool = True
     """Random-token data (no train_folder): every document is seq_len long instead of a random length."""
-    packed_length: Optional[int] = None
+    packed_length: int | None = None
     """Derived, tokens per micro-batch = micro_bsz * seq_len; a value given in the file is ignored
     (InternLM does the same, with a warning)."""
-    skip_batch_indices: Tuple[int, ...] = field(init=False, default=())
+    skip_batch_indices: tuple[int, ...] = field(init=False, default=())
     """skip_batches as a sorted tuple of batch indices."""
-    rampup: Optional[BatchRampup] = field(init=False, default=None)
+    rampup: BatchRampup | None = field(init=False, default=None)
     """rampup_batch_size parsed; None = constant micro_num."""
 
     def check(self) -> None:
@@ -207,7 +207,7 @@ class Fp16ScalerConfig(Section):
     initial_scale: float = 2**16
     """Loss scale at the start. Too high costs a few skipped steps (overflow); too low loses small
     gradients."""
-    min_scale: Optional[float] = 1
+    min_scale: float | None = 1
     """The scale never drops below this; None = no floor."""
     growth_interval: int = 1000
     """Steps without overflow after which the scale grows by growth_factor."""
@@ -234,7 +234,7 @@ class GradScalerConfig(Section):
     """Multiplier of the scale after growth_interval clean steps (> 1)."""
     backoff_factor: float = 0.5
     """Multiplier of the scale after hysteresis overflows (in (0, 1))."""
-    max_scale: Optional[float] = 2**24
+    max_scale: float | None = 2**24
     """The scale never grows above this; None = no ceiling."""
     hysteresis: int = 2
     """Overflowing steps tolerated before the scale backs off."""
@@ -266,7 +266,7 @@ class HybridZeroOptimizerConfig(Section):
     collectives but more memory held and less overlap."""
     clip_grad_norm: float = 1.0
     """Clip the global gradient norm to this; 0 = no clipping."""
-    zero_overlap_communication: Optional[bool] = None
+    zero_overlap_communication: bool | None = None
     """Old InternLM name of overlap_sync_grad; when given it sets overlap_sync_grad."""
 
     def normalize(self) -> None:
@@ -324,7 +324,7 @@ class LrSchedulerConfig(Section):
     """`lr_scheduler = dict(...)`: linear warm-up, then cosine decay (InternLM's
     FineTuneCosineAnnealingWarmupLR)."""
 
-    total_steps: Optional[int] = None
+    total_steps: int | None = None
     """Steps of the schedule; default: data.total_steps (a different value is allowed, with a warning)."""
     init_steps: int = 0
     """InternLM's optimizer warm-up steps (steps already taken when the schedule starts)."""
@@ -348,9 +348,9 @@ class LrSchedulerConfig(Section):
 class Beta2SchedulerConfig(Section):
     """`beta2_scheduler = dict(...)`: InternLM's schedule of Adam's beta2."""
 
-    init_beta2: Optional[float] = None
+    init_beta2: float | None = None
     """beta2 at the start, in [0, 1); default: adam.adam_beta2."""
-    c: Optional[float] = None
+    c: float | None = None
     """Schedule constant (>= 0; 0 = beta2 stays init_beta2); default: adam.adam_beta2_c."""
     cur_iter: int = -1
     """Index of the last step taken (-1 = fresh start)."""
@@ -374,7 +374,7 @@ class PipelineConfig(Section):
     """Overlap communication in the interleaved schedule (InternLM requires it when model.num_chunks > 1)."""
 
     @classmethod
-    def from_shorthand(cls, value: Any) -> Optional["PipelineConfig"]:
+    def from_shorthand(cls, value: Any) -> PipelineConfig | None:
         if isinstance(value, int) and not isinstance(value, bool):
             return cls(size=value)
         return None
@@ -391,7 +391,7 @@ class TensorConfig(Section):
     """Tensor-parallel ranks (usually at most the GPUs of one node): each holds 1/size of every matrix."""
 
     @classmethod
-    def from_shorthand(cls, value: Any) -> Optional["TensorConfig"]:
+    def from_shorthand(cls, value: Any) -> TensorConfig | None:
         if isinstance(value, int) and not isinstance(value, bool):
             return cls(size=value)
         return None
@@ -446,7 +446,7 @@ class LoadCkptInfo(Section):
 
     path: str
     """Checkpoint folder: "local:<path>", "boto3:s3://<bucket>/<prefix>" or a plain path."""
-    content: Tuple[str, ...] = ("all",)
+    content: tuple[str, ...] = ("all",)
     """What to load: ("all",) or some of "model", "sampler", "optimizer", "scheduler"."""
     ckpt_type: str = "internlm"
     """Checkpoint format; "internlm" (this project's layout)."""
@@ -470,31 +470,31 @@ class CkptConfig(Section):
 
     enable_save_ckpt: bool = False
     """Save checkpoints every checkpoint_every steps (and at the end)."""
-    save_ckpt_folder: Optional[str] = None
+    save_ckpt_folder: str | None = None
     """Where checkpoints go: "local:<path>", "boto3:s3://<bucket>/<prefix>" or a plain path."""
-    load_ckpt_folder: Optional[str] = None
+    load_ckpt_folder: str | None = None
     """Resume from this checkpoint: weights, optimizer (if load_optimizer), sampler, scheduler, context."""
-    load_model_only_folder: Optional[str] = None
+    load_model_only_folder: str | None = None
     """Start from these weights only (fresh optimizer, data and schedule)."""
     load_optimizer: bool = True
     """When resuming from load_ckpt_folder, also load the optimizer states."""
-    checkpoint_every: Optional[int] = None
+    checkpoint_every: int | None = None
     """Steps between checkpoints; default: data.total_steps. Frequent saves lose less work on a crash
     but cost I/O time (less with async_upload)."""
     async_upload: bool = False
     """Write checkpoints to async_upload_tmp_folder and upload in the background (boto3 folders only;
     InternLM saves synchronously to local folders)."""
-    async_upload_tmp_folder: Optional[str] = "/dev/shm/internlm_tmp_ckpt/"
+    async_upload_tmp_folder: str | None = "/dev/shm/internlm_tmp_ckpt/"
     """Local staging folder of async uploads (RAM disk by default: needs room for one checkpoint)."""
-    snapshot_ckpt_folder: Optional[str] = None
+    snapshot_ckpt_folder: str | None = None
     """Folder of the two alternating snapshot checkpoints; default: save_ckpt_folder + "/snapshot"."""
-    oss_snapshot_freq: Optional[int] = None
+    oss_snapshot_freq: int | None = None
     """Steps between snapshots (cheap, overwritten in turn); default: checkpoint_every // 2; 0 = none."""
-    stop_file_path: Optional[str] = None
+    stop_file_path: str | None = None
     """A file polled during training: a step number written in it makes the run save and stop there."""
     auto_resume: bool = False
     """Resume from the latest complete checkpoint in save_ckpt_folder if there is one."""
-    load_ckpt_info: Optional[LoadCkptInfo] = None
+    load_ckpt_info: LoadCkptInfo | None = None
     """dict(path=..., content=("all",) | subset of model/sampler/optimizer/scheduler, ckpt_type="internlm");
     the newer InternLM form of load_ckpt_folder / load_model_only_folder."""
 
@@ -535,7 +535,7 @@ class CkptConfig(Section):
             set_field(self, "snapshot_ckpt_folder", self.save_ckpt_folder.rstrip("/") + "/snapshot")
 
     @property
-    def load_info(self) -> Optional[LoadCkptInfo]:
+    def load_info(self) -> LoadCkptInfo | None:
         """What to load at start, whichever way the config said it (None = start from scratch)."""
         if self.load_ckpt_info is not None:
             return self.load_ckpt_info
@@ -552,9 +552,9 @@ class CkptConfig(Section):
 class MetricsConfig(Section):
     """`metrics = dict(...)` (ours): where metrics go besides runs/<JOB_NAME>/metrics.jsonl."""
 
-    mlflow_tracking_uri: Optional[str] = None
+    mlflow_tracking_uri: str | None = None
     """MLflow tracking server URI; None = no MLflow."""
-    experiment: Optional[str] = None
+    experiment: str | None = None
     """MLflow experiment name; default chosen by the metrics service."""
 
 
@@ -562,12 +562,12 @@ class MetricsConfig(Section):
 class UploaderConfig(Section):
     """`uploader = dict(...)` (ours): the checkpoint uploader service."""
 
-    address: Optional[str] = None
+    address: str | None = None
     """ZeroMQ endpoint of a running ckpt-uploader ("tcp://host:port" or "host:port"); None = with
     ckpt.async_upload the trainer starts a private uploader itself."""
-    spool: Optional[str] = None
+    spool: str | None = None
     """The uploader's spool folder, where the trainer writes checkpoints for it; default:
     ckpt.async_upload_tmp_folder. A standalone uploader must be serving this same folder."""
-    spool_quota_gb: Optional[float] = None
+    spool_quota_gb: float | None = None
     """Room the trainer may use in the spool; default: the free space of its file system. When the
     next checkpoint does not fit, the trainer waits for the oldest upload to finish."""

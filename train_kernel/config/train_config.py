@@ -7,7 +7,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 from train_kernel.config.errors import ConfigError
 from train_kernel.config.sections import (
@@ -129,7 +129,7 @@ class TrainConfig(Section):
     """torch.backends.cudnn.deterministic: reproducible kernels, sometimes slower."""
     cudnn_benchmark: bool = False
     """torch.backends.cudnn.benchmark: autotune convolution kernels (no effect on this model)."""
-    run_dir: Optional[str] = None
+    run_dir: str | None = None
     """Run folder (log, metrics.jsonl, MLflow run id), relative to the working directory; default
     runs/<JOB_NAME>. A resumed run appends to it."""
     seed: int = 1024
@@ -138,9 +138,9 @@ class TrainConfig(Section):
     """`metrics = dict(...)` (ours)."""
     uploader: UploaderConfig = field(default_factory=UploaderConfig)
     """`uploader = dict(...)` (ours)."""
-    constants: Dict[str, Any] = field(default_factory=dict)
+    constants: dict[str, Any] = field(default_factory=dict)
     """The UPPERCASE top-level names of the file (SEQ_LEN, HIDDEN_SIZE, ...), as the file computed them."""
-    source_path: Optional[Path] = None
+    source_path: Path | None = None
     """The config file (None for a config built in code)."""
     source_text: str = ""
     """The config file's text, saved into checkpoints."""

@@ -20,7 +20,7 @@ from typing import Any, Union
 from train_kernel.config.errors import ConfigError, unknown_key
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def type_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -207,7 +207,7 @@ def set_field(instance: Any, name: str, value: Any) -> None:
     object.__setattr__(instance, name, value)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of a dataclass (the string literal after the annotation)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))

@@ -7,9 +7,10 @@ apart by ``cu_seqlens``; a step takes ``micro_num`` of them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch

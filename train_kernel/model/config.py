@@ -6,7 +6,6 @@ Field names and defaults are InternLM's, so a published config maps onto it one 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Union
 
 import torch
 
@@ -37,7 +36,7 @@ class ModelConfig:
     """SwiGLU hidden size = round_up(int(hidden_size * mlp_ratio), 256): 8/3 and 4096 give 11008."""
     dtype: str = "torch.float16"
     """Parameter/activation dtype: torch.float16 | torch.half | torch.bfloat16 | torch.float32 | torch.tf32."""
-    checkpoint: Union[bool, float] = False
+    checkpoint: bool | float = False
     """Activation checkpointing: True/False, or the fraction of layers (the first ones) recomputed."""
     embed_grad_scale: float = 0.1
     """Scales the gradient reaching the embedding (InternLM's trick against early spikes); 1 = off."""

@@ -15,8 +15,8 @@ One step, as InternLM's hybrid optimizer:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn

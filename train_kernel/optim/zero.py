@@ -15,7 +15,7 @@ With zero size 1 (zero1=1) every rank owns the whole vector and steps 2-3 need n
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist

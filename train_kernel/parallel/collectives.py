@@ -3,7 +3,7 @@ averaging, and the sum of the per-step statistics that the log line reports for 
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist

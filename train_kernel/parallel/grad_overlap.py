@@ -13,7 +13,7 @@ size back into the gradients: the same sums as collectives.average_gradients.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,7 @@ DEFAULT_TIMEOUT_S = 600.0
 TIMEOUT_ENV = "TRAIN_KERNEL_DIST_TIMEOUT_S"
 
 
-def check_supported(parallel: "ParallelConfig") -> None:
+def check_supported(parallel: ParallelConfig) -> None:
     """Raises LayoutError for the parallel modes this trainer does not run yet."""
     if parallel.tensor.size > 1:
         raise LayoutError(
@@ -39,7 +40,7 @@ def check_supported(parallel: "ParallelConfig") -> None:
         )
 
 
-def layout_for(parallel: "ParallelConfig", world_size: int) -> ParallelLayout:
+def layout_for(parallel: ParallelConfig, world_size: int) -> ParallelLayout:
     """The layout of this job; raises LayoutError (a ConfigError) when it cannot run.
 
     A single process has no ZeRO group to split over: a zero1 > 1 (the seed's zero1=8) is ignored
@@ -148,7 +149,7 @@ def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
         raise LayoutError(f"${name}={raw!r} is not an integer") from None
 
 
-def init_parallel(parallel: "ParallelConfig", environ: Mapping[str, str] | None = None) -> ParallelContext:
+def init_parallel(parallel: ParallelConfig, environ: Mapping[str, str] | None = None) -> ParallelContext:
     """Validates the layout, then (WORLD_SIZE > 1) initialises the default group with env:// and
     creates the data-parallel, ZeRO-1 and pipeline groups of this rank."""
     environ = os.environ if environ is None else environ

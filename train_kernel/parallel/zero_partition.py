@@ -145,7 +145,7 @@ class ParallelLayout:
             )
 
     @classmethod
-    def from_config(cls, parallel: "ParallelConfig", world_size: int) -> "ParallelLayout":
+    def from_config(cls, parallel: ParallelConfig, world_size: int) -> ParallelLayout:
         return cls(
             world_size=world_size,
             tensor=parallel.tensor.size,
