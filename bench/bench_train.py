@@ -34,7 +34,7 @@ SHAPE = dict(
     micro_num=2,
 )
 STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", "6"))
-ROUNDS = int(os.environ.get("BENCH_TRAIN_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("BENCH_TRAIN_ROUNDS", "4"))
 WARMUP = 2
 
 CONFIG = """
@@ -125,12 +125,18 @@ def demo_pack_2048() -> str:
 
 def main() -> dict:
     tokens_per_step = SHAPE["seq_len"] * SHAPE["micro_num"]
-    rates, ours, baseline = [], [], []
-    # Alternating rounds: a noisy neighbour slows both sides alike instead of one of them.
-    for _ in range(ROUNDS):
+    rates, ours, baseline, round_ratios = [], [], [], []
+    # Alternating rounds, and the order inside a round alternating too: a noisy neighbour or a
+    # drift of the machine's speed slows both sides alike instead of one of them.
+    for index in range(ROUNDS):
         rates.append(matmul_rate(SHAPE))
-        ours += run_ours(SHAPE, STEPS + WARMUP, None, "train-ours")[WARMUP:]
-        baseline += run_baseline(SHAPE, STEPS + WARMUP)[WARMUP:]
+        sides = [("ours", lambda: run_ours(SHAPE, STEPS + WARMUP, None, "train-ours")[WARMUP:]),
+                 ("base", lambda: run_baseline(SHAPE, STEPS + WARMUP)[WARMUP:])]
+        measured = {name: run() for name, run in (sides if index % 2 == 0 else sides[::-1])}
+        ours += measured["ours"]
+        baseline += measured["base"]
+        ours_round = statistics.median(tokens_per_step / r["tgs"] for r in measured["ours"])
+        round_ratios.append(round(statistics.median(measured["base"]) / ours_round, 3))
     rate = max(rates)  # the machine's capability: the least disturbed measurement
     ours_step = statistics.median(tokens_per_step / r["tgs"] for r in ours)
     base_step = statistics.median(baseline)
@@ -148,6 +154,7 @@ def main() -> dict:
         "ours_tokens_per_s": round(tokens_per_step / ours_step, 1),
         "transformers_tokens_per_s": round(tokens_per_step / base_step, 1),
         "ours_over_transformers": round(base_step / ours_step, 3),
+        "ours_over_transformers_per_round": round_ratios,
         "ours_tflops": round(ours_tflops, 4),
         "ours_mfu": round(ours_tflops * 1e12 / rate, 3),
         "transformers_mfu": round(ours_tflops * 1e12 * ours_step / base_step / rate, 3),
