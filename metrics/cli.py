@@ -86,6 +86,9 @@ def run(
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sidecar.request_stop())
+    if hasattr(signal, "pthread_sigmask"):
+        # Started by the trainer's supervisor with these blocked: a stop sent meanwhile arrives now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))
     try:
         sidecar.run(follow=follow)
     except RunDirMissing as exc:

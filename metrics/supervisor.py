@@ -100,8 +100,20 @@ def start_sidecar(
     return SidecarProcess(_spawn(args, log_file), log_file, args)
 
 
+# Blocked across the spawn: the child inherits the mask and unblocks these once its handler (forward
+# what the file holds, then exit 0) is in place, so a stop that comes while it is still starting
+# (a run with nothing left to train stops it at once) is held, not fatal.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def _spawn(args: list[str], log_file: Path) -> subprocess.Popen:
-    with open(log_file, "ab") as log:
-        return subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
+    masking = hasattr(signal, "pthread_sigmask")
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if masking else None
+    try:
+        with open(log_file, "ab") as log:
+            return subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+    finally:
+        if masking:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)

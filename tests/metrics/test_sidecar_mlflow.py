@@ -100,6 +100,18 @@ def test_resumed_run_redone_steps_are_not_doubled(tmp_path):
     assert (tmp_path / "mlruns").is_dir()
 
 
+def test_stop_right_after_start_still_drains(tmp_path):
+    """A run with nothing left to train stops its sidecar at once, while the sidecar is still
+    importing: the stop must be held until its handler is in place, not kill it unforwarded."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    append(run_dir, [params_record(), *map(train_record, range(5))])
+    sidecar = start_sidecar(run_dir, uri)
+    assert sidecar.stop(timeout_s=120) == 0, (run_dir / "sidecar.log").read_text()
+    assert [s for s, _ in history(uri, run_dir, "loss")] == list(range(5))
+
+
 def test_partial_and_malformed_lines_and_sigterm_drains(mlflow_server, tmp_path):
     append(tmp_path, [params_record(), train_record(0)], text='garbage\n{"kind":"train","step":1,')
     sidecar = start_sidecar(tmp_path, mlflow_server.uri)

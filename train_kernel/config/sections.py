@@ -482,8 +482,9 @@ class CkptConfig(Section):
     """Steps between checkpoints; default: data.total_steps. Frequent saves lose less work on a crash
     but cost I/O time (less with async_upload)."""
     async_upload: bool = False
-    """Write checkpoints to async_upload_tmp_folder and upload in the background (boto3 folders only;
-    InternLM saves synchronously to local folders)."""
+    """Write checkpoints to async_upload_tmp_folder and let the uploader copy them to save_ckpt_folder
+    (S3 or a local folder) in the background: training waits only for the copy into memory.
+    (InternLM does this for boto3 folders only.)"""
     async_upload_tmp_folder: str | None = "/dev/shm/internlm_tmp_ckpt/"
     """Local staging folder of async uploads (RAM disk by default: needs room for one checkpoint)."""
     snapshot_ckpt_folder: str | None = None

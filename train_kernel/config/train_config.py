@@ -229,18 +229,6 @@ class TrainConfig(Section):
                 self.adam.lr,
                 self.lr_scheduler.eta_min,
             )
-        ckpt = self.ckpt
-        if (
-            ckpt.enable_save_ckpt
-            and ckpt.async_upload
-            and not (ckpt.save_ckpt_folder or "").startswith("boto3:")
-        ):
-            logger.warning(
-                "%sckpt.async_upload only applies to boto3 folders; %s is saved synchronously "
-                "(as InternLM does)",
-                where,
-                ckpt.save_ckpt_folder,
-            )
 
     def to_json(self) -> dict[str, Any]:
         """The settings as one flat JSON-able dict with dotted keys ("data.seq_len": 2048, ...), for

@@ -174,11 +174,12 @@ def test_lr_schedule_shorter_than_the_run_is_allowed_with_a_warning(write_config
     assert "warn.py: lr_scheduler.total_steps = 80 differs from data.total_steps = 100" in caplog.text
 
 
-def test_async_upload_to_a_local_folder_warns(write_config, caplog):
+def test_async_upload_to_a_local_folder_is_accepted_quietly(write_config, caplog):
+    # The uploader copies to local folders too (unlike InternLM, which saves them synchronously).
     path = write_config(
         "ckpt = dict(enable_save_ckpt=True, save_ckpt_folder='local:/x', async_upload=True)\n"
     )
     with caplog.at_level(logging.WARNING, logger="train_kernel.config.train_config"):
         config = load_config(path)
     assert config.ckpt.async_upload is True
-    assert "only applies to boto3 folders" in caplog.text
+    assert "async_upload" not in caplog.text
