@@ -44,8 +44,10 @@ class _HostBuffers:
         return torch.empty(shape, dtype=dtype, device=device)
 
     def give_back(self, buffer: torch.Tensor) -> None:
-        if buffer.device.type == "cpu" and len(self.free) < self.keep:
+        if buffer.device.type == "cpu":
             self.free.append(buffer)
+            if len(self.free) > self.keep:  # the oldest goes: shapes of the past do not pin memory
+                self.free.pop(0)
 
 
 _HOST_BUFFERS = _HostBuffers()

@@ -73,3 +73,16 @@ def test_reused_buffers_give_the_same_result_in_low_precision():
     assert results[0][0] == results[2][0]
     assert torch.equal(results[0][1], results[2][1]) and torch.equal(results[0][2], results[2][2])
     assert not torch.equal(results[0][1], results[1][1])
+
+
+def test_buffer_pool_keeps_the_newest_and_only_cpu_buffers():
+    pool = fused_loss._HostBuffers(keep=2)
+    old, mid, new = (torch.empty(n, 3) for n in (1, 2, 4))
+    for buffer in (old, mid, new):
+        pool.give_back(buffer)
+    assert pool.take((1, 3), torch.float32, torch.device("cpu")) is not old  # evicted: a fresh one
+    assert pool.take((4, 3), torch.float32, torch.device("cpu")) is new
+    assert pool.take((2, 3), torch.float32, torch.device("cpu")) is mid
+    assert pool.free == []
+    pool.give_back(torch.empty(2, 3, device="meta"))
+    assert pool.free == []
