@@ -118,7 +118,10 @@ class _HeadCrossEntropy(torch.autograd.Function):
 def _argmax_hits(logits: torch.Tensor, target: torch.Tensor, target_logit: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
     """argmax(logits) == target per row, argmax's first-index rule for ties included, without a
     full argmax pass (the slowest reduction on CPU): only rows whose target logit equals the row
-    maximum can hit, and only those rows are searched."""
+    maximum can hit, and only those rows are searched. On GPUs argmax is cheap and the row search
+    would cost a host sync per chunk: plain argmax there."""
+    if logits.device.type != "cpu":
+        return logits.argmax(-1) == target.squeeze(1)
     hits = target_logit == row_max
     rows = hits.nonzero().squeeze(1)
     if rows.numel():
