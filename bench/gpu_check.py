@@ -53,7 +53,9 @@ def attention_check(dev: torch.device) -> dict:
     heads, dim = 8, 128
     q, k, v = (torch.randn(sum(lengths), heads, dim, device=dev, dtype=torch.bfloat16) for _ in range(3))
     cu = torch.tensor([0, 700, 1000, 2048], dtype=torch.int32, device=dev)
-    result = {"flash_attn_used": flash_attention_available(q)}
+    from train_kernel.model.layers import apex_rms_norm_applies
+
+    result = {"flash_attn_used": flash_attention_available(q), "apex_rms_norm_used": apex_rms_norm_applies(q)}
     for use_flash in (True, False):
         out = varlen_causal_attention(q, k, v, PackedSegments(cu), 0.0, use_flash)
         worst = 0.0

@@ -10,6 +10,11 @@ from torch import nn
 from .attention import PackedSegments, varlen_causal_attention
 from .config import ModelConfig
 
+try:  # NVIDIA apex's fused RMSNorm (CUDA only; never the unrelated PyPI package named apex)
+    from apex.normalization.fused_layer_norm import mixed_dtype_fused_rms_norm_affine
+except ImportError:  # pragma: no cover - depends on the install
+    mixed_dtype_fused_rms_norm_affine = None
+
 Device = torch.device | str | None
 
 
@@ -24,9 +29,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if apex_rms_norm_applies(x):
+            # One CUDA kernel, fp32 inside, result in the weight's dtype (what InternLM runs).
+            return mixed_dtype_fused_rms_norm_affine(x, self.weight, (x.shape[-1],), self.eps)
         # F.rms_norm: the same fp32 arithmetic as x * rsqrt(mean(x^2) + eps), in one fused kernel.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(self.weight.dtype)
+
+
+def apex_rms_norm_applies(x: torch.Tensor) -> bool:
+    return mixed_dtype_fused_rms_norm_affine is not None and x.is_cuda
 
 
 class FP32LayerNorm(nn.LayerNorm):
