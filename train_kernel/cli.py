@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import json
 import logging
@@ -95,6 +96,12 @@ def main(verbose: bool) -> None:
 )
 def run(config_path: Path, overrides: tuple[str, ...], launcher: str, port: int | None) -> None:
     """Train with the config --config."""
+    # A rank that dies in native code (SIGSEGV, SIGABRT from C++, SIGFPE) prints every thread's
+    # Python stack first, so a multi-rank job's failure says where it was.
+    try:
+        faulthandler.enable()
+    except (OSError, ValueError, AttributeError):  # stderr without a file descriptor (embedded use)
+        pass
     config = _load(config_path, overrides)
     env = _call(launch_env, launcher, port, os.environ)
     os.environ.update(env)
