@@ -24,6 +24,7 @@ from tests.metrics.helpers import (
     params_record,
     run_id,
     sidecar_cli,
+    start_sidecar_once,
     train_record,
     valid_record,
     wait_for,
@@ -184,22 +185,7 @@ def test_tracking_server_down_at_start_then_up(mlflow_server, tmp_path):
     append(tmp_path, [params_record(), *map(train_record, range(10))])
     mlflow_server.stop()
     try:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "metrics.sidecar",
-                "run",
-                "--run-dir",
-                str(tmp_path),
-                "--tracking-uri",
-                mlflow_server.uri,
-                "--once",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        process = start_sidecar_once(tmp_path, mlflow_server.uri)
         time.sleep(1.5)
         assert process.poll() is None  # waiting, with backoff
     finally:
@@ -225,22 +211,7 @@ def test_one_sidecar_per_run_folder(mlflow_server, tmp_path):
     append(tmp_path, [params_record(), *map(train_record, range(5))])
     first = start_sidecar(tmp_path, mlflow_server.uri)
     wait_for(lambda: has_run(tmp_path) and history(mlflow_server.uri, tmp_path, "loss"), what="step 0")
-    second = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "metrics.sidecar",
-            "run",
-            "--run-dir",
-            str(tmp_path),
-            "--tracking-uri",
-            mlflow_server.uri,
-            "--once",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    second = start_sidecar_once(tmp_path, mlflow_server.uri)
     append(
         tmp_path, [train_record(step, seed=0.5 if step < 5 else 0.0) for step in range(3, 10)]
     )  # resumed at 3
