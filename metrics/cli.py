@@ -11,6 +11,7 @@ import click
 
 from metrics.mlflow_run import Aborted
 from metrics.sidecar import RunDirMissing, Sidecar
+from metrics.supervisor import STOP_SIGNALS
 
 
 @click.group()
@@ -84,11 +85,11 @@ def run(
         parent_pid=parent_pid,
         drain_timeout_s=drain_timeout_s,
     )
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, lambda *_: sidecar.request_stop())
     if hasattr(signal, "pthread_sigmask"):
         # Started by the trainer's supervisor with these blocked: a stop sent meanwhile arrives now.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         sidecar.run(follow=follow)
     except RunDirMissing as exc:
