@@ -20,8 +20,9 @@ from train_kernel.parallel import ParallelLayout, partition_sizes, stage_layer_r
 
 logger = logging.getLogger(__name__)
 
-# fp32 master weights + Adam's two moments, per element of a rank's ZeRO partition.
-OPTIMIZER_BYTES_PER_ELEMENT = 4 + 4 + 4
+# fp32 master weights, their fp32 gradient (the unscaled copy AdamW steps on) and Adam's two
+# moments, per element of a rank's ZeRO partition.
+OPTIMIZER_BYTES_PER_ELEMENT = 4 + 4 + 4 + 4
 # The loss upcasts the logits to fp32 (softmax and its gradient).
 LOSS_BYTES_PER_LOGIT = 4
 
@@ -97,8 +98,8 @@ class MemoryEstimate:
 
     weights      = P * p                  P: the stage's parameters on this tensor rank, p: dtype bytes
     gradients    = P * p                  (the model dtype; reduced in buckets)
-    optimizer    = Z * (4 + 4 + 4)        Z: this rank's ZeRO-1 partition of P (fp32 master weights and
-                                          Adam's two moments)
+    optimizer    = Z * (4 + 4 + 4 + 4)    Z: this rank's ZeRO-1 partition of P (fp32 master weights, their
+                                          fp32 gradient and Adam's two moments)
     activations  = A * in_flight          A: one micro-batch, see below; in_flight: micro-batches whose
                                           activations a stage holds at once (1 without pipeline; stage s
                                           of a 1F1B pipeline of size pp holds min(pp - s, micro_num))

@@ -47,7 +47,7 @@ def test_plan_of_the_seed_on_8_ranks(seed):
 
     memory = plan.memory
     assert memory.weights == memory.gradients == SEED_PARAMETERS * 2  # fp16
-    assert memory.optimizer == SEED_PARAMETERS // 8 * 12
+    assert memory.optimizer == SEED_PARAMETERS // 8 * 16
     tokens, h, f, v, layers = 2 * 2048, 4096, 11008, 103168, 32
     per_layer = tokens * 2 * (4 * h + 4 * h + 4 * f)
     head = tokens * 2 * 2 * h + tokens * v * (2 + 4)

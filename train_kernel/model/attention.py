@@ -1,9 +1,11 @@
 """Causal self-attention over packed rows: each document (segment) attends only to itself.
 
 A packed micro-batch is flattened to T = B*L tokens; `cu_seqlens` ([n+1], 0 .. T) marks where the
-segments start. Two kernels give the same result:
+segments start. Three kernels give the same result:
 
 - flash-attn's varlen kernel (CUDA, fp16/bf16, `flash_attn` importable) takes cu_seqlens directly.
+- Without flash-attn, PyTorch's own varlen flash kernel (`torch.nn.attention.varlen`, PyTorch >= 2.10,
+  CUDA, fp16/bf16, no dropout) does the same: a CUDA install gets a varlen kernel with nothing to build.
 - PyTorch SDPA: segments are gathered into padded batches of similar length ("buckets") and run
   with is_causal=True. The padding sits at the end of each segment, so under the causal mask no
   real query sees a padded key, and padded outputs are dropped. Work is ~sum(len^2), not the
@@ -14,6 +16,7 @@ segments start. Two kernels give the same result:
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from dataclasses import dataclass
 
@@ -25,6 +28,21 @@ try:  # optional CUDA kernel; absent on CPU-only installs
     from flash_attn import flash_attn_varlen_func
 except ImportError:  # pragma: no cover - depends on the install
     flash_attn_varlen_func = None
+
+try:  # PyTorch >= 2.10; its CUDA kernel is FlashAttention-2's
+    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
+except ImportError:  # pragma: no cover - depends on the PyTorch version
+    torch_varlen_attn = None
+
+# How to ask torch's varlen kernel for causal attention: PyTorch 2.10/2.11 take is_causal=True,
+# later versions a window of (-1, 0) (everything before, nothing after).
+_TORCH_VARLEN_CAUSAL: dict = (
+    {}
+    if torch_varlen_attn is None
+    else {"is_causal": True}
+    if "is_causal" in inspect.signature(torch_varlen_attn).parameters
+    else {"window_size": (-1, 0)}
+)
 
 # Rough fixed cost of one extra SDPA call (kernel launch, autograd nodes, thread wake-up) in units
 # of padded work "one query-key pair of one head-dim channel". Measured on CPU: ~15 us per call
@@ -89,15 +107,30 @@ def varlen_causal_attention(
     use_flash_attn: bool = True,
 ) -> torch.Tensor:
     """Causal attention within each segment. q, k, v: [T, heads, head_dim]; returns the same shape."""
-    if use_flash_attn and flash_attention_available(q):
-        cu = segments.cu_seqlens_on(q.device)
-        max_len = segments.max_seqlen
+    kernel = attention_kernel(q, use_flash_attn, dropout_p)
+    if kernel == "sdpa_buckets":
+        return _bucketed_sdpa(q, k, v, segments, dropout_p)
+    cu = segments.cu_seqlens_on(q.device)
+    max_len = segments.max_seqlen
+    if kernel == "flash_attn":
         return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout_p, causal=True)
-    return _bucketed_sdpa(q, k, v, segments, dropout_p)
+    return torch_varlen_attn(q, k, v, cu, cu, max_len, max_len, **_TORCH_VARLEN_CAUSAL)
+
+
+def attention_kernel(q: torch.Tensor, use_flash_attn: bool = True, dropout_p: float = 0.0) -> str:
+    """Which kernel `varlen_causal_attention` runs for `q`: "flash_attn", "torch_varlen" or
+    "sdpa_buckets" (what the GPU check records)."""
+    if use_flash_attn and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        if flash_attn_varlen_func is not None:
+            return "flash_attn"
+        if torch_varlen_attn is not None and dropout_p == 0.0:  # torch's varlen kernel has no dropout
+            return "torch_varlen"
+    return "sdpa_buckets"
 
 
 def flash_attention_available(q: torch.Tensor) -> bool:
-    return flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    """Whether a varlen flash kernel (flash-attn's or PyTorch's) serves `q` (dropout off)."""
+    return attention_kernel(q) != "sdpa_buckets"
 
 
 def _bucketed_sdpa(

@@ -51,7 +51,8 @@ class ModelConfig:
     layer_norm_epsilon: float = 1e-5
     """Epsilon of every norm."""
     use_flash_attn: bool = True
-    """Use flash-attn's varlen kernel when importable on CUDA; PyTorch SDPA otherwise."""
+    """On CUDA in fp16/bf16, a varlen flash kernel: flash-attn's when importable, else PyTorch's own
+    (torch >= 2.10, no dropout); PyTorch SDPA over length buckets otherwise."""
     num_chunks: int = 1
     """Model chunks per pipeline stage; > 1 selects the interleaved pipeline schedule."""
     residual_in_fp32: bool = False

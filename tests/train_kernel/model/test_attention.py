@@ -109,3 +109,40 @@ def test_optimal_cuts_trade_padding_against_calls():
 def test_flash_path_is_not_chosen_on_cpu():
     q, _, _ = qkv(4, torch.bfloat16)
     assert not attention.flash_attention_available(q)
+
+
+def test_torch_varlen_kernel_gets_the_segments_and_a_causal_request(monkeypatch):
+    # PyTorch's varlen kernel is CUDA-only: the dispatch is checked with a stand-in that computes
+    # the reference from the arguments it is given (the GPU check runs the real kernel).
+    lengths = LAYOUTS["mixed"]
+    q, k, v = qkv(sum(lengths), torch.float32)
+    calls = []
+
+    def stand_in(q, k, v, cu_q, cu_k, max_q, max_k, **causal):
+        calls.append((cu_q.tolist(), cu_k.tolist(), max_q, max_k, causal))
+        return naive_attention(q, k, v, torch.diff(cu_q).tolist())
+
+    monkeypatch.setattr(attention, "torch_varlen_attn", stand_in)
+    monkeypatch.setattr(attention, "attention_kernel", lambda q, use_flash, dropout: "torch_varlen")
+    out = varlen_causal_attention(q, k, v, PackedSegments(cu_seqlens_of(lengths)))
+    torch.testing.assert_close(out, naive_attention(q, k, v, lengths))
+    cu = cu_seqlens_of(lengths).tolist()
+    assert calls == [(cu, cu, max(lengths), max(lengths), attention._TORCH_VARLEN_CAUSAL)]
+
+
+def test_torch_varlen_causal_request_fits_the_installed_signature():
+    import inspect
+
+    if attention.torch_varlen_attn is None:
+        pytest.skip("this PyTorch has no torch.nn.attention.varlen")
+    parameters = inspect.signature(attention.torch_varlen_attn).parameters
+    ((name, value),) = attention._TORCH_VARLEN_CAUSAL.items()
+    assert name in parameters
+    assert value in (True, (-1, 0))
+
+
+def test_kernel_choice_on_cpu_and_with_dropout():
+    q, _, _ = qkv(4, torch.bfloat16)
+    assert attention.attention_kernel(q) == "sdpa_buckets"
+    assert attention.attention_kernel(q, use_flash_attn=False) == "sdpa_buckets"
+    assert attention.attention_kernel(q, dropout_p=0.1) == "sdpa_buckets"
