@@ -36,6 +36,7 @@ from train_kernel.parallel.pipeline_schedule import (
 )
 from train_kernel.parallel.process_groups import ParallelContext, init_parallel
 from train_kernel.parallel.stage import StageChunks, activation_dtype, build_stage, build_stage_chunks
+from train_kernel.train.host_memory import keep_freed_host_memory
 from train_kernel.train.log_line import format_log_line
 from train_kernel.train.run_folder import resolve_run_dir, setup_logging
 from train_kernel.train.step import forward_backward, forward_only
@@ -136,6 +137,8 @@ def _train(config: TrainConfig, parallel: ParallelContext) -> None:
     run_dir = resolve_run_dir(config.run_dir, config.job_name)
     setup_logging(run_dir, parallel.rank)
     device = pick_device()
+    if device.type == "cpu":
+        keep_freed_host_memory()
     torch.manual_seed(config.seed)
     train_rows, valid_rows = build_row_sources(config, parallel.dp_size)
     if parallel.pp_size > 1 and config.model.num_chunks > 1:
