@@ -65,6 +65,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         rows = min(CHUNK_TOKENS, tokens)
         chunk_logits = _HOST_BUFFERS.take((rows, vocab), hidden.dtype, hidden.device)
         chunk_float = _HOST_BUFFERS.take((rows, vocab), torch.float32, hidden.device)
+        chunk_probs = _HOST_BUFFERS.take((rows, vocab), torch.float32, hidden.device)
         for start in range(0, tokens, CHUNK_TOKENS):
             end = min(start + CHUNK_TOKENS, tokens)
             logits = chunk_float[: end - start]
@@ -72,13 +73,16 @@ class _HeadCrossEntropy(torch.autograd.Function):
             target = safe_labels[start:end].unsqueeze(1)
             keep = valid[start:end]
             target_logit = logits.gather(1, target).squeeze(1)
-            row_max = logits.amax(-1, keepdim=True)
-            correct_out[start:end] = _argmax_hits(logits, target, target_logit, row_max.squeeze(1)) & keep
+            row_max = logits.amax(-1)
+            correct_out[start:end] = _argmax_hits(logits, target, target_logit, row_max) & keep
             mean_logit = logits.mean(-1) if label_smoothing else None
-            # Softmax in place, one exp per element: exp(x - max) / sum.
-            exps = logits.sub_(row_max).exp_()
-            sums = exps.sum(-1, keepdim=True)
-            lse = sums.log().squeeze(1) + row_max.squeeze(1)
+            # PyTorch's softmax kernel works row by row in cache: one pass over the chunk's memory
+            # where max / subtract / exp / sum / divide as separate ops made five. Its sum comes
+            # back through the probability at the row's maximum, exp(0) / sum = 1 / sum, which
+            # never underflows (>= 1 / vocab): log-sum-exp = max - log(p_max).
+            probs = chunk_probs[: end - start]
+            torch.ops.aten._softmax.out(logits, -1, False, out=probs)
+            lse = row_max - probs.amax(-1).log()
             nll = lse - target_logit
             token_losses_out[start:end] = torch.where(keep, nll, torch.zeros_like(nll))
             loss = nll
@@ -90,7 +94,6 @@ class _HeadCrossEntropy(torch.autograd.Function):
             # mean: values stay in [-1, 1], which fp16 holds without underflow; backward applies
             # 1/count together with the upstream gradient.
             grad = grad_logits[start:end]
-            probs = exps.div_(sums)
             if label_smoothing:
                 probs.sub_(label_smoothing / vocab)
             probs.scatter_add_(1, target, torch.full_like(target_logit, -(1 - label_smoothing)).unsqueeze(1))
@@ -99,6 +102,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 grad.index_fill_(0, (~keep).nonzero().squeeze(1), 0)
         _HOST_BUFFERS.give_back(chunk_logits)
         _HOST_BUFFERS.give_back(chunk_float)
+        _HOST_BUFFERS.give_back(chunk_probs)
         ctx.save_for_backward(hidden, weight, grad_logits)
         ctx.count = max(count, 1)
         return (total / max(count, 1)).float()
