@@ -32,9 +32,46 @@ class RMSNorm(nn.Module):
         if apex_rms_norm_applies(x):
             # One CUDA kernel, fp32 inside, result in the weight's dtype (what InternLM runs).
             return mixed_dtype_fused_rms_norm_affine(x, self.weight, (x.shape[-1],), self.eps)
-        # F.rms_norm: the same fp32 arithmetic as x * rsqrt(mean(x^2) + eps), in one fused kernel.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(self.weight.dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """weight * to_weight_dtype(x32 * rstd), rstd = rsqrt(mean(x32^2) + eps): PyTorch's fused
+    forward kernel, a hand-written backward. Autograd's backward of the same expression runs the
+    decomposed norm's graph (pow, mean, rsqrt, ... each a pass) and keeps x in fp32: this one makes
+    about half the passes (per norm, forward + backward, hidden 512, 2048 tokens on CPU: 2.0 ms
+    against 4.3) and keeps x in its own dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        if _fused_rms_norm is not None:  # the kernel F.rms_norm runs, which also returns rstd
+            normed, rstd = _fused_rms_norm(x32, [x.shape[-1]], None, eps)
+        else:  # pragma: no cover - PyTorch without the fused kernel
+            rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps))
+            normed = x32 * rstd
+        normed_low = normed.to(weight.dtype)
+        ctx.save_for_backward(x, weight, rstd, normed_low)
+        return weight * normed_low
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, weight, rstd, normed_low = ctx.saved_tensors
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed_low).sum(tuple(range(grad.dim() - 1)))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # d/dx of x * rstd: rstd * (g - n * mean(g * n)), with n = x * rstd, g the gradient
+            # reaching the fp32 normed value.
+            grad_normed = (grad * weight).float()
+            normed = x.to(torch.float32, copy=True).mul_(rstd)  # a copy: never x itself (fp32 models)
+            projection = (grad_normed * normed).mean(-1, keepdim=True)
+            grad_x = grad_normed.sub_(normed.mul_(projection)).mul_(rstd).to(x.dtype)
+        return grad_x, grad_weight, None
+
+
+_fused_rms_norm = getattr(torch.ops.aten, "_fused_rms_norm", None)
 
 
 def apex_rms_norm_applies(x: torch.Tensor) -> bool:
