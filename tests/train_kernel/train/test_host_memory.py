@@ -1,4 +1,5 @@
-"""Freed host memory stays in the process: a repeated allocation pattern stops faulting pages in."""
+"""Freed host memory stays in the process (glibc): a step's temporaries come from the heap and go
+back to it, not to the kernel, so the next step does not fault their pages in again."""
 
 from __future__ import annotations
 
@@ -8,31 +9,34 @@ import sys
 
 import pytest
 
+# glibc's own accounting (mallinfo2) rather than page-fault counts: faults also come from torch's
+# worker threads and the interpreter, which made a fault-based test flaky.
 PROGRAM = """
-import json, resource, sys, torch
+import ctypes, json, sys, torch
 from train_kernel.train.host_memory import keep_freed_host_memory
-taken = keep_freed_host_memory() if sys.argv[1] == "keep" else None
-faults = []
-for _ in range(4):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    tensors = [torch.ones(5 << 20) for _ in range(3)]  # 3 x 20 MiB, as a step's activation gradients
-    del tensors
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"taken": taken, "faults": faults}))
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+taken = keep_freed_host_memory()
+tensors = [torch.ones(1 << 20) for _ in range(16)]  # 16 x 4 MiB, a step's temporaries
+held = libc.mallinfo2()
+del tensors
+freed = libc.mallinfo2()
+print(json.dumps({"taken": taken, "mmapped_while_held": held.hblkhd, "heap_free_after": freed.fordblks}))
 """
-PAGES = 3 * (20 << 20) // 4096
-
-
-def run(mode: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", PROGRAM, mode], capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.splitlines()[-1])
+MIB = 1 << 20
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_repeated_allocations_stop_faulting_once_freed_memory_is_kept():
-    kept, default = run("keep"), run("default")
-    assert kept["taken"] is True
-    # glibc's defaults give the 20 MiB blocks back to the kernel: every round faults them in again.
-    assert min(default["faults"]) > PAGES // 2
-    # Kept: once the heap holds them, later rounds reuse the same pages.
-    assert max(kept["faults"][2:]) < PAGES // 100
+def test_temporaries_come_from_the_heap_and_stay_there_once_freed():
+    done = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, check=True)
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["taken"] is True
+    # Served from the heap, not as separate mappings the kernel takes back on free...
+    assert report["mmapped_while_held"] < 16 * MIB
+    # ...and after the free the 64 MiB are still the process's, not trimmed off the heap.
+    assert report["heap_free_after"] >= 64 * MIB
