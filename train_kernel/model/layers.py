@@ -34,8 +34,8 @@ class RMSNorm(nn.Module):
             return mixed_dtype_fused_rms_norm_affine(x, self.weight, (x.shape[-1],), self.eps)
         if x.device.type == "cpu":
             return _RMSNormFunction.apply(x, self.weight, self.eps)
-        # Elsewhere autograd's graph of F.rms_norm, whose GPU kernels the hand-written backward
-        # (measured on CPU) has not been timed against.
+        # Elsewhere autograd's graph of F.rms_norm: on an H200 its fused kernels beat the
+        # hand-written backward (0.43 ms against 0.67 per norm at 4096 x 4096, bench.bench_rms_norm).
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(self.weight.dtype)
 
