@@ -383,3 +383,29 @@ __all__ = [
     "meta_parameter_count",
     "render",
 ]
+
+
+def memory_fit_warning(plan: Plan, device_bytes: int) -> str | None:
+    """A warning when the plan's per-rank estimate does not fit `device_bytes`, naming the settings
+    that shrink it; None when it fits. The estimate leaves out the CUDA context, fragmentation and
+    single kernels' temporaries (MemoryEstimate), so a run close to the limit may still not fit."""
+    memory = plan.memory
+    if memory.total <= device_bytes:
+        return None
+    config, layout = plan.config, plan.layout
+    hints = []
+    if layout.zero < layout.data:
+        hints.append(
+            f"optimizer {_gib(memory.optimizer)}: a larger parallel.zero1 (now {layout.zero}, at most the "
+            f"data-parallel size {layout.data}) partitions it over more ranks"
+        )
+    else:
+        hints.append(f"optimizer {_gib(memory.optimizer)}: more data-parallel ranks with zero1 partition it")
+    if config.model.checkpoint is not True:
+        hints.append(f"activations {_gib(memory.activations)}: model.checkpoint=True recomputes them in backward")
+    hints.append("parallel.pipeline.size splits the layers over more ranks")
+    return (
+        f"memory: the plan estimates {_gib(memory.total)} per rank (weights {_gib(memory.weights)}, gradients "
+        f"{_gib(memory.gradients)}, optimizer {_gib(memory.optimizer)}, activations {_gib(memory.activations)}) "
+        f"and the device has {_gib(device_bytes)}; expect out-of-memory. " + "; ".join(hints)
+    )

@@ -18,7 +18,13 @@ from train_kernel.parallel import (
     partition_sizes,
     stage_layer_ranges,
 )
-from train_kernel.plan import analytic_parameter_counts, count_parameters, make_plan, meta_parameter_count
+from train_kernel.plan import (
+    analytic_parameter_counts,
+    count_parameters,
+    make_plan,
+    memory_fit_warning,
+    meta_parameter_count,
+)
 
 SEED_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "7B_sft.py"
 SEED_PARAMETERS = 7_321_948_160
@@ -211,3 +217,16 @@ def test_seed_flops_match_the_logged_tflops(seed):
     assert tflops(flops, step_seconds=16384 / 1424.93, world_size=8) == pytest.approx(
         63.283263603947816, rel=1e-5
     )
+
+
+def test_memory_fit_warning_names_the_settings_that_shrink_a_rank(seed):
+    gib = 2**30
+    one_gpu = make_plan(load_config(SEED_CONFIG, ["parallel.zero1=1"]), world_size=1)  # the 7B alone: ~146 GiB
+    warning = memory_fit_warning(one_gpu, 140 * gib)
+    assert warning is not None
+    assert "140.00 GiB" in warning and "more data-parallel ranks" in warning and "pipeline.size" in warning
+    assert memory_fit_warning(one_gpu, one_gpu.memory.total) is None
+    # Eight ranks of data parallel with zero1 = 8 (the seed's layout) fit an 80 GiB GPU.
+    assert memory_fit_warning(make_plan(seed, world_size=8), 80 * gib) is None
+    no_zero = make_plan(load_config(SEED_CONFIG, ["parallel.zero1=1"]), world_size=8)
+    assert "a larger parallel.zero1 (now 1, at most the data-parallel size 8)" in memory_fit_warning(no_zero, 80 * gib)

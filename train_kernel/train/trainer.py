@@ -13,7 +13,7 @@ import torch
 from metrics.emitter import MetricsEmitter
 from train_kernel.checkpoint.capture import RunState
 from train_kernel.checkpoint.manager import CheckpointManager
-from train_kernel.config import TrainConfig
+from train_kernel.config import ConfigError, TrainConfig
 from train_kernel.data.batches import PackedRows, RandomRows, RowSource, to_micro_batches
 from train_kernel.data.sampler import BatchSampler, Rampup
 from train_kernel.flops import flops_per_step, tflops
@@ -36,6 +36,7 @@ from train_kernel.parallel.pipeline_schedule import (
 )
 from train_kernel.parallel.process_groups import ParallelContext, init_parallel
 from train_kernel.parallel.stage import StageChunks, activation_dtype, build_stage, build_stage_chunks
+from train_kernel.plan import make_plan, memory_fit_warning
 from train_kernel.train.host_memory import keep_freed_host_memory
 from train_kernel.train.log_line import format_log_line
 from train_kernel.train.run_folder import resolve_run_dir, setup_logging
@@ -133,12 +134,27 @@ def _broadcast_parameters(model: torch.nn.Module, parallel: ParallelContext) -> 
             torch.distributed.broadcast(p.data, src=first, group=parallel.data_group)
 
 
+def _warn_if_plan_exceeds_device(config: TrainConfig, parallel: ParallelContext, device: torch.device) -> None:
+    """Before minutes of model building end in out-of-memory: the plan's per-rank estimate
+    against the device's memory, with the settings that would shrink it."""
+    try:
+        plan = make_plan(config, parallel.layout.world_size)
+    except (ConfigError, ValueError, RuntimeError) as error:  # a plan is advice: never stop a run
+        log.debug("no memory plan: %s", error)
+        return
+    warning = memory_fit_warning(plan, torch.cuda.get_device_properties(device).total_memory)
+    if warning:
+        log.warning("%s", warning)
+
+
 def _train(config: TrainConfig, parallel: ParallelContext) -> None:
     run_dir = resolve_run_dir(config.run_dir, config.job_name)
     setup_logging(run_dir, parallel.rank)
     device = pick_device()
     if device.type == "cpu":
         keep_freed_host_memory()
+    else:
+        _warn_if_plan_exceeds_device(config, parallel, device)
     torch.manual_seed(config.seed)
     train_rows, valid_rows = build_row_sources(config, parallel.dp_size)
     if parallel.pp_size > 1 and config.model.num_chunks > 1:

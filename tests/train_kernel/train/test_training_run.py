@@ -163,3 +163,23 @@ def test_sigint_stops_cleanly_after_the_current_step(tmp_path):
     assert "Traceback" not in output
     lines = metrics.read_text().splitlines()
     assert all(json.loads(line) for line in lines), "every record complete"
+
+
+def test_cuda_run_warns_before_building_a_model_its_device_cannot_hold(tmp_path, monkeypatch, caplog):
+    # No GPU here: the device's memory comes from a stand-in for torch.cuda.get_device_properties.
+    from types import SimpleNamespace
+
+    from train_kernel.parallel.process_groups import init_parallel
+    from train_kernel.train import trainer as trainer_module
+
+    config = config_from_text(tiny_config_text(tmp_path))
+    parallel = init_parallel(config.parallel, environ={})
+    device = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=1 << 20))
+    with caplog.at_level("WARNING"):
+        trainer_module._warn_if_plan_exceeds_device(config, parallel, device)
+    assert "expect out-of-memory" in caplog.text and "the device has 0.00 GiB" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=1 << 40))
+    trainer_module._warn_if_plan_exceeds_device(config, parallel, device)
+    assert "expect out-of-memory" not in caplog.text
