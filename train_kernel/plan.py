@@ -371,20 +371,6 @@ def render(plan: Plan) -> str:
     return "\n".join(f"{label:<{width}}  {text}" for label, text in lines)
 
 
-__all__ = [
-    "MemoryEstimate",
-    "ParameterCounts",
-    "Plan",
-    "activation_bytes",
-    "analytic_parameter_counts",
-    "count_parameters",
-    "default_world_size",
-    "make_plan",
-    "meta_parameter_count",
-    "render",
-]
-
-
 def memory_fit_warning(plan: Plan, device_bytes: int) -> str | None:
     """A warning when the plan's per-rank estimate does not fit `device_bytes`, naming the settings
     that shrink it; None when it fits. The estimate leaves out the CUDA context, fragmentation and
@@ -409,3 +395,19 @@ def memory_fit_warning(plan: Plan, device_bytes: int) -> str | None:
         f"{_gib(memory.gradients)}, optimizer {_gib(memory.optimizer)}, activations {_gib(memory.activations)}) "
         f"and the device has {_gib(device_bytes)}; expect out-of-memory. " + "; ".join(hints)
     )
+
+
+__all__ = [
+    "MemoryEstimate",
+    "ParameterCounts",
+    "Plan",
+    "activation_bytes",
+    "analytic_parameter_counts",
+    "count_parameters",
+    "default_world_size",
+    "make_plan",
+    "memory_fit_warning",
+    "meta_parameter_count",
+    "render",
+]
+

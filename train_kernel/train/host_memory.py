@@ -3,7 +3,7 @@
 A CPU training step allocates and frees the same tens-of-MB tensors every micro-batch (activation
 gradients, the [vocab, hidden] weight gradients, chunk buffers). glibc hands the larger ones back to
 the kernel (mmap'd chunks, and the top of the heap past its trim threshold), so the next step
-faults every page in again: 55-110 thousand page faults per step for InternLM hidden 512 / vocab
+faults every page in again: 55-125 thousand page faults per step for InternLM hidden 512 / vocab
 32k / 2 x 2048 tokens (BENCHMARKS.md), about as many as there are pages in those tensors. Serving
 allocations of up to 32 MiB from the heap and trimming it only past 1 GiB of free space brings that
 to about zero. The cost is that a process keeps up to that much freed memory mapped; a training

@@ -153,7 +153,7 @@ def _train(config: TrainConfig, parallel: ParallelContext) -> None:
     device = pick_device()
     if device.type == "cpu":
         keep_freed_host_memory()
-    else:
+    elif parallel.rank == 0:  # the plan's figure is the largest rank's: one warning for the job
         _warn_if_plan_exceeds_device(config, parallel, device)
     torch.manual_seed(config.seed)
     train_rows, valid_rows = build_row_sources(config, parallel.dp_size)
