@@ -221,7 +221,7 @@ def test_seed_flops_match_the_logged_tflops(seed):
 
 def test_memory_fit_warning_names_the_settings_that_shrink_a_rank(seed):
     gib = 2**30
-    one_gpu = make_plan(load_config(SEED_CONFIG, ["parallel.zero1=1"]), world_size=1)  # the 7B alone: ~146 GiB
+    one_gpu = make_plan(load_config(SEED_CONFIG, ["parallel.zero1=1"]), world_size=1)  # the 7B alone: ~140 GiB
     warning = memory_fit_warning(one_gpu, 140 * gib)
     assert warning is not None
     assert "140.00 GiB" in warning and "more data-parallel ranks" in warning and "pipeline.size" in warning
