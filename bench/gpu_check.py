@@ -139,7 +139,7 @@ def fp16_check(work: Path, small: dict) -> dict:
 
 
 NCCL_PROGRAM = """
-import os, torch, torch.distributed as dist
+import torch, torch.distributed as dist
 from train_kernel.parallel.collectives import average_gradients
 torch.cuda.set_device(0)
 dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29517", rank=0, world_size=1)

@@ -128,11 +128,6 @@ def attention_kernel(q: torch.Tensor, use_flash_attn: bool = True, dropout_p: fl
     return "sdpa_buckets"
 
 
-def flash_attention_available(q: torch.Tensor) -> bool:
-    """Whether a varlen flash kernel (flash-attn's or PyTorch's) serves `q` (dropout off)."""
-    return attention_kernel(q) != "sdpa_buckets"
-
-
 def _bucketed_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: PackedSegments, dropout_p: float
 ) -> torch.Tensor:
