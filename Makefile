@@ -26,7 +26,7 @@ MLFLOW_DB ?= mlruns/mlflow.db
 DEMO_DIR ?= demo_data
 DEMO_STEPS ?= 400
 
-.PHONY: install prepare demo test bench clean-demo mlflow-ui
+.PHONY: install prepare demo test test-fast lint format bench clean-demo mlflow-ui
 
 install: $(STAMP)
 
@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[test,metrics]'
+	$(BIN)/python -m pip install -q -e '.[test,metrics,lint]'
 	touch $(STAMP)
 
 prepare: install
@@ -46,17 +46,22 @@ prepare: install
 		--micro-bsz $(MICRO_BSZ) --valid-fraction $(VALID_FRACTION) --min-length $(MIN_LENGTH) --overwrite
 
 demo: install
-	$(BIN)/tokenize-stage demo-corpus --output $(DEMO_DIR)/raw
-	$(MAKE) --no-print-directory prepare DATA=$(DEMO_DIR)/raw OUT=$(DEMO_DIR) SEQ_LEN=512 MICRO_BSZ=2
-	$(BIN)/pack-stage inspect $(DEMO_DIR)/packed --row 0 | head -n 40
-	$(BIN)/train-kernel run --config configs/demo.py --set data.total_steps=$(DEMO_STEPS)
-	$(BIN)/train-kernel export-hf --ckpt runs/demo/ckpt/$(DEMO_STEPS) --out runs/demo/hf
-	@echo
-	@echo "Demo data: raw text in $(DEMO_DIR)/raw, token shards in $(DEMO_DIR)/tokenized, packed rows in $(DEMO_DIR)/packed"
-	@echo "  (any packed row, decoded: $(BIN)/pack-stage inspect $(DEMO_DIR)/packed --row N)"
-	@echo "Run: log runs/demo/train.log, per-step records runs/demo/metrics.jsonl, weights runs/demo/ckpt/<step>/,"
-	@echo "  and a Hugging Face export (LlamaForCausalLM) in runs/demo/hf"
-	@echo "Watch it in MLflow: make mlflow-ui, then open http://127.0.0.1:$(MLFLOW_PORT) (experiment 'demo')"
+	@set -e; started=$$(date +%s); \
+	$(BIN)/tokenize-stage demo-corpus --output $(DEMO_DIR)/raw; \
+	$(MAKE) --no-print-directory prepare DATA=$(DEMO_DIR)/raw OUT=$(DEMO_DIR) SEQ_LEN=512 MICRO_BSZ=2; \
+	$(BIN)/pack-stage inspect $(DEMO_DIR)/packed --row 0 | head -n 40; \
+	prepared=$$(date +%s); \
+	$(BIN)/train-kernel run --config configs/demo.py --set data.total_steps=$(DEMO_STEPS); \
+	trained=$$(date +%s); \
+	$(BIN)/train-kernel export-hf --ckpt runs/demo/ckpt/$(DEMO_STEPS) --out runs/demo/hf; \
+	exported=$$(date +%s); \
+	echo; \
+	echo "Demo data: raw text in $(DEMO_DIR)/raw, token shards in $(DEMO_DIR)/tokenized, packed rows in $(DEMO_DIR)/packed"; \
+	echo "  (any packed row, decoded: $(BIN)/pack-stage inspect $(DEMO_DIR)/packed --row N)"; \
+	echo "Run: log runs/demo/train.log, per-step records runs/demo/metrics.jsonl, weights runs/demo/ckpt/<step>/,"; \
+	echo "  and a Hugging Face export (LlamaForCausalLM) in runs/demo/hf"; \
+	echo "Watch it in MLflow: make mlflow-ui, then open http://127.0.0.1:$(MLFLOW_PORT) (experiment 'demo')"; \
+	echo "Demo wall time: prepare $$((prepared - started)) s, train $$((trained - prepared)) s, export $$((exported - trained)) s"
 
 mlflow-ui: install
 	mkdir -p $(dir $(MLFLOW_DB))artifacts
@@ -64,8 +69,23 @@ mlflow-ui: install
 	$(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
 		--backend-store-uri sqlite:///$(MLFLOW_DB) --artifacts-destination $(dir $(MLFLOW_DB))artifacts
 
+# The whole suite: real servers (MLflow, moto S3, the uploader), multi-process gloo groups, CLIs.
 test: install
 	$(BIN)/python -m pytest -q
+
+# The quick loop while editing: the tests that run inside pytest's process only, no servers, no
+# process groups, no CLIs (markers in pyproject.toml; tests/conftest.py keeps them true).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not server and not distributed and not process"
+
+# ruff's rule set is in pyproject.toml; `make format` applies the formatter and the safe fixes.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: install
 	$(BIN)/python -m bench.run_all

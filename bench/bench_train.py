@@ -3,12 +3,16 @@
 - ours: `train-kernel run` (the real trainer: fp32 master weights, fused AdamW, InternLM log line,
   metrics records) on random tokens, one document per seq_len as InternLM's random dataset;
 - baseline: a user's obvious alternative, transformers' LlamaForCausalLM (same size, attention bias)
-  in bf16 with torch.optim.AdamW, same tokens per step;
-- the machine's bf16 matmul rate at the model's GEMM shapes, measured in the same run.
+  in the same dtype with torch.optim.AdamW, same tokens per step;
+- the machine's matmul rate in that dtype at the model's GEMM shapes, measured in the same run.
+The dtype is the one `model.dtype="auto"` takes on this machine (bf16 on CPUs that compute it natively,
+fp32 on the others); BENCH_TRAIN_DTYPE=torch.float32 (or another) measures another one. The result
+records the machine class: CPU model, bf16 flags, native bf16 or not, the probe's matmul rate per dtype.
 MFU = formula FLOPs per step (InternLM's Megatron formula) / step time / matmul rate.
 Data wait: the trainer on real packed rows (the demo corpus) records the time spent getting each batch.
 
-Targets (issue 3): ours >= 1.2x the baseline's tokens/s; MFU >= 0.65 at hidden >= 512; data wait <= 1%.
+Targets (issues 3 and 12): ours >= 1.2x the baseline's tokens/s; MFU >= 0.65 at hidden >= 512; data
+wait <= 1%; on both machine classes (bf16 where native, fp32 where not).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import time
 import torch
 
 from bench.common import OUT, ROOT, save_result
+from train_kernel.device_speed import choose_dtype, device_speed
+from train_kernel.model.config import DTYPES
 
 SHAPE = dict(
     hidden=int(os.environ.get("BENCH_TRAIN_HIDDEN", "512")),
@@ -42,7 +48,7 @@ JOB_NAME = "bench"
 data = dict(seq_len={seq_len}, micro_num={micro_num}, micro_bsz=1, total_steps={steps}, train_folder={train_folder!r})
 adam = dict(lr=1e-4)
 model = dict(num_layers={layers}, hidden_size={hidden}, num_attention_heads={heads}, mlp_ratio=8 / 3,
-             vocab_size={vocab}, dtype="torch.bfloat16", embed_grad_scale=1, checkpoint=False)
+             vocab_size={vocab}, dtype="{dtype}", embed_grad_scale=1, checkpoint=False)
 parallel = dict(zero1=1)
 run_dir = {run_dir!r}
 """
@@ -50,13 +56,13 @@ run_dir = {run_dir!r}
 BASELINE = r"""
 import json, sys, time, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-shape = json.loads(sys.argv[1]); steps = int(sys.argv[2])
+shape = json.loads(sys.argv[1]); steps = int(sys.argv[2]); dtype = getattr(torch, sys.argv[3])
 hidden = shape["hidden"]; mlp = 256 * ((int(hidden * 8 / 3) + 255) // 256)
 config = LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=shape["layers"],
                      num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"], vocab_size=shape["vocab"],
                      max_position_embeddings=shape["seq_len"], attention_bias=True, tie_word_embeddings=False)
 torch.manual_seed(0)
-model = LlamaForCausalLM(config).to(torch.bfloat16)
+model = LlamaForCausalLM(config).to(dtype)
 model.config._attn_implementation = "sdpa"
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
 times = []
@@ -74,15 +80,15 @@ print(json.dumps(times))
 """
 
 
-def matmul_rate(shape: dict) -> float:
-    """bf16 FLOP/s over the model's GEMMs (weighted as one layer plus the head uses them)."""
+def matmul_rate(shape: dict, dtype: torch.dtype) -> float:
+    """FLOP/s in `dtype` over the model's GEMMs (weighted as one layer plus the head uses them)."""
     t, h, v = shape["seq_len"], shape["hidden"], shape["vocab"]
     mlp = 256 * ((int(h * 8 / 3) + 255) // 256)
     gemms = [(t, h, 3 * h), (t, h, h), (t, h, mlp), (t, h, mlp), (t, mlp, h), (t, h, v)]
     total_flops, total_seconds = 0.0, 0.0
     for m, k, n in gemms:
-        a = torch.randn(m, k, dtype=torch.bfloat16)
-        b = torch.randn(k, n, dtype=torch.bfloat16)
+        a = torch.randn(m, k, dtype=dtype)
+        b = torch.randn(k, n, dtype=dtype)
         for _ in range(3):
             a @ b
         repeats = max(3, int(2e10 / (2 * m * k * n)))
@@ -94,19 +100,22 @@ def matmul_rate(shape: dict) -> float:
     return total_flops / total_seconds
 
 
-def run_ours(shape: dict, steps: int, train_folder: str | None, name: str) -> list[dict]:
+def run_ours(shape: dict, steps: int, train_folder: str | None, name: str, dtype: str) -> list[dict]:
     run_dir = OUT / name
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     config = run_dir / "config.py"
-    config.write_text(CONFIG.format(steps=steps, train_folder=train_folder, run_dir=str(run_dir), **shape))
+    config.write_text(
+        CONFIG.format(steps=steps, train_folder=train_folder, run_dir=str(run_dir), dtype=dtype, **shape)
+    )
     subprocess.run([sys.executable, "-m", "train_kernel.cli", "run", "--config", str(config)], check=True, capture_output=True, cwd=ROOT)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == "train"]
 
 
-def run_baseline(shape: dict, steps: int) -> list[float]:
-    result = subprocess.run([sys.executable, "-c", BASELINE, json.dumps(shape), str(steps)], check=True, capture_output=True, text=True)
+def run_baseline(shape: dict, steps: int, dtype: str) -> list[float]:
+    args = [sys.executable, "-c", BASELINE, json.dumps(shape), str(steps), dtype.removeprefix("torch.")]
+    result = subprocess.run(args, check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -123,15 +132,30 @@ def demo_pack_2048() -> str:
     return str(packed)
 
 
+def machine_class() -> dict:
+    """What the result was measured on: the CPU, its bf16 flags and the probe's rates per dtype."""
+    speed = device_speed("cpu")
+    return {
+        "cpu": speed.name,
+        "bf16_flags": speed.capability,
+        "native_bf16": speed.native_bf16,
+        "probe_matmul_gflops": speed.matmul_gflops,
+        "threads": speed.threads,
+        "isa_caps": {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ},
+    }
+
+
 def main() -> dict:
+    dtype = os.environ.get("BENCH_TRAIN_DTYPE") or choose_dtype("auto").name
+    torch_dtype = DTYPES[dtype]
     tokens_per_step = SHAPE["seq_len"] * SHAPE["micro_num"]
     rates, ours, baseline, round_ratios = [], [], [], []
     # Alternating rounds, and the order inside a round alternating too: a noisy neighbour or a
     # drift of the machine's speed slows both sides alike instead of one of them.
     for index in range(ROUNDS):
-        rates.append(matmul_rate(SHAPE))
-        sides = [("ours", lambda: run_ours(SHAPE, STEPS + WARMUP, None, "train-ours")[WARMUP:]),
-                 ("base", lambda: run_baseline(SHAPE, STEPS + WARMUP)[WARMUP:])]
+        rates.append(matmul_rate(SHAPE, torch_dtype))
+        sides = [("ours", lambda: run_ours(SHAPE, STEPS + WARMUP, None, "train-ours", dtype)[WARMUP:]),
+                 ("base", lambda: run_baseline(SHAPE, STEPS + WARMUP, dtype)[WARMUP:])]
         measured = {name: run() for name, run in (sides if index % 2 == 0 else sides[::-1])}
         ours += measured["ours"]
         baseline += measured["base"]
@@ -141,11 +165,12 @@ def main() -> dict:
     ours_step = statistics.median(tokens_per_step / r["tgs"] for r in ours)
     base_step = statistics.median(baseline)
     ours_tflops = statistics.median(r["tflops"] for r in ours)
-    packed = run_ours({**SHAPE, "vocab": 384}, STEPS + WARMUP, demo_pack_2048(), "train-packed")[WARMUP:]
+    packed = run_ours({**SHAPE, "vocab": 384}, STEPS + WARMUP, demo_pack_2048(), "train-packed", dtype)[WARMUP:]
     wait = sum(r["data_wait_s"] for r in packed) / sum(tokens_per_step / r["tgs"] for r in packed)
     result = {
         "shape": SHAPE,
-        "dtype": "bf16",
+        "dtype": dtype,
+        "machine": machine_class(),
         "tokens_per_step": tokens_per_step,
         "matmul_tflops": round(rate / 1e12, 4),
         "matmul_tflops_per_round": [round(r / 1e12, 4) for r in rates],
@@ -160,7 +185,7 @@ def main() -> dict:
         "transformers_mfu": round(ours_tflops * 1e12 * ours_step / base_step / rate, 3),
         "data_wait_fraction_packed": round(wait, 5),
     }
-    save_result("train", result)
+    save_result(f"train-{dtype.removeprefix('torch.')}", result)
     return result
 
 

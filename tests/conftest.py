@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import train_kernel  # noqa: F401 - before any test imports torch: MKL's reproducible mode (its __init__)
+
 SAMPLE_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "def add(a, b):\n    return a + b\n",
@@ -212,3 +214,65 @@ def s3_server():
     server = S3Server()
     yield server
     server.stop()
+
+
+# ---- markers: `make test-fast` leaves out the tests marked server, distributed or process ----
+
+# Fixtures that start a server process for the test that asks for them.
+SERVER_FIXTURES = frozenset({"mlflow_server", "s3_server", "start_uploader", "s3_store_env"})
+KINDS = ("server", "distributed", "process")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
+
+
+# Programs whose start makes a test a `process` test (at least); helper tools that libraries call
+# (git for a commit id, ldconfig behind ctypes.util.find_library) do not count.
+PROJECT_PROGRAMS = frozenset(
+    {"tokenize-stage", "pack-stage", "train-kernel", "metrics-sidecar", "ckpt-uploader", "torchrun", "mlflow", "make"}
+)
+
+
+def started_kind(args, env: dict | None) -> str | None:
+    """What a command line starts: "server", "distributed" (a rank of a multi-process job),
+    "process" (Python or one of the project's programs), or None (a helper tool)."""
+    import shlex
+
+    words = [str(word) for word in args] if isinstance(args, (list, tuple)) else shlex.split(str(args))
+    program = Path(words[0]).name if words else ""
+    if not (program.startswith("python") or program in PROJECT_PROGRAMS):
+        return None
+    text = " ".join(words)
+    if "moto.server" in text or ("mlflow" in text and "server" in words):
+        return "server"
+    if ("ckpt_uploader" in text or "ckpt-uploader" in text) and "serve" in words:
+        return "server"
+    world_size = (env or {}).get("WORLD_SIZE", "")
+    if world_size.isdigit() and int(world_size) > 1:
+        return "distributed"
+    return "process"
+
+
+@pytest.fixture(autouse=True)
+def _markers_say_what_a_test_starts(request, monkeypatch):
+    """Keeps the markers true: a test that starts a server, a multi-rank job or any other process
+    without the marker that says so fails here, naming the marker, instead of slowing `make
+    test-fast` unnoticed. A server or distributed test may also start plain processes."""
+    original = subprocess.Popen.__init__
+
+    def checked(self, args=None, *more, **options):
+        if args is None:
+            args = options.pop("args")
+        kind = started_kind(args, options.get("env"))
+        allowed = {kind} if kind != "process" else set(KINDS)
+        if kind is not None and not any(request.node.get_closest_marker(name) for name in allowed):
+            raise AssertionError(
+                f"{request.node.nodeid} starts {args!r:.120}: mark it @pytest.mark.{kind} "
+                "(`make test-fast` leaves those out)"
+            )
+        original(self, args, *more, **options)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", checked)

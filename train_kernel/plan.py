@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from train_kernel.config import ConfigError, TrainConfig
+from train_kernel.device_speed import DtypeChoice, choose_dtype, default_device
 from train_kernel.flops import flops_per_step
 from train_kernel.model.config import ModelConfig
 from train_kernel.parallel import ParallelLayout, partition_sizes, stage_layer_ranges
@@ -201,6 +202,8 @@ class Plan:
     zero_partition_elements: list[int]
     memory: MemoryEstimate
     flops_per_step: float
+    dtype: DtypeChoice
+    """The dtype a run of the config takes on this machine (model.dtype "auto" resolved here)."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -219,6 +222,12 @@ class Plan:
             "zero_partition_elements": self.zero_partition_elements,
             "memory_per_rank_bytes": self.memory.to_json(),
             "flops_per_step": self.flops_per_step,
+            "dtype": {
+                "requested": self.dtype.requested,
+                "on_this_machine": self.dtype.name,
+                "reason": self.dtype.reason,
+                "warning": self.dtype.warning,
+            },
             "parameter_source": self.parameter_source,
             "zero_partition_max_over_mean": self.zero_max_over_mean,
             "layout": {
@@ -244,8 +253,11 @@ def default_world_size(config: TrainConfig) -> int:
 
 
 def make_plan(config: TrainConfig, world_size: int | None = None) -> Plan:
-    """The plan of `config` on `world_size` ranks (default: default_world_size). Raises ConfigError
-    (a LayoutError naming parallel.* or world_size) when the layout does not fit."""
+    """The plan of `config` on `world_size` ranks (default: default_world_size), in the dtype a run
+    would take on this machine. Raises ConfigError (a LayoutError naming parallel.* or world_size)
+    when the layout does not fit."""
+    dtype = choose_dtype(config.model.dtype, default_device())
+    config = config.with_model_dtype(dtype.name)
     if world_size is None:
         world_size = default_world_size(config)
     source = str(config.source_path) if config.source_path else None
@@ -299,6 +311,7 @@ def make_plan(config: TrainConfig, world_size: int | None = None) -> Plan:
         zero_partition_elements=partition_sizes(stage_parameters[0], layout.zero),
         memory=max(estimates, key=lambda estimate: estimate.total),
         flops_per_step=flops_per_step(config, layout.data),
+        dtype=dtype,
     )
 
 
@@ -325,6 +338,7 @@ def render(plan: Plan) -> str:
             f"MLP {model.mlp_hidden_size}, vocab {model.vocab_size}, {model.dtype}, "
             f"activation checkpointing {checkpoint}",
         ),
+        ("dtype", plan.dtype.describe() + (f"; warning: {plan.dtype.warning}" if plan.dtype.warning else "")),
         ("parameters", f"{plan.parameters:,} ({plan.parameters / 1e9:.2f} B, {plan.parameter_source})"),
         ("layout", layout.describe()),
     ]

@@ -88,6 +88,7 @@ def _serve_with_curve(spool, keys) -> tuple[subprocess.Popen, str]:
     return process, _read_address(process, 20)
 
 
+@pytest.mark.server
 def test_curve_needs_the_server_key_and_an_authorized_client(tmp_path):
     keys = tmp_path / "keys"
     run_cli("ckpt_uploader", "keygen", str(keys))
@@ -115,6 +116,7 @@ def test_curve_needs_the_server_key_and_an_authorized_client(tmp_path):
         process.wait()
 
 
+@pytest.mark.server
 def test_refuses_a_public_bind_without_curve(tmp_path):
     result = run_cli(
         "ckpt_uploader", "serve", "--bind", "tcp://0.0.0.0:5999", "--spool", str(tmp_path), check=False
@@ -122,6 +124,7 @@ def test_refuses_a_public_bind_without_curve(tmp_path):
     assert result.returncode != 0 and "--curve-keys" in result.stderr
 
 
+@pytest.mark.process
 def test_private_uploader_dies_with_its_parent(tmp_path):
     script = (
         "import sys, time; from pathlib import Path\n"

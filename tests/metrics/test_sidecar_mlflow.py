@@ -70,6 +70,7 @@ def test_records_params_tags_and_config_arrive(mlflow_server, tmp_path):
     assert MlflowClient(uri).get_experiment(run.info.experiment_id).name == "sidecar-tests"
 
 
+@pytest.mark.process
 def test_resumed_run_redone_steps_are_not_doubled(tmp_path):
     """Through a sqlite:/// store, as `make demo` logs (no server)."""
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
@@ -101,6 +102,7 @@ def test_resumed_run_redone_steps_are_not_doubled(tmp_path):
     assert (tmp_path / "mlruns").is_dir()
 
 
+@pytest.mark.process
 def test_stop_right_after_start_still_drains(tmp_path):
     """A run with nothing left to train stops its sidecar at once, while the sidecar is still
     importing: the stop must be held until its handler is in place, not kill it unforwarded."""
@@ -196,6 +198,7 @@ def test_tracking_server_down_at_start_then_up(mlflow_server, tmp_path):
     assert [s for s, _ in history(mlflow_server.uri, tmp_path, "loss")] == list(range(10))
 
 
+@pytest.mark.process
 def test_missing_run_folder_is_a_clear_error(tmp_path):
     result = sidecar_cli(
         "--run-dir", str(tmp_path / "nope"), "--tracking-uri", "http://127.0.0.1:9", "--once"
@@ -226,6 +229,7 @@ def test_one_sidecar_per_run_folder(mlflow_server, tmp_path):
     assert [s for s, _ in history(mlflow_server.uri, tmp_path, "loss")] == list(range(10))
 
 
+@pytest.mark.process
 def test_stop_gives_up_when_mlflow_stays_down(tmp_path):
     append(tmp_path, [params_record(), train_record(0)])
     process = subprocess.Popen(

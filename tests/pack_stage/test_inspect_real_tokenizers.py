@@ -8,6 +8,7 @@ import pytest
 from tests.conftest import run_cli, write_jsonl
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("tokenizer_fixture", ["sentencepiece_model", "hf_tokenizer_json"])
 def test_inspect_shows_the_original_text(tmp_path, request, tokenizer_fixture):
     tokenizer = request.getfixturevalue(tokenizer_fixture)

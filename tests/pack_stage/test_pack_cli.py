@@ -121,6 +121,7 @@ def test_inspect_errors(text_folder, tmp_path):
     assert result.exit_code != 0 and "no split 'valid'" in result.output
 
 
+@pytest.mark.process
 def test_module_entry_point(text_folder, tmp_path):
     out = tmp_path / "out"
     command = [

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench.bench_pack_synthetic import build_corpus, run_pack
 
 
+@pytest.mark.process
 def test_peak_rss_does_not_grow_with_corpus_size(tmp_path):
     peaks = {}
     for tokens in (4_000_000, 40_000_000):

@@ -63,6 +63,7 @@ def test_strict_stops_at_first_bad_line_with_global_line_number(tmp_path):
     assert not (tmp_path / "tok" / "manifest.json").exists()
 
 
+@pytest.mark.process
 def test_unreadable_files_fail_the_run_but_keep_the_rest(tmp_path):
     raw = tmp_path / "raw"
     write_jsonl(raw / "en" / "good.jsonl", [{"content": "fine"}])
@@ -83,6 +84,7 @@ def test_unreadable_files_fail_the_run_but_keep_the_rest(tmp_path):
     assert TokenManifest.load(tmp_path / "tok").documents == 1
 
 
+@pytest.mark.process
 def test_cli_errors_name_the_problem(tmp_path):
     result = run_cli("tokenize_stage.cli", "run", "--input", str(tmp_path / "none"), "--output", str(tmp_path / "o"), check=False)
     assert result.returncode != 0 and "does not exist" in result.stderr

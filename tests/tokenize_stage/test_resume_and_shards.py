@@ -36,6 +36,7 @@ def test_output_is_the_same_for_any_worker_count(tmp_path):
     assert tree_digest(tmp_path / "one") == tree_digest(tmp_path / "two")
 
 
+@pytest.mark.process
 def test_sigkill_then_resume_is_byte_identical(tmp_path, hf_tokenizer_json):
     raw = tmp_path / "raw"
     _corpus(raw, files=4, lines=6000)
@@ -86,6 +87,7 @@ def test_rerun_skips_finished_inputs_and_follows_changes(tmp_path):
     assert after["code/part-2.jsonl.arrow"] == before["code/part-2.jsonl.arrow"]
 
 
+@pytest.mark.process
 def test_shards_over_machines_merge_to_the_single_machine_result(tmp_path):
     raw = tmp_path / "raw"
     _corpus(raw, files=7, lines=300)

@@ -156,6 +156,7 @@ def _cli(*args: object) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.process
 def test_as_a_process_json_on_stdout_and_errors_without_traceback(tmp_path):
     ok = _cli("plan", "--config", "configs/7B_sft.py", "--world-size", 8, "--json")
     assert ok.returncode == 0, ok.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Mapping
@@ -24,7 +25,7 @@ from train_kernel.config.sections import (
     UploaderConfig,
 )
 from train_kernel.config.typecheck import Section, check_fields, set_field
-from train_kernel.model.config import DTYPES, ModelConfig
+from train_kernel.model.config import DTYPE_CHOICES, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,9 @@ def check_model(model: ModelConfig) -> ModelConfig:
     )
     _require(model.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {model.mlp_ratio}")
     _require(
-        model.dtype in DTYPES, "dtype", f"{model.dtype!r} is not supported; use one of: " + ", ".join(DTYPES)
+        model.dtype in DTYPE_CHOICES,
+        "dtype",
+        f"{model.dtype!r} is not supported; use one of: " + ", ".join(DTYPE_CHOICES),
     )
     if not isinstance(model.checkpoint, bool):
         _require(
@@ -229,6 +232,13 @@ class TrainConfig(Section):
                 self.adam.lr,
                 self.lr_scheduler.eta_min,
             )
+
+    def with_model_dtype(self, dtype: str) -> TrainConfig:
+        """This config with model.dtype set to a concrete dtype (what "auto" resolved to on the
+        run's device), without checking and warning about the rest again."""
+        resolved = copy.copy(self)
+        set_field(resolved, "model", dataclasses.replace(self.model, dtype=dtype))
+        return resolved
 
     def to_json(self) -> dict[str, Any]:
         """The settings as one flat JSON-able dict with dotted keys ("data.seq_len": 2048, ...), for

@@ -18,6 +18,10 @@ DTYPES = {
     # tf32 keeps fp32 storage; matmuls may use TensorFloat-32 on Ampere and newer GPUs.
     "torch.tf32": torch.float32,
 }
+# model.dtype may also be "auto": the fastest dtype the device computes natively, chosen at start
+# (train_kernel.device_speed); DTYPE_CHOICES is what a config may write.
+AUTO_DTYPE = "auto"
+DTYPE_CHOICES = (*DTYPES, AUTO_DTYPE)
 # InternLM rounds the SwiGLU hidden size up to a multiple of this.
 MLP_MULTIPLE_OF = 256
 
@@ -35,7 +39,9 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     """SwiGLU hidden size = round_up(int(hidden_size * mlp_ratio), 256): 8/3 and 4096 give 11008."""
     dtype: str = "torch.float16"
-    """Parameter/activation dtype: torch.float16 | torch.half | torch.bfloat16 | torch.float32 | torch.tf32."""
+    """Parameter/activation dtype: torch.float16 | torch.half | torch.bfloat16 | torch.float32 | torch.tf32,
+    or auto (bf16 where the device computes it natively; else fp16 with the loss scaler on GPUs, fp32
+    on CPUs). A run resolves auto once at start; its checkpoints record the dtype it took."""
     checkpoint: bool | float = False
     """Activation checkpointing: True/False, or the fraction of layers (the first ones) recomputed."""
     embed_grad_scale: float = 0.1
@@ -66,6 +72,11 @@ class ModelConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        if self.dtype == AUTO_DTYPE:
+            raise ValueError(
+                "model.dtype 'auto' has no torch dtype until a device is chosen: resolve it with "
+                "train_kernel.device_speed.choose_dtype first"
+            )
         return DTYPES[self.dtype]
 
     @property

@@ -16,6 +16,7 @@ from train_kernel.checkpoint.manager import CheckpointManager
 from train_kernel.config import ConfigError, TrainConfig
 from train_kernel.data.batches import PackedRows, RandomRows, RowSource, to_micro_batches
 from train_kernel.data.sampler import BatchSampler, Rampup
+from train_kernel.device_speed import AUTO, CANONICAL, choose_dtype, default_device
 from train_kernel.flops import flops_per_step, tflops
 from train_kernel.model import build_model, count_parameters
 from train_kernel.optim.hybrid_adamw import AdamSettings
@@ -80,7 +81,29 @@ class TrainState:
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return default_device()
+
+
+def resolve_dtype(config: TrainConfig, device: torch.device, parallel: ParallelContext) -> TrainConfig:
+    """`config` with model.dtype concrete for `device`: "auto" takes rank 0's choice on every rank
+    (ranks on machines of different classes must still agree); an explicit dtype stays. Logs the
+    choice with its figures and warns when this device emulates the dtype."""
+    choice = choose_dtype(config.model.dtype, device)
+    if config.model.dtype == AUTO and parallel.distributed:
+        names = list(CANONICAL.values())
+        code = torch.tensor([names.index(choice.name)], device=device)
+        torch.distributed.broadcast(code, src=0)
+        if names[int(code.item())] != choice.name:
+            local = choice
+            choice = choose_dtype(names[int(code.item())], device)
+            choice = type(choice)(AUTO, choice.name, f"rank 0's choice; here {local.reason}", choice.warning)
+    if parallel.rank == 0:  # one line (and one warning) for the job
+        log.info("%s", choice.log_line())
+        if choice.warning:
+            log.warning("%s", choice.warning)
+    elif choice.reason.startswith("rank 0's choice") and choice.warning:
+        log.warning("rank %d: %s", parallel.rank, choice.warning)
+    return config.with_model_dtype(choice.name)
 
 
 class _NoEmitter:
@@ -151,6 +174,7 @@ def _train(config: TrainConfig, parallel: ParallelContext) -> None:
     run_dir = resolve_run_dir(config.run_dir, config.job_name)
     setup_logging(run_dir, parallel.rank)
     device = pick_device()
+    config = resolve_dtype(config, device, parallel)
     if device.type == "cpu":
         keep_freed_host_memory()
     elif parallel.rank == 0:  # the plan's figure is the largest rank's: one warning for the job

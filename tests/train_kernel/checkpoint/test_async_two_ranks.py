@@ -15,6 +15,8 @@ from tests.train_kernel.parallel.launch import RankResult, free_port
 from train_kernel.config import config_from_text
 from train_kernel.train.trainer import train
 
+pytestmark = [pytest.mark.distributed, pytest.mark.server]
+
 STEPS = 4
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+
 from tests.conftest import run_cli
 from tests.train_kernel.checkpoint.helpers import config_text
 from train_kernel.checkpoint.manager import CheckpointManager
@@ -13,6 +15,7 @@ from train_kernel.parallel.process_groups import ParallelContext, layout_for
 from train_kernel.train.trainer import train
 
 
+@pytest.mark.process
 def test_listing_and_verifying_a_save_folder(tmp_path):
     run_dir = tmp_path / "run"
     train(config_from_text(config_text(run_dir)))

@@ -36,7 +36,8 @@ def _wait_for(path, process, timeout=60.0):
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("upload", ["sync", "async"])
+@pytest.mark.process
+@pytest.mark.parametrize("upload", ["sync", pytest.param("async", marks=pytest.mark.server)])
 def test_sigkill_then_auto_resume_matches_an_uninterrupted_run(tmp_path, upload):
     reference = tmp_path / "reference"
     train(config_from_text(config_text(reference, **SIZES)))
@@ -65,6 +66,7 @@ def test_sigkill_then_auto_resume_matches_an_uninterrupted_run(tmp_path, upload)
     assert any(len(values) == 2 for values in got.values()), "no step was redone after the resume"
 
 
+@pytest.mark.process
 def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
     run_dir = tmp_path / "run"
     config_file = tmp_path / "run.py"
@@ -99,6 +101,7 @@ def test_stop_file_saves_and_stops_or_saves_and_goes_on(tmp_path):
     assert (second / "ckpt" / "3" / "3.step").exists()
 
 
+@pytest.mark.server
 def test_a_private_uploader_killed_mid_run_is_restarted_and_no_checkpoint_is_lost(tmp_path):
     import psutil
 

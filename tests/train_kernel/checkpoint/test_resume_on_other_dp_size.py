@@ -13,6 +13,8 @@ from tests.train_kernel.parallel.launch import train_ranks
 from train_kernel.config import config_from_text
 from train_kernel.train.trainer import train
 
+pytestmark = pytest.mark.distributed
+
 STEPS = 4
 
 

@@ -15,6 +15,8 @@ from train_kernel.checkpoint.manifest import CheckpointError
 from train_kernel.config import config_from_text
 from train_kernel.train.trainer import train
 
+pytestmark = pytest.mark.distributed
+
 STEPS = 4
 
 

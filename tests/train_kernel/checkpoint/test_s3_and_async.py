@@ -78,6 +78,7 @@ def test_async_save_through_the_private_uploader_to_s3(tmp_path, s3_env, referen
         assert values == want[step]
 
 
+@pytest.mark.server
 def test_async_save_to_a_local_folder_and_a_spool_too_small(tmp_path, reference, capsys):
     spool = tmp_path / "spool"
     extra = (
@@ -100,6 +101,7 @@ def test_missing_bucket_fails_before_the_first_step(tmp_path, s3_env):
     assert not (run_dir / "metrics.jsonl").exists() or train_records(run_dir) == []
 
 
+@pytest.mark.server
 def test_async_save_through_a_standalone_uploader(tmp_path, reference):
     from ckpt_uploader.embedded import start_private_uploader
 

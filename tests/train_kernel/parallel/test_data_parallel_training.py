@@ -14,6 +14,8 @@ from train_kernel.config import config_from_text
 from train_kernel.model import load_model_state
 from train_kernel.train.trainer import train
 
+pytestmark = pytest.mark.distributed
+
 STEPS = 5
 
 

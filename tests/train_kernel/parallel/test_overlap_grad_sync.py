@@ -14,6 +14,8 @@ from tests.train_kernel.parallel.test_data_parallel_training import records
 from tests.train_kernel.train.tiny_config import tiny_config_text
 from train_kernel.model import load_model_state
 
+pytestmark = pytest.mark.distributed
+
 STEPS = 4
 
 

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.train_kernel.parallel.launch import run_ranks, train_ranks
 from tests.train_kernel.parallel.test_data_parallel_training import records
 from tests.train_kernel.train.tiny_config import tiny_config_text
+
+pytestmark = pytest.mark.distributed
 
 STEPS = 4
 

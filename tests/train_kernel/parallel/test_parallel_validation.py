@@ -13,6 +13,8 @@ from tests.train_kernel.train.tiny_config import tiny_config_text
 from train_kernel.config import config_from_text
 from train_kernel.train.trainer import train
 
+pytestmark = pytest.mark.distributed
+
 
 def _packed(tmp_path):
     texts = [f"doc {i}: " + "the quick brown fox jumps over the lazy dog " * (1 + i % 5) for i in range(160)]

@@ -58,6 +58,7 @@ def _assert_same_run(single, run_dir, micro_num: int) -> None:
 INTERLEAVED = "pipeline=dict(size=2, interleaved_overlap=True)"
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "world, micro_num, parallel, num_chunks",
     [
@@ -80,6 +81,7 @@ def test_pipeline_matches_one_process(single, tmp_path, world, micro_num, parall
     _assert_same_run(single, tmp_path / "run", micro_num)
 
 
+@pytest.mark.distributed
 def test_one_micro_batch_per_step_matches_one_process(tmp_path):
     # micro_num 1 < 2 stages: stage 0 runs its forward, then waits for the gradient.
     train(config_from_text(_config_text(tmp_path / "single", 1, "dict(zero1=1)")))
@@ -122,6 +124,7 @@ def test_pipeline_misconfigurations_fail_before_any_collective(parallel, world, 
     assert not dist.is_initialized()
 
 
+@pytest.mark.distributed
 def test_interleaved_with_a_micro_num_it_cannot_schedule_fails_on_every_rank_at_once(tmp_path):
     config_file = tmp_path / "pipeline.py"
     config_file.write_text(_config_text(tmp_path / "run", 3, f"dict(zero1=1, {INTERLEAVED})", num_chunks=2))

@@ -22,6 +22,7 @@ def _result(output: str) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("program", ["overflow", "overflow_dp"])
 def test_overflow_on_one_rank_makes_both_ranks_skip(program):
     results = run_ranks(["-m", "tests.train_kernel.parallel.rank_programs", program], world_size=2, timeout=60)
@@ -36,6 +37,7 @@ def test_overflow_on_one_rank_makes_both_ranks_skip(program):
     assert outcomes[0]["weights"] == outcomes[1]["weights"]
 
 
+@pytest.mark.distributed
 def test_optimizer_state_saved_per_zero_rank_restores_exactly():
     results = run_ranks(["-m", "tests.train_kernel.parallel.rank_programs", "zero_state_round_trip"], world_size=2, timeout=60)
     for result in results:
@@ -47,6 +49,7 @@ def test_optimizer_state_saved_per_zero_rank_restores_exactly():
         assert outcome["equal"], outcome["max_diff"]
 
 
+@pytest.mark.distributed
 def test_a_failing_rank_takes_the_job_down_instead_of_hanging():
     started = time.monotonic()
     results = run_ranks(
@@ -78,6 +81,7 @@ def test_single_process_ignores_a_zero1_meant_for_a_cluster():
     assert context.zero_size == 1 and context.dp_size == 1 and not context.distributed
 
 
+@pytest.mark.distributed
 def test_cli_reports_a_bad_layout_on_every_rank_without_waiting_for_peers(tmp_path):
     config_file = tmp_path / "cfg.py"
     config_file.write_text(tiny_config_text(tmp_path / "run").replace("zero1=1", "zero1=4"))

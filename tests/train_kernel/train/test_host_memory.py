@@ -31,6 +31,7 @@ print(json.dumps({"taken": taken, "mmapped_while_held": held.hblkhd, "heap_free_
 MIB = 1 << 20
 
 
+@pytest.mark.process
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_temporaries_come_from_the_heap_and_stay_there_once_freed():
     done = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, check=True)

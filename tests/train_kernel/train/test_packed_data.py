@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import run_cli, write_jsonl
 from tests.train_kernel.train.tiny_config import tiny_config_text
 from train_kernel.config import config_from_text
@@ -21,6 +23,7 @@ def _prepared(tmp_path):
     return tmp_path / "packed"
 
 
+@pytest.mark.process
 def test_train_on_packed_shards_with_validation(tmp_path):
     packed = _prepared(tmp_path)
     config = config_from_text(tiny_config_text(tmp_path / "run", train_folder=str(packed), valid_every=2, total_steps=4))
@@ -39,6 +42,7 @@ def test_train_on_packed_shards_with_validation(tmp_path):
     assert sum(r["tokens/en"] for r in steps) > 0 and sum(r["tokens/code"] for r in steps) > 0
 
 
+@pytest.mark.process
 def test_shards_packed_for_another_seq_len_are_refused(tmp_path):
     packed = _prepared(tmp_path)
     config_file = tmp_path / "cfg.py"

@@ -144,6 +144,7 @@ def test_saved_weights_load_back(tmp_path):
     assert (tmp_path / "ckpt" / "4" / "config.py").read_text() == config.source_text
 
 
+@pytest.mark.process
 def test_sigint_stops_cleanly_after_the_current_step(tmp_path):
     config_file = tmp_path / "cfg.py"
     config_file.write_text(tiny_config_text(tmp_path / "run", total_steps=100000))
