@@ -25,7 +25,9 @@ from bench.common import ROOT, save_result
 
 AVX2_CAPS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 PHASES = re.compile(r"Demo wall time: prepare (\d+) s, train (\d+) s, export (\d+) s")
-FINISHED = re.compile(r"finished (\d+) steps in (\d+) s: loss ([\d.]+) \(mean of the first \d+ steps\) -> ([\d.]+)")
+FINISHED = re.compile(
+    r"finished (\d+) steps in (\d+) s: loss ([\d.]+) \(mean of the first \d+ steps\) -> ([\d.]+)"
+)
 VALID = re.compile(r"validation: step=(\d+) val/loss=([\d.]+)")
 CHOICE = re.compile(r"dtype auto -> (\S+) \(([^)]*)\)")
 
@@ -33,7 +35,9 @@ CHOICE = re.compile(r"dtype auto -> (\S+) \(([^)]*)\)")
 def fresh_copy(target: Path) -> None:
     """The tracked files (mtimes kept, so make sees the .venv as up to date) and a link to .venv."""
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-cf", str(target / "src.tar"), "--null", "-T", "-"], cwd=ROOT, input=files, check=True)
+    subprocess.run(
+        ["tar", "-cf", str(target / "src.tar"), "--null", "-T", "-"], cwd=ROOT, input=files, check=True
+    )
     subprocess.run(["tar", "-xf", "src.tar"], cwd=target, check=True)
     (target / "src.tar").unlink()
     (target / ".venv").symlink_to(ROOT / ".venv")
@@ -42,8 +46,13 @@ def fresh_copy(target: Path) -> None:
 def probe(env: dict) -> dict:
     """The device probe in a process of its own with the demo's environment (the ISA caps take
     effect when the math libraries start, so this process's own probe would not see them)."""
-    code = "import json; from train_kernel.device_speed import device_speed; print(json.dumps(device_speed().to_json()))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    code = (
+        "import json; from train_kernel.device_speed import device_speed; "
+        "print(json.dumps(device_speed().to_json()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout)
 
 
@@ -54,7 +63,11 @@ def main() -> dict:
     try:
         fresh_copy(work)
         started = time.perf_counter()
-        result = subprocess.run(["make", "demo"], cwd=work, env=env, capture_output=True, text=True)
+        # -o: the copy must never reinstall the shared .venv (an editable install there would point
+        # it at the copy, which is deleted afterwards); this checkout's `make install` comes first.
+        subprocess.run(["make", "install"], cwd=ROOT, check=True, capture_output=True)
+        command = ["make", "-o", ".venv/.installed", "demo"]
+        result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
         total = time.perf_counter() - started
         output = result.stdout + result.stderr
         if result.returncode != 0:

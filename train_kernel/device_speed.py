@@ -5,15 +5,18 @@ report decides (bf16 where the GPU computes it, else fp16 with the loss scaler).
 capability flags are only reported: a short matmul probe decides, because flags can mislead (oneDNN
 may be capped below the CPU's ISA, e.g. ONEDNN_MAX_CPU_ISA=AVX2, and then bf16 runs emulated at
 ~1 GFLOP/s on a CPU whose flags say avx512_bf16). bf16 is picked only when it measures at least as
-fast as fp32; emulated bf16 is ~100x slower, native bf16 4-8x faster, so the rule is far from noise.
+fast as fp32 (one core each; emulated bf16 is ~100x slower, native bf16 4-8x faster, so the rule is
+far from noise).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +32,8 @@ PROBE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # large enough to leave the per-call overhead behind on a CPU (~0.1 ms in fp32 at 150 GFLOP/s) and
 # small enough that an emulated dtype costs ~30 ms per call at ~1 GFLOP/s.
 PROBE_SIZE = 256
-PROBE_MIN_SECONDS = 0.003
+PROBE_MIN_SECONDS = 0.002
+PROBE_WINDOWS = 3
 # An explicit half-precision dtype slower than the fastest one by this factor is "emulated" here.
 EMULATED_SLOWDOWN = 1.5
 # x86 / Arm flags of /proc/cpuinfo that mean bf16 arithmetic in hardware.
@@ -49,9 +53,9 @@ class DeviceSpeed:
     reports_native_bf16: bool
     """The runtime's word (CPU flags, or torch.cuda.is_bf16_supported without emulation)."""
     matmul_gflops: dict[str, float] = field(default_factory=dict)
-    """Measured matmul rate per dtype (CPU probe; empty on CUDA, where the report decides)."""
+    """Measured matmul rate per dtype on one core (CPU probe; empty on CUDA, where the report decides)."""
     threads: int = 1
-    """torch's intra-op threads during the probe."""
+    """Threads of the probe."""
 
     def rate(self, dtype: torch.dtype) -> float | None:
         return self.matmul_gflops.get(CANONICAL[dtype])
@@ -65,7 +69,9 @@ class DeviceSpeed:
         return bf16 is not None and fp32 is not None and bf16 >= fp32
 
     def rates_text(self) -> str:
-        return ", ".join(f"{name.removeprefix('torch.')} {rate:.1f}" for name, rate in self.matmul_gflops.items())
+        return ", ".join(
+            f"{name.removeprefix('torch.')} {rate:.1f}" for name, rate in self.matmul_gflops.items()
+        )
 
     def to_json(self) -> dict:
         return {
@@ -130,9 +136,12 @@ def measure_matmul_gflops(
     device: torch.device | str = "cpu",
     size: int = PROBE_SIZE,
     min_seconds: float = PROBE_MIN_SECONDS,
+    windows: int = PROBE_WINDOWS,
 ) -> float:
-    """GFLOP/s of `size` x `size` matmuls in `dtype` on `device`: one warm-up call, then calls
-    until `min_seconds` have passed (a warm-up slower than that is itself the measurement)."""
+    """GFLOP/s of `size` x `size` matmuls in `dtype` on `device`: the best of `windows` windows of
+    calls lasting `min_seconds` each (another process taking the core for a moment spoils one
+    window, not the figure). A first call slower than 3 x min_seconds is itself the measurement:
+    the dtype is emulated, and every further call would cost as much."""
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, generator=generator, device=device).to(dtype)
@@ -151,29 +160,47 @@ def measure_matmul_gflops(
     torch.mm(a, b)
     synchronize()
     first = time.perf_counter() - started
-    if first >= 3 * min_seconds:  # emulated: one call says enough, and each costs tens of ms
+    if first >= 3 * min_seconds:
         return flops / first / 1e9
-    calls, started = 0, time.perf_counter()
-    while True:
-        torch.mm(a, b)
-        calls += 1
-        synchronize()
-        elapsed = time.perf_counter() - started
-        if elapsed >= min_seconds:
-            return calls * flops / elapsed / 1e9
+    best = flops / first
+    for _ in range(windows):
+        calls, started = 0, time.perf_counter()
+        while True:
+            torch.mm(a, b)
+            calls += 1
+            synchronize()
+            elapsed = time.perf_counter() - started
+            if elapsed >= min_seconds:
+                break
+        best = max(best, calls * flops / elapsed)
+    return best / 1e9
 
 
-@functools.lru_cache(maxsize=8)
-def _cpu_speed(threads: int) -> DeviceSpeed:
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@functools.cache
+def _cpu_speed() -> DeviceSpeed:
     flags = cpu_bf16_flags()
-    rates = {CANONICAL[dtype]: round(measure_matmul_gflops(dtype), 1) for dtype in PROBE_DTYPES}
+    # One thread: the dtype decision needs each dtype's rate on a core, and a single thread is
+    # immune to what spoils multi-threaded figures on a busy 2-core machine (an OpenMP team
+    # waiting for a core that another process holds: 4 GFLOP/s measured instead of ~280).
+    with _one_thread():
+        rates = {CANONICAL[dtype]: round(measure_matmul_gflops(dtype), 1) for dtype in PROBE_DTYPES}
     return DeviceSpeed(
         device="cpu",
         name=cpu_model_name(),
         capability=" ".join(flags) if flags else "no bf16 flags",
         reports_native_bf16=bool(flags),
         matmul_gflops=rates,
-        threads=threads,
+        threads=1,
     )
 
 
@@ -194,18 +221,22 @@ def _cuda_speed(index: int) -> DeviceSpeed:
 
 
 def device_speed(device: torch.device | str = "cpu") -> DeviceSpeed:
-    """What `device` computes fast (measured once per process and thread count)."""
+    """What `device` computes fast (measured once per process)."""
     device = torch.device(device)
     if device.type == "cuda":
         return _cuda_speed(device.index if device.index is not None else torch.cuda.current_device())
     if device.type != "cpu":
         raise ValueError(f"no speed model for device type {device.type!r}")
-    return _cpu_speed(torch.get_num_threads())
+    return _cpu_speed()
 
 
 def default_device() -> torch.device:
     """The device a run on this machine trains on."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 def choose_dtype(
@@ -232,7 +263,7 @@ def _choose_auto(speed: DeviceSpeed) -> DtypeChoice:
             AUTO, "torch.float16", f"{speed.name} ({speed.capability}) has no bf16; fp16 with the loss scaler"
         )
     bf16, fp32 = speed.rate(torch.bfloat16), speed.rate(torch.float32)
-    figures = f"bf16 matmul {bf16:.1f} GFLOP/s vs fp32 {fp32:.1f} on this CPU; flags: {speed.capability}"
+    figures = f"bf16 matmul {bf16:.1f} GFLOP/s vs fp32 {fp32:.1f} per core; CPU flags: {speed.capability}"
     return DtypeChoice(AUTO, "torch.bfloat16" if speed.native_bf16 else "torch.float32", figures)
 
 
