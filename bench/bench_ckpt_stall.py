@@ -60,7 +60,10 @@ def run_state() -> RunState:
 def main() -> dict:
     moto, endpoint = start_moto()
     os.environ.update(
-        AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1"
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
     )
     spool = Path(tempfile.mkdtemp(prefix="bench-stall-", dir="/dev/shm"))
     staging = Path(tempfile.mkdtemp(prefix="bench-stall-stage-", dir="/dev/shm"))
@@ -85,8 +88,11 @@ def main() -> dict:
             async_saver.close(wait=True)
             upload_s.append(time.perf_counter() - started)
             empty_bucket(boto3.client("s3"))  # moto keeps objects in memory
-            print(f"round {index}: sync {sync_s[-1]:.2f} s, async stall {stall_s[-1]:.2f} s "
-                  f"(upload done after {upload_s[-1]:.2f} s), {sizes[-1] / 1e9:.2f} GB", flush=True)
+            print(
+                f"round {index}: sync {sync_s[-1]:.2f} s, async stall {stall_s[-1]:.2f} s "
+                f"(upload done after {upload_s[-1]:.2f} s), {sizes[-1] / 1e9:.2f} GB",
+                flush=True,
+            )
         ratio = statistics.median(stall_s) / statistics.median(sync_s)
         result = {
             "checkpoint_bytes": sizes[0],
@@ -98,7 +104,9 @@ def main() -> dict:
             "target": "<= 0.10",
         }
         save_result("ckpt_stall", result)
-        print(f"checkpoint {sizes[0] / 1e9:.2f} GB: async stall / sync save = {ratio:.3f} (median of {ROUNDS})")
+        print(
+            f"checkpoint {sizes[0] / 1e9:.2f} GB: async stall / sync save = {ratio:.3f} (median of {ROUNDS})"
+        )
         return result
     finally:
         client.close()

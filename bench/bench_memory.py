@@ -17,8 +17,34 @@ def measure(size_mb: int, texts: list[str]) -> dict:
     tokenized, packed = OUT / "mem-tok", OUT / "mem-packed"
     shutil.rmtree(tokenized, ignore_errors=True)
     shutil.rmtree(packed, ignore_errors=True)
-    tokenize = run_measured([*cli("tokenize_stage.cli"), "run", "--input", str(raw), "--output", str(tokenized), "--workers", "2", "--no-progress"])
-    pack = run_measured([*cli("pack_stage.cli"), "run", "--input", str(tokenized), "--output", str(packed), "--seq-len", "2048", "--micro-bsz", "2", "--no-progress"])
+    tokenize = run_measured(
+        [
+            *cli("tokenize_stage.cli"),
+            "run",
+            "--input",
+            str(raw),
+            "--output",
+            str(tokenized),
+            "--workers",
+            "2",
+            "--no-progress",
+        ]
+    )
+    pack = run_measured(
+        [
+            *cli("pack_stage.cli"),
+            "run",
+            "--input",
+            str(tokenized),
+            "--output",
+            str(packed),
+            "--seq-len",
+            "2048",
+            "--micro-bsz",
+            "2",
+            "--no-progress",
+        ]
+    )
     shutil.rmtree(tokenized, ignore_errors=True)
     shutil.rmtree(packed, ignore_errors=True)
     return {
@@ -34,7 +60,10 @@ def measure(size_mb: int, texts: list[str]) -> dict:
 def main() -> dict:
     texts = demo_texts()
     rows = [measure(size, texts) for size in SIZES_MB]
-    result = {"runs": rows, "peak_ratio_largest_over_smallest": round(rows[-1]["peak_rss_mib"] / rows[0]["peak_rss_mib"], 3)}
+    result = {
+        "runs": rows,
+        "peak_ratio_largest_over_smallest": round(rows[-1]["peak_rss_mib"] / rows[0]["peak_rss_mib"], 3),
+    }
     save_result("memory", result)
     return result
 

@@ -122,7 +122,7 @@ class Server:
                 return
             except OSError:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"mlflow server failed; see {folder / 'server.log'}")
+                    raise RuntimeError(f"mlflow server failed; see {folder / 'server.log'}") from None
                 time.sleep(0.1)
 
     def close(self) -> None:
@@ -183,7 +183,8 @@ def bench_forward(server: Server) -> dict:
             client.log_batch(run_id, metrics=metrics)
         bare = time.perf_counter() - started
         print(
-            f"round {round_}{' (warm-up)' if round_ == 0 else ''}: sidecar {seconds:.2f} s, bare log_batch {bare:.2f} s",
+            f"round {round_}{' (warm-up)' if round_ == 0 else ''}: sidecar {seconds:.2f} s, "
+            f"bare log_batch {bare:.2f} s",
             flush=True,
         )
         if round_:

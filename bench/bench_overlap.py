@@ -30,7 +30,14 @@ import sys
 
 from bench.common import ROOT, save_result
 
-SHAPE = dict(hidden=512, layers=4, heads=8, seq_len=1024, vocab=int(os.environ.get("BENCH_OVERLAP_VOCAB", "16000")), micro_num=2)
+SHAPE = dict(
+    hidden=512,
+    layers=4,
+    heads=8,
+    seq_len=1024,
+    vocab=int(os.environ.get("BENCH_OVERLAP_VOCAB", "16000")),
+    micro_num=2,
+)
 BUCKET = int(os.environ.get("BENCH_OVERLAP_BUCKET", str(4 * 1024 * 1024)))
 STEPS = int(os.environ.get("BENCH_OVERLAP_STEPS", "10"))
 WARMUP = 2
@@ -50,12 +57,14 @@ shape, bucket, steps, warmup = json.loads(sys.argv[1]), int(sys.argv[2]), int(sy
 dist.init_process_group("gloo")
 size = dist.get_world_size()
 group = dist.group.WORLD if size > 1 else None
-model = build_model(ModelConfig(num_layers=shape["layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
-                                mlp_ratio=8 / 3, vocab_size=shape["vocab"], dtype="torch.bfloat16", embed_grad_scale=1))
+model = build_model(ModelConfig(num_layers=shape["layers"], hidden_size=shape["hidden"],
+                                num_attention_heads=shape["heads"], mlp_ratio=8 / 3,
+                                vocab_size=shape["vocab"], dtype="torch.bfloat16", embed_grad_scale=1))
 rows = RandomRows(4096, shape["seq_len"], 1, shape["vocab"], dist.get_rank())
 micro = shape["micro_num"]
 # "local": no data group, so no communication: the world-size-1 step, run beside the others.
-optimizers = {mode: ZeroOptimizer(list(model.parameters()), AdamSettings(1e-4), DynamicLossScaler(enabled=False), 1.0,
+optimizers = {mode: ZeroOptimizer(list(model.parameters()), AdamSettings(1e-4),
+                                  DynamicLossScaler(enabled=False), 1.0,
                                   data_group=None if mode in ("alone", "local") else group, data_size=size,
                                   overlap_grad_reduce=(mode == "on"), reduce_bucket_size=bucket)
               for mode in (("on", "off", "local") if size > 1 else ("alone",))}
@@ -78,11 +87,13 @@ if size > 1:
 times = {mode: [] for mode in optimizers}
 for step in range(warmup + steps):
     for mode, optimizer in optimizers.items():
-        batch = to_micro_batches(rows.batch(range(step * micro % 4000, step * micro % 4000 + micro)), torch.device("cpu"))
+        batch = to_micro_batches(rows.batch(range(step * micro % 4000, step * micro % 4000 + micro)),
+                                 torch.device("cpu"))
         if group is not None:
             dist.barrier()
         started = time.perf_counter()
-        forward_backward(model, batch, 1.0, 0.0, TokenMetrics(rows.type_names), before_last_backward=optimizer.before_last_backward)
+        forward_backward(model, batch, 1.0, 0.0, TokenMetrics(rows.type_names),
+                         before_last_backward=optimizer.before_last_backward)
         optimizer.step(lr=1e-4, beta2=0.95)
         if step >= warmup:
             times[mode].append(time.perf_counter() - started)
@@ -104,10 +115,26 @@ def _ranks(args: list[str], world_size: int, jobs: int = 1) -> list[str]:
     """`jobs` copies of a `world_size`-rank job, all at once."""
     processes = []
     for rank, port in [(r, port) for port in (_free_port() for _ in range(jobs)) for r in range(world_size)]:
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": str(ROOT)}
-        processes.append(subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT),
+        }
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, *args],
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = []
     for process in processes:
         output, _ = process.communicate(timeout=1800)
@@ -118,9 +145,11 @@ def _ranks(args: list[str], world_size: int, jobs: int = 1) -> list[str]:
 
 
 def _measure(world_size: int, jobs: int = 1) -> dict:
-    outputs = _ranks(["-c", WORKER, json.dumps(SHAPE), str(BUCKET), str(STEPS), str(WARMUP)], world_size, jobs)
+    outputs = _ranks(
+        ["-c", WORKER, json.dumps(SHAPE), str(BUCKET), str(STEPS), str(WARMUP)], world_size, jobs
+    )
     lines = [line for output in outputs for line in output.splitlines() if line.startswith("RESULT ")]
-    return json.loads(lines[0][len("RESULT "):])
+    return json.loads(lines[0][len("RESULT ") :])
 
 
 def _spread(times: list[float]) -> float:
@@ -143,18 +172,26 @@ def main() -> None:
     exposed_on, exposed_off = (c - a) / b, (d - a) / b
     cores = os.cpu_count() or 1
     result = {
-        "shape": SHAPE, "reduce_bucket_size": BUCKET, "buckets": comm["buckets"], "gradient_elements": comm["elements"],
-        "steps_measured": STEPS, "omp_threads_per_rank": 1,
-        "a_step_alone_s": round(a, 4), "b_allreduce_alone_s": round(b, 4),
-        "c_step_dp2_overlap_s": round(c, 4), "d_step_dp2_no_overlap_s": round(d, 4),
-        "exposed_overlap": round(exposed_on, 3), "exposed_no_overlap": round(exposed_off, 3),
+        "shape": SHAPE,
+        "reduce_bucket_size": BUCKET,
+        "buckets": comm["buckets"],
+        "gradient_elements": comm["elements"],
+        "steps_measured": STEPS,
+        "omp_threads_per_rank": 1,
+        "a_step_alone_s": round(a, 4),
+        "b_allreduce_alone_s": round(b, 4),
+        "c_step_dp2_overlap_s": round(c, 4),
+        "d_step_dp2_no_overlap_s": round(d, 4),
+        "exposed_overlap": round(exposed_on, 3),
+        "exposed_no_overlap": round(exposed_off, 3),
         "a_local_step_in_dp_processes_s": round(local, 4),
         "exposed_overlap_vs_local": round((c - local) / b, 3),
         "exposed_no_overlap_vs_local": round((d - local) / b, 3),
         "target_exposed_overlap": TARGET,
         # Met only where the measurement can resolve it: the step time's own wander below 0.2 b.
         "target_met": exposed_on <= TARGET and noise <= 0.2 * b,
-        "step_time_spread_s": round(noise, 4), "spread_over_b": round(noise / b, 2),
+        "step_time_spread_s": round(noise, 4),
+        "spread_over_b": round(noise / b, 2),
         "load_average_1min": round(os.getloadavg()[0], 2),
     }
     if exposed_on > TARGET or noise > 0.2 * b:

@@ -27,13 +27,40 @@ def main(tokenize_tokens_per_s: float | None = None) -> dict:
     write_corpus(raw, demo_texts(), CORPUS_BYTES, seed=1)
     tokenized = OUT / f"tok-pack-{CORPUS_BYTES >> 20}mb"
     if not (tokenized / "manifest.json").is_file():
-        run_measured([*cli("tokenize_stage.cli"), "run", "--input", str(raw), "--output", str(tokenized), "--no-progress"])
+        run_measured(
+            [
+                *cli("tokenize_stage.cli"),
+                "run",
+                "--input",
+                str(raw),
+                "--output",
+                str(tokenized),
+                "--no-progress",
+            ]
+        )
     tokens = json.loads((tokenized / "manifest.json").read_text())["totals"]["tokens"]
     packed = OUT / "packed-bench"
     runs = []
     for _ in range(2):
         shutil.rmtree(packed, ignore_errors=True)
-        result = run_measured([*cli("pack_stage.cli"), "run", "--input", str(tokenized), "--output", str(packed), "--seq-len", "2048", "--micro-bsz", "2", "--valid-fraction", "0.001", "--no-progress"], sample_rss=False)
+        result = run_measured(
+            [
+                *cli("pack_stage.cli"),
+                "run",
+                "--input",
+                str(tokenized),
+                "--output",
+                str(packed),
+                "--seq-len",
+                "2048",
+                "--micro-bsz",
+                "2",
+                "--valid-fraction",
+                "0.001",
+                "--no-progress",
+            ],
+            sample_rss=False,
+        )
         runs.append(result.seconds)
     pack_tokens_per_s = tokens / min(runs)
 

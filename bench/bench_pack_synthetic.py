@@ -22,7 +22,8 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tokenize_stage.text_tokenizers import ByteTokenizer
+# Late on purpose: the sys.path insert above lets the file run as a plain script, not only with -m.
+from tokenize_stage.text_tokenizers import ByteTokenizer  # noqa: E402
 
 
 def build_corpus(folder: Path, tokens: int, files: int = 40, seed: int = 0) -> None:

@@ -58,13 +58,15 @@ JOB_NAME = "bubble"
 data = dict(seq_len={seq_len}, micro_num={micro_num}, micro_bsz=1, total_steps={steps})
 adam = dict(lr=1e-4)
 model = dict(num_layers={layers}, hidden_size={hidden}, num_attention_heads={heads}, mlp_ratio=8 / 3,
-             vocab_size={vocab}, dtype="torch.float32", embed_grad_scale=1, checkpoint=False, num_chunks={chunks})
+             vocab_size={vocab}, dtype="torch.float32", embed_grad_scale=1, checkpoint=False,
+             num_chunks={chunks})
 parallel = dict(zero1=1, pipeline=dict(size={pipeline}, interleaved_overlap=True))
 run_dir = {run_dir!r}
 """
 
 
 # ---------------------------------------------------------------- rank program (one per process)
+
 
 class _Timings:
     def __init__(self) -> None:
@@ -134,10 +136,14 @@ def _rank_program(config_path: str, out_path: str) -> None:
             result = function(*args, **kwargs)
             ended = time.perf_counter()
             current.update(
-                schedule_start=started, schedule_end=ended, schedule_s=ended - started,
-                recv_wait_s=timings.recv - recv0, send_wait_s=timings.send - send0,
+                schedule_start=started,
+                schedule_end=ended,
+                schedule_s=ended - started,
+                recv_wait_s=timings.recv - recv0,
+                send_wait_s=timings.send - send0,
             )
             return result
+
         return wrapper
 
     trainer.pipeline_forward_backward = timed_schedule(trainer.pipeline_forward_backward)
@@ -159,6 +165,7 @@ def _rank_program(config_path: str, out_path: str) -> None:
 
 # ---------------------------------------------------------------- driver
 
+
 def theory(p: int, m: int, v: int) -> float:
     return (p - 1) / (v * m + p - 1)
 
@@ -175,17 +182,35 @@ def run_case(processes: int, micro_num: int, chunks: int) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     config = run_dir / "config.py"
-    config.write_text(CONFIG.format(
-        steps=WARMUP + STEPS, micro_num=micro_num, chunks=chunks, pipeline=processes, run_dir=str(run_dir / "run"), **SHAPE
-    ))
+    config.write_text(
+        CONFIG.format(
+            steps=WARMUP + STEPS,
+            micro_num=micro_num,
+            chunks=chunks,
+            pipeline=processes,
+            run_dir=str(run_dir / "run"),
+            **SHAPE,
+        )
+    )
     results = run_ranks(
-        ["-m", "bench.bench_pipeline_bubble", "--rank-program", str(config), str(run_dir / "timings-{rank}.json")],
-        processes, timeout=900, extra_env={"PYTHONPATH": str(ROOT)},
+        [
+            "-m",
+            "bench.bench_pipeline_bubble",
+            "--rank-program",
+            str(config),
+            str(run_dir / "timings-{rank}.json"),
+        ],
+        processes,
+        timeout=900,
+        extra_env={"PYTHONPATH": str(ROOT)},
     )
     for result in results:
         if result.returncode != 0:
             raise RuntimeError(f"{name} rank {result.rank} failed:\n{result.output[-4000:]}")
-    per_rank = [json.loads((run_dir / f"timings-{rank}.json").read_text())["steps"][WARMUP:] for rank in range(processes)]
+    per_rank = [
+        json.loads((run_dir / f"timings-{rank}.json").read_text())["steps"][WARMUP:]
+        for rank in range(processes)
+    ]
     # The common window of each step: first schedule start to last schedule end over all stages
     # (perf_counter is CLOCK_MONOTONIC, one clock for every process on the machine).
     windows = [
@@ -194,23 +219,36 @@ def run_case(processes: int, micro_num: int, chunks: int) -> dict:
     ]
     stages = []
     for rank, steps in enumerate(per_rank):
-        stages.append({
-            "stage": rank,
-            "schedule_s": round(_median(steps, lambda s: s["schedule_s"]), 4),
-            "step_s": round(_median(steps, lambda s: s["step_s"]), 4),
-            "recv_wait_s": round(_median(steps, lambda s: s["recv_wait_s"]), 4),
-            "send_wait_s": round(_median(steps, lambda s: s["send_wait_s"]), 4),
-            "idle_fraction": round(_median(steps, lambda s: (s["recv_wait_s"] + s["send_wait_s"]) / s["schedule_s"]), 4),
-            "recv_idle_fraction": round(_median(steps, lambda s: s["recv_wait_s"] / s["schedule_s"]), 4),
-            "bubble_fraction": round(statistics.median(
-                1 - (s["schedule_s"] - s["recv_wait_s"] - s["send_wait_s"]) / w for s, w in zip(steps, windows)
-            ), 4),
-            "idle_fraction_of_step": round(_median(steps, lambda s: (s["recv_wait_s"] + s["send_wait_s"]) / s["step_s"]), 4),
-        })
+        stages.append(
+            {
+                "stage": rank,
+                "schedule_s": round(_median(steps, lambda s: s["schedule_s"]), 4),
+                "step_s": round(_median(steps, lambda s: s["step_s"]), 4),
+                "recv_wait_s": round(_median(steps, lambda s: s["recv_wait_s"]), 4),
+                "send_wait_s": round(_median(steps, lambda s: s["send_wait_s"]), 4),
+                "idle_fraction": round(
+                    _median(steps, lambda s: (s["recv_wait_s"] + s["send_wait_s"]) / s["schedule_s"]), 4
+                ),
+                "recv_idle_fraction": round(_median(steps, lambda s: s["recv_wait_s"] / s["schedule_s"]), 4),
+                "bubble_fraction": round(
+                    statistics.median(
+                        1 - (s["schedule_s"] - s["recv_wait_s"] - s["send_wait_s"]) / w
+                        for s, w in zip(steps, windows)
+                    ),
+                    4,
+                ),
+                "idle_fraction_of_step": round(
+                    _median(steps, lambda s: (s["recv_wait_s"] + s["send_wait_s"]) / s["step_s"]), 4
+                ),
+            }
+        )
     shutil.rmtree(run_dir / "run", ignore_errors=True)
     return {
-        "processes": processes, "pipeline": processes, "schedule": "1F1B" if chunks == 1 else f"interleaved v={chunks}",
-        "micro_num": micro_num, "chunks": chunks,
+        "processes": processes,
+        "pipeline": processes,
+        "schedule": "1F1B" if chunks == 1 else f"interleaved v={chunks}",
+        "micro_num": micro_num,
+        "chunks": chunks,
         "theoretical_bubble": round(theory(processes, micro_num, chunks), 4),
         "mean_bubble_fraction": round(statistics.mean(s["bubble_fraction"] for s in stages), 4),
         "mean_idle_fraction": round(statistics.mean(s["idle_fraction"] for s in stages), 4),
@@ -232,21 +270,30 @@ def main() -> dict:
                 case["wall_s"] = round(time.perf_counter() - started, 1)
                 cases.append(case)
                 print(
-                    f"p={processes} m={micro_num} {case['schedule']:>15}: theory {case['theoretical_bubble']:.3f}, "
+                    f"p={processes} m={micro_num} {case['schedule']:>15}: "
+                    f"theory {case['theoretical_bubble']:.3f}, "
                     f"bubble per stage {[s['bubble_fraction'] for s in case['stages']]}, "
-                    f"p2p idle in own schedule {[s['idle_fraction'] for s in case['stages']]} ({case['wall_s']} s)",
-                    file=sys.stderr, flush=True,
+                    f"p2p idle in own schedule {[s['idle_fraction'] for s in case['stages']]} "
+                    f"({case['wall_s']} s)",
+                    file=sys.stderr,
+                    flush=True,
                 )
     result = {
-        "shape": SHAPE, "dtype": "fp32", "micro_bsz": 1, "data": 1, "warmup_steps": WARMUP, "measured_steps": STEPS,
+        "shape": SHAPE,
+        "dtype": "fp32",
+        "micro_bsz": 1,
+        "data": 1,
+        "warmup_steps": WARMUP,
+        "measured_steps": STEPS,
         "threads_per_rank": 1,
         "note": (
-            f"{os.cpu_count()} CPU cores: with more processes than cores (4 processes here) stages share cores, "
-            "so compute is inflated and idle time partly overlaps a neighbour's compute on the same core; "
-            "the machine is also shared with other work, so single cases are noisy (medians over measured_steps). "
-            "bubble_fraction = 1 - (own schedule time - p2p wait) / common window (first schedule start to last "
-            "schedule end over the stages); idle_fraction = blocked in p2p Work.wait (recv + send) / own schedule "
-            "time; theoretical_bubble = (p-1)/(m+p-1) for 1F1B, (p-1)/(v*m+p-1) interleaved"
+            f"{os.cpu_count()} CPU cores: with more processes than cores (4 processes here) stages share "
+            "cores, so compute is inflated and idle time partly overlaps a neighbour's compute on the same "
+            "core; the machine is also shared with other work, so single cases are noisy (medians over "
+            "measured_steps). bubble_fraction = 1 - (own schedule time - p2p wait) / common window (first "
+            "schedule start to last schedule end over the stages); idle_fraction = blocked in p2p Work.wait "
+            "(recv + send) / own schedule time; theoretical_bubble = (p-1)/(m+p-1) for 1F1B, (p-1)/(v*m+p-1) "
+            "interleaved"
         ),
         "cases": cases,
     }

@@ -50,11 +50,18 @@ texts = [json.loads(l)["content"] for p in sorted(Path(sys.argv[2]).rglob("*.jso
 started = time.perf_counter()
 tokens = 0
 for i in range(0, len(texts), 4096):
-    tokens += sum(len(e.ids) + 2 for e in tokenizer.encode_batch_fast(texts[i:i + 4096], add_special_tokens=False))
+    tokens += sum(len(e.ids) + 2
+                  for e in tokenizer.encode_batch_fast(texts[i:i + 4096], add_special_tokens=False))
 print(json.dumps({"seconds": time.perf_counter() - started, "tokens": tokens}))
 """
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "true"}
-    result = subprocess.run([sys.executable, "-c", code, str(tokenizer_path), str(raw)], capture_output=True, text=True, env=env, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tokenizer_path), str(raw)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     data = json.loads(result.stdout)
     return data["seconds"], data["tokens"]
 
@@ -69,14 +76,35 @@ def main() -> dict:
         limit_s, tokens = library_limit(tokenizer, raw)
         target = OUT / "tok-bench"
         shutil.rmtree(target, ignore_errors=True)
-        stage = run_measured([*cli("tokenize_stage.cli"), "run", "--input", str(raw), "--output", str(target), "--tokenizer", str(tokenizer), "--workers", str(os.cpu_count()), "--no-progress"], sample_rss=False)
+        stage = run_measured(
+            [
+                *cli("tokenize_stage.cli"),
+                "run",
+                "--input",
+                str(raw),
+                "--output",
+                str(target),
+                "--tokenizer",
+                str(tokenizer),
+                "--workers",
+                str(os.cpu_count()),
+                "--no-progress",
+            ],
+            sample_rss=False,
+        )
         manifest = json.loads((target / "manifest.json").read_text())
         assert manifest["totals"]["tokens"] == tokens, (manifest["totals"]["tokens"], tokens)
         naive_out = OUT / "tok-naive"
         shutil.rmtree(naive_out, ignore_errors=True)
-        naive = run_measured([sys.executable, "-c", NAIVE, str(tokenizer), str(raw), str(naive_out)], sample_rss=False)
+        naive = run_measured(
+            [sys.executable, "-c", NAIVE, str(tokenizer), str(raw), str(naive_out)], sample_rss=False
+        )
         rows.append({"limit_s": limit_s, "stage_s": stage.seconds, "naive_s": naive.seconds})
-        print(f"repeat {repeat}: limit {limit_s:.2f} s, stage {stage.seconds:.2f} s, naive {naive.seconds:.2f} s", flush=True)
+        print(
+            f"repeat {repeat}: limit {limit_s:.2f} s, stage {stage.seconds:.2f} s, "
+            f"naive {naive.seconds:.2f} s",
+            flush=True,
+        )
     best = {key: min(r[key] for r in rows) for key in rows[0]}
     mb = corpus_bytes / 2**20
     result = {

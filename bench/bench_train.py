@@ -45,7 +45,8 @@ WARMUP = 2
 
 CONFIG = """
 JOB_NAME = "bench"
-data = dict(seq_len={seq_len}, micro_num={micro_num}, micro_bsz=1, total_steps={steps}, train_folder={train_folder!r})
+data = dict(seq_len={seq_len}, micro_num={micro_num}, micro_bsz=1, total_steps={steps},
+            train_folder={train_folder!r})
 adam = dict(lr=1e-4)
 model = dict(num_layers={layers}, hidden_size={hidden}, num_attention_heads={heads}, mlp_ratio=8 / 3,
              vocab_size={vocab}, dtype="{dtype}", embed_grad_scale=1, checkpoint=False)
@@ -59,8 +60,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 shape = json.loads(sys.argv[1]); steps = int(sys.argv[2]); dtype = getattr(torch, sys.argv[3])
 hidden = shape["hidden"]; mlp = 256 * ((int(hidden * 8 / 3) + 255) // 256)
 config = LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=shape["layers"],
-                     num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"], vocab_size=shape["vocab"],
-                     max_position_embeddings=shape["seq_len"], attention_bias=True, tie_word_embeddings=False)
+                     num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
+                     vocab_size=shape["vocab"], max_position_embeddings=shape["seq_len"], attention_bias=True,
+                     tie_word_embeddings=False)
 torch.manual_seed(0)
 model = LlamaForCausalLM(config).to(dtype)
 model.config._attn_implementation = "sdpa"
@@ -108,7 +110,12 @@ def run_ours(shape: dict, steps: int, train_folder: str | None, name: str, dtype
     config.write_text(
         CONFIG.format(steps=steps, train_folder=train_folder, run_dir=str(run_dir), dtype=dtype, **shape)
     )
-    subprocess.run([sys.executable, "-m", "train_kernel.cli", "run", "--config", str(config)], check=True, capture_output=True, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, "-m", "train_kernel.cli", "run", "--config", str(config)],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == "train"]
 
@@ -127,8 +134,33 @@ def demo_pack_2048() -> str:
     raw, tokenized, packed = OUT / "raw-demo", OUT / "tok-demo", OUT / "packed-demo-2048"
     if not (packed / "manifest.json").is_file():
         build_demo_corpus(raw)
-        run_measured([*cli("tokenize_stage.cli"), "run", "--input", str(raw), "--output", str(tokenized), "--no-progress"])
-        run_measured([*cli("pack_stage.cli"), "run", "--input", str(tokenized), "--output", str(packed), "--seq-len", "2048", "--micro-bsz", "1", "--overwrite", "--no-progress"])
+        run_measured(
+            [
+                *cli("tokenize_stage.cli"),
+                "run",
+                "--input",
+                str(raw),
+                "--output",
+                str(tokenized),
+                "--no-progress",
+            ]
+        )
+        run_measured(
+            [
+                *cli("pack_stage.cli"),
+                "run",
+                "--input",
+                str(tokenized),
+                "--output",
+                str(packed),
+                "--seq-len",
+                "2048",
+                "--micro-bsz",
+                "1",
+                "--overwrite",
+                "--no-progress",
+            ]
+        )
     return str(packed)
 
 
@@ -141,7 +173,11 @@ def machine_class() -> dict:
         "native_bf16": speed.native_bf16,
         "probe_matmul_gflops": speed.matmul_gflops,
         "threads": speed.threads,
-        "isa_caps": {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ},
+        "isa_caps": {
+            k: os.environ[k]
+            for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+            if k in os.environ
+        },
     }
 
 
@@ -154,8 +190,10 @@ def main() -> dict:
     # drift of the machine's speed slows both sides alike instead of one of them.
     for index in range(ROUNDS):
         rates.append(matmul_rate(SHAPE, torch_dtype))
-        sides = [("ours", lambda: run_ours(SHAPE, STEPS + WARMUP, None, "train-ours", dtype)[WARMUP:]),
-                 ("base", lambda: run_baseline(SHAPE, STEPS + WARMUP, dtype)[WARMUP:])]
+        sides = [
+            ("ours", lambda: run_ours(SHAPE, STEPS + WARMUP, None, "train-ours", dtype)[WARMUP:]),
+            ("base", lambda: run_baseline(SHAPE, STEPS + WARMUP, dtype)[WARMUP:]),
+        ]
         measured = {name: run() for name, run in (sides if index % 2 == 0 else sides[::-1])}
         ours += measured["ours"]
         baseline += measured["base"]
@@ -165,7 +203,9 @@ def main() -> dict:
     ours_step = statistics.median(tokens_per_step / r["tgs"] for r in ours)
     base_step = statistics.median(baseline)
     ours_tflops = statistics.median(r["tflops"] for r in ours)
-    packed = run_ours({**SHAPE, "vocab": 384}, STEPS + WARMUP, demo_pack_2048(), "train-packed", dtype)[WARMUP:]
+    packed = run_ours({**SHAPE, "vocab": 384}, STEPS + WARMUP, demo_pack_2048(), "train-packed", dtype)[
+        WARMUP:
+    ]
     wait = sum(r["data_wait_s"] for r in packed) / sum(tokens_per_step / r["tgs"] for r in packed)
     result = {
         "shape": SHAPE,

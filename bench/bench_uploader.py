@@ -4,8 +4,8 @@ The same files (default 4 x 256 MiB in /dev/shm, BENCH_UPLOADER_FILES / BENCH_UP
 sent alternately by
 - boto3: `client.upload_file` file after file, boto3's default TransferConfig (8 MiB parts, 10
   threads) in this process: what a trainer calling boto3 itself would get;
-- the uploader: `ckpt-uploader serve` (--workers 4: 4 files and 8 parts in flight, 8 MiB parts) in its own process,
-  timed from `submit` to the `wait` reply saying done: journal fsync, sha256 of every byte against
+- the uploader: `ckpt-uploader serve` (--workers 4: 4 files and 8 parts in flight, 8 MiB parts) in its own
+  process, timed from `submit` to the `wait` reply saying done: journal fsync, sha256 of every byte against
   the manifest, SHA256 part checksums, head_object read-back, the marker, and the spool delete
   included.
 The uploader runs twice, with its default SHA256 part checksums and with CRC32 (boto3's own

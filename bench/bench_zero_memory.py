@@ -30,15 +30,19 @@ group = None
 if world > 1:
     dist.init_process_group("gloo")
     group = dist.new_group(list(range(world)))
-config = ModelConfig(num_layers=8, hidden_size=512, num_attention_heads=8, mlp_ratio=8 / 3, vocab_size=32000, dtype="torch.bfloat16")
+config = ModelConfig(num_layers=8, hidden_size=512, num_attention_heads=8, mlp_ratio=8 / 3, vocab_size=32000,
+                     dtype="torch.bfloat16")
 model = build_model(config, "cpu")
 optimizer = ZeroOptimizer(list(model.parameters()), AdamSettings(), DynamicLossScaler(enabled=False), 1.0,
-                          data_group=group, data_size=world, zero_group=group, zero_ranks=list(range(world)), zero_rank=rank)
+                          data_group=group, data_size=world, zero_group=group, zero_ranks=list(range(world)),
+                          zero_rank=rank)
 for p in model.parameters():
     p.grad = torch.randn_like(p)
 optimizer.step(lr=1e-4, beta2=0.95)
 inner = optimizer.inner
-tensors = [inner.master, inner.master.grad] + [t for state in inner.optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.numel() > 1]
+tensors = [inner.master, inner.master.grad] + [t for state in inner.optimizer.state.values()
+                                               for t in state.values()
+                                               if torch.is_tensor(t) and t.numel() > 1]
 print(json.dumps({"rank": rank, "optimizer_bytes": sum(t.numel() * t.element_size() for t in tensors),
                   "parameters": sum(p.numel() for p in model.parameters())}))
 if world > 1:
@@ -57,9 +61,19 @@ def measure(world: int) -> list[dict]:
     port = _free_port()
     processes = []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        processes.append(subprocess.Popen([sys.executable, "-c", RANK_PROGRAM], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-c", RANK_PROGRAM], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True
+            )
+        )
     rows = []
     for process in processes:
         output, _ = process.communicate(timeout=600)
@@ -75,13 +89,19 @@ def main() -> dict:
     table = []
     for world, rows in results.items():
         largest = max(r["optimizer_bytes"] for r in rows)
-        table.append({
-            "zero1": world,
-            "max_rank_optimizer_mib": round(largest / 2**20, 2),
-            "fraction_of_unpartitioned": round(largest / full, 5),
-            "target": round(1 / world + 0.02, 5),
-        })
-    result = {"parameters": results[SIZES[0]][0]["parameters"], "unpartitioned_optimizer_mib": round(full / 2**20, 2), "runs": table}
+        table.append(
+            {
+                "zero1": world,
+                "max_rank_optimizer_mib": round(largest / 2**20, 2),
+                "fraction_of_unpartitioned": round(largest / full, 5),
+                "target": round(1 / world + 0.02, 5),
+            }
+        )
+    result = {
+        "parameters": results[SIZES[0]][0]["parameters"],
+        "unpartitioned_optimizer_mib": round(full / 2**20, 2),
+        "runs": table,
+    }
     save_result("zero_memory", result)
     return result
 

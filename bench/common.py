@@ -32,7 +32,9 @@ def demo_texts() -> list[str]:
     return texts
 
 
-def write_corpus(folder: Path, texts: list[str], total_bytes: int, files_per_type: int = 4, seed: int = 0) -> int:
+def write_corpus(
+    folder: Path, texts: list[str], total_bytes: int, files_per_type: int = 4, seed: int = 0
+) -> int:
     """A raw corpus of about ``total_bytes`` of jsonl, cycling through ``texts`` in a shuffled
     order, spread over en/ and code/ folders. Returns the bytes written."""
     if folder.is_dir() and (folder / ".complete").is_file():
@@ -87,7 +89,9 @@ class CommandResult:
     stdout: str
 
 
-def run_measured(args: list[str], env: dict | None = None, sample_s: float = 0.02, sample_rss: bool = True) -> CommandResult:
+def run_measured(
+    args: list[str], env: dict | None = None, sample_s: float = 0.02, sample_rss: bool = True
+) -> CommandResult:
     """Runs a command, timing it and (unless sample_rss is off: sampling costs CPU that timing
     runs should not lose) sampling the summed RSS of its whole process tree."""
     started = time.perf_counter()

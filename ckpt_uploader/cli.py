@@ -34,19 +34,28 @@ def main(verbose: bool) -> None:
     "--bind",
     default="tcp://127.0.0.1:5557",
     show_default=True,
-    help="ZeroMQ endpoint; 'tcp://127.0.0.1:*' picks a free port (printed on stdout). Bind beyond loopback only with --curve-keys.",
+    help=(
+        "ZeroMQ endpoint; 'tcp://127.0.0.1:*' picks a free port (printed on stdout). "
+        "Bind beyond loopback only with --curve-keys."
+    ),
 )
 @click.option(
     "--spool",
     required=True,
     type=click.Path(path_type=Path, file_okay=False),
-    help="Folder the trainer writes checkpoints into (<spool>/<job-id>/); nothing outside it is ever read or deleted.",
+    help=(
+        "Folder the trainer writes checkpoints into (<spool>/<job-id>/); "
+        "nothing outside it is ever read or deleted."
+    ),
 )
 @click.option(
     "--journal",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
-    help="Job journal (JSONL, fsynced); default <spool>/.ckpt-uploader-journal.jsonl. Restart on the same journal to finish acknowledged jobs.",
+    help=(
+        "Job journal (JSONL, fsynced); default <spool>/.ckpt-uploader-journal.jsonl. "
+        "Restart on the same journal to finish acknowledged jobs."
+    ),
 )
 @click.option(
     "--workers",
@@ -187,7 +196,8 @@ def keygen(folder: Path) -> None:
     except CurveError as error:
         raise click.ClickException(str(error)) from None
     click.echo(
-        f"serve with --curve-keys {folder}; give clients {folder / 'server.key'} and {folder / 'client.key_secret'}"
+        f"serve with --curve-keys {folder}; give clients {folder / 'server.key'} and "
+        f"{folder / 'client.key_secret'}"
     )
 
 

@@ -1,8 +1,9 @@
 """A private uploader for one trainer: started as a child process on a free loopback port, gone
 when the trainer is gone (the child polls its parent pid every 50 ms and exits when it has been
 re-parented; prctl(PR_SET_PDEATHSIG) is not used: it fires when the *thread* that started the
-child exits, and preexec_fn is unsafe in a multi-threaded trainer). Jobs it has acknowledged stay in its journal, so a trainer restarted on
-the same spool and journal gets them finished by its next private uploader."""
+child exits, and preexec_fn is unsafe in a multi-threaded trainer). Jobs it has acknowledged stay
+in its journal, so a trainer restarted on the same spool and journal gets them finished by its next
+private uploader."""
 
 from __future__ import annotations
 

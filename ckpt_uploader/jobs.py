@@ -237,7 +237,8 @@ class JobRunner:
             stored = store.size(entry.name)
             if stored != entry.size:
                 raise JobFailed(
-                    f"{store.describe()}: {entry.name} has {stored} bytes after the upload, expected {entry.size}"
+                    f"{store.describe()}: {entry.name} has {stored} bytes after the upload, "
+                    f"expected {entry.size}"
                 )
 
     def _remove_spool_copy(self, job: Job) -> None:

@@ -174,14 +174,16 @@ class S3Store(Store):
             if code in _DENIED_CODES:
                 return StoreError(
                     f"{what}: access denied ({code}) to {where}; check the credentials "
-                    "(S3_ACCESS_KEY_ID / S3_SECRET_ACCESS_KEY_ID, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws)"
+                    "(S3_ACCESS_KEY_ID / S3_SECRET_ACCESS_KEY_ID, "
+                    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws)"
                 )
             return StoreError(
                 f"{what} ({where}): {code}: {error.response.get('Error', {}).get('Message', '')}"
             )
         if isinstance(error, NoCredentialsError):
             return StoreError(
-                f"{what}: no S3 credentials found; set S3_ACCESS_KEY_ID / S3_SECRET_ACCESS_KEY_ID or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+                f"{what}: no S3 credentials found; set S3_ACCESS_KEY_ID / S3_SECRET_ACCESS_KEY_ID "
+                "or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
             )
         if isinstance(error, EndpointConnectionError):
             return StoreError(f"{what}: cannot reach the S3 endpoint {self.endpoint_url} ({error})")
@@ -328,12 +330,14 @@ class S3Store(Store):
         )
         if head["ContentLength"] != size:
             raise StoreError(
-                f"s3://{self.bucket}/{full_key}: stored size {head['ContentLength']} differs from the {size} bytes sent"
+                f"s3://{self.bucket}/{full_key}: stored size {head['ContentLength']} "
+                f"differs from the {size} bytes sent"
             )
         remote = head.get(self._checksum_field)
         if remote and remote.split("-")[0] != checksum:  # stores without checksums: size only
             raise StoreError(
-                f"s3://{self.bucket}/{full_key}: stored {self.checksum_algorithm} checksum {remote} differs from the one sent ({checksum})"
+                f"s3://{self.bucket}/{full_key}: stored {self.checksum_algorithm} checksum {remote} "
+                f"differs from the one sent ({checksum})"
             )
 
     def put_bytes(self, key: str, data: bytes) -> None:
@@ -345,7 +349,11 @@ class S3Store(Store):
         returns that checksum (base64) for the read-back."""
         checksum = b64_digest(_checksum(self.checksum_algorithm, data))
         self._with_retries(
-            what, self.client.put_object, Bucket=self.bucket, Key=full_key, Body=data,
+            what,
+            self.client.put_object,
+            Bucket=self.bucket,
+            Key=full_key,
+            Body=data,
             **{self._checksum_field: checksum},
         )
         return checksum

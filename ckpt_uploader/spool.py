@@ -37,5 +37,6 @@ class Spool:
             path = folder / entry.name
             if (path.exists() or path.is_symlink()) and not self._inside(path):
                 raise ProtocolError(
-                    f"files: {entry.name!r} resolves to {os.path.realpath(path)}, outside the spool {self.real_root}"
+                    f"files: {entry.name!r} resolves to {os.path.realpath(path)}, "
+                    f"outside the spool {self.real_root}"
                 )

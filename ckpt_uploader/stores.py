@@ -96,7 +96,8 @@ class Store(ABC):
         return 0
 
     def close(self) -> None:
-        pass
+        """Releases what the store holds (worker pools, connections); a no-op unless a store overrides it."""
+        return None
 
 
 def open_store(

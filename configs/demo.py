@@ -2,6 +2,8 @@
 # `make demo` prepares (byte-level tokens of Python's standard library). Same format as configs/7B_sft.py.
 # Sized for the slower machine class: a CPU without native bf16 trains it in fp32 (dtype "auto"),
 # where 400 steps of 1,024 tokens take about 3 minutes; a CPU with AMX / AVX512-BF16 trains in bf16.
+import os
+
 JOB_NAME = "demo"
 
 SEQ_LEN = 512
@@ -10,8 +12,6 @@ NUM_ATTENTION_HEAD = 4
 MLP_RATIO = 8 / 3
 NUM_LAYER = 4
 VOCAB_SIZE = 384  # the byte tokenizer's 259 ids, padded to a multiple of 128
-
-import os
 
 CHECKPOINT_EVERY = 100
 SAVE_CKPT_FOLDER = "local:runs/demo/ckpt"
@@ -22,7 +22,9 @@ ckpt = dict(
     oss_snapshot_freq=CHECKPOINT_EVERY // 2,
     # Training waits only for the copy into memory; a private ckpt-uploader writes the folder.
     async_upload=True,
-    async_upload_tmp_folder="/dev/shm/llm-pretrain-demo/" if os.path.isdir("/dev/shm") else "runs/demo/spool/",
+    async_upload_tmp_folder="/dev/shm/llm-pretrain-demo/"
+    if os.path.isdir("/dev/shm")
+    else "runs/demo/spool/",
     # `make demo` again continues from the newest complete checkpoint (or does nothing when done).
     auto_resume=True,
 )

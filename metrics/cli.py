@@ -62,7 +62,10 @@ def main(verbose: bool) -> None:
     type=float,
     default=120.0,
     show_default=True,
-    help="After a stop request, give up (exit 1) if MLflow stays unreachable this long; the next start continues.",
+    help=(
+        "After a stop request, give up (exit 1) if MLflow stays unreachable this long; "
+        "the next start continues."
+    ),
 )
 def run(
     run_dir: Path,

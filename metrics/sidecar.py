@@ -136,8 +136,8 @@ class Sidecar:
     def run(self, follow: bool) -> None:
         if not self.run_dir.is_dir():
             raise RunDirMissing(
-                f"run folder {self.run_dir} does not exist: pass the trainer's run folder (runs/<JOB_NAME> by default, "
-                f"or the config's run_dir), the one that holds {METRICS_FILE}"
+                f"run folder {self.run_dir} does not exist: pass the trainer's run folder "
+                f"(runs/<JOB_NAME> by default, or the config's run_dir), the one that holds {METRICS_FILE}"
             )
         lock = self._lock()
         try:
@@ -201,7 +201,8 @@ class Sidecar:
             )
         mlflow_run.set_status(self._final_status())
         log.info(
-            "drained %s up to line %d: %d steps forwarded, %d redone steps not forwarded again, %d lines skipped",
+            "drained %s up to line %d: %d steps forwarded, %d redone steps not forwarded again, "
+            "%d lines skipped",
             path,
             reader.line,
             self.forwarded_steps,
@@ -278,7 +279,8 @@ class Sidecar:
                 changed.append(f"{key}: {self._params[key]!r} -> {text!r}")
         if changed:
             log.warning(
-                "%s:%d: the restarted run changed params that MLflow keeps immutable (kept the first values): %s",
+                "%s:%d: the restarted run changed params that MLflow keeps immutable "
+                "(kept the first values): %s",
                 METRICS_FILE,
                 record.line,
                 "; ".join(changed[:20]),

@@ -104,7 +104,8 @@ class PackedReader:
         self._chunk_starts = np.asarray(starts, dtype=np.int64)
         if starts[-1] != self.info.rows:
             raise PackedDataError(
-                f"{self.manifest.path}: split {split!r} should have {self.info.rows} rows, its parts hold {starts[-1]}"
+                f"{self.manifest.path}: split {split!r} should have {self.info.rows} rows, "
+                f"its parts hold {starts[-1]}"
             )
         self._bytes_since_release = 0
 

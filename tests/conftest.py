@@ -99,18 +99,34 @@ class MlflowServer:
         import urllib.request
 
         args = [
-            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
-            "--artifacts-destination", str(self.folder / "artifacts"),
-            "--uvicorn-opts", "--timeout-graceful-shutdown 1",
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.folder / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.folder / "artifacts"),
+            "--uvicorn-opts",
+            "--timeout-graceful-shutdown 1",
         ]
         env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
         log = open(self.folder / "server.log", "ab")
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited ({self.process.returncode}); see {self.folder / 'server.log'}")
+                raise RuntimeError(
+                    f"mlflow server exited ({self.process.returncode}); see {self.folder / 'server.log'}"
+                )
             try:
                 urllib.request.urlopen(f"{self.uri}/health", timeout=1).read()
                 return
@@ -184,7 +200,7 @@ class S3Server:
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"moto server did not start on port {port}")
+                    raise RuntimeError(f"moto server did not start on port {port}") from None
                 time.sleep(0.1)
 
     def client(self):
@@ -232,7 +248,16 @@ def pytest_collection_modifyitems(config, items) -> None:
 # Programs whose start makes a test a `process` test (at least); helper tools that libraries call
 # (git for a commit id, ldconfig behind ctypes.util.find_library) do not count.
 PROJECT_PROGRAMS = frozenset(
-    {"tokenize-stage", "pack-stage", "train-kernel", "metrics-sidecar", "ckpt-uploader", "torchrun", "mlflow", "make"}
+    {
+        "tokenize-stage",
+        "pack-stage",
+        "train-kernel",
+        "metrics-sidecar",
+        "ckpt-uploader",
+        "torchrun",
+        "mlflow",
+        "make",
+    }
 )
 
 

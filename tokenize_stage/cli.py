@@ -19,24 +19,71 @@ from tokenize_stage.text_tokenizers import TokenizerError
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
     """Tokenize raw text (jsonl / txt / parquet, one folder per data type) into Arrow token shards."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 @main.command()
-@click.option("--input", "input_dir", required=True, type=click.Path(path_type=Path), help="Folder of type folders (en/, cn/, code/, ...).")
-@click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path), help="Folder for the token shards and manifest.json.")
-@click.option("--tokenizer", "tokenizer_path", type=click.Path(dir_okay=False), default=None, help="SentencePiece .model or Hugging Face tokenizer.json; default: byte-level.")
+@click.option(
+    "--input",
+    "input_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder of type folders (en/, cn/, code/, ...).",
+)
+@click.option(
+    "--output",
+    "output_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder for the token shards and manifest.json.",
+)
+@click.option(
+    "--tokenizer",
+    "tokenizer_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="SentencePiece .model or Hugging Face tokenizer.json; default: byte-level.",
+)
 @click.option("--workers", type=int, default=None, help="Worker processes (default: all cores).")
-@click.option("--text-key", default="content", show_default=True, help="jsonl field / parquet column holding the text.")
-@click.option("--whole-file", is_flag=True, help="A .txt file is one document (default: one line per document).")
-@click.option("--strict", is_flag=True, help="Stop at the first bad line instead of counting and reporting it.")
-@click.option("--bos-token", default=None, help="Name of the BOS token when the tokenizer file does not make it clear.")
-@click.option("--eos-token", default=None, help="Name of the EOS token when the tokenizer file does not make it clear.")
+@click.option(
+    "--text-key", default="content", show_default=True, help="jsonl field / parquet column holding the text."
+)
+@click.option(
+    "--whole-file", is_flag=True, help="A .txt file is one document (default: one line per document)."
+)
+@click.option(
+    "--strict", is_flag=True, help="Stop at the first bad line instead of counting and reporting it."
+)
+@click.option(
+    "--bos-token", default=None, help="Name of the BOS token when the tokenizer file does not make it clear."
+)
+@click.option(
+    "--eos-token", default=None, help="Name of the EOS token when the tokenizer file does not make it clear."
+)
 @click.option("--no-bos", is_flag=True, help="Do not add BOS to each document.")
 @click.option("--no-eos", is_flag=True, help="Do not add EOS to each document.")
-@click.option("--num-shards", type=int, default=1, show_default=True, help="Machines the inputs are split over (e.g. a Slurm array's size).")
-@click.option("--shard-index", type=int, default=None, help="This machine's shard, 0-based (default: $SLURM_ARRAY_TASK_ID or 0).")
-@click.option("--chunk-mb", type=int, default=DEFAULT_CHUNK_BYTES >> 20, show_default=True, help="Work unit size within large files; change it only for a new output folder.")
+@click.option(
+    "--num-shards",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Machines the inputs are split over (e.g. a Slurm array's size).",
+)
+@click.option(
+    "--shard-index",
+    type=int,
+    default=None,
+    help="This machine's shard, 0-based (default: $SLURM_ARRAY_TASK_ID or 0).",
+)
+@click.option(
+    "--chunk-mb",
+    type=int,
+    default=DEFAULT_CHUNK_BYTES >> 20,
+    show_default=True,
+    help="Work unit size within large files; change it only for a new output folder.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
 def run(
     input_dir: Path,
@@ -101,13 +148,20 @@ def merge(output_dir: Path) -> None:
 
 
 @main.command("demo-corpus")
-@click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path), help="Raw-text folder to write (code/ and en/).")
+@click.option(
+    "--output",
+    "output_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Raw-text folder to write (code/ and en/).",
+)
 @click.option("--max-mb", type=int, default=8, show_default=True, help="Text per data type, in MiB.")
 def demo_corpus(output_dir: Path, max_mb: int) -> None:
     """Write a demo corpus from this Python's standard library (sources as code, docstrings as en)."""
     summary = build_demo_corpus(output_dir, max_mb << 20)
     click.echo(
-        f"demo corpus in {output_dir}: code {summary.code_documents:,} documents ({summary.code_bytes / 2**20:.1f} MiB), "
+        f"demo corpus in {output_dir}: "
+        f"code {summary.code_documents:,} documents ({summary.code_bytes / 2**20:.1f} MiB), "
         f"en {summary.en_documents:,} documents ({summary.en_bytes / 2**20:.1f} MiB)"
     )
 
@@ -117,8 +171,8 @@ def _print_report(report: StageReport) -> None:
     click.echo(
         f"tokenized {report.files_done} file(s) ({report.files_skipped} already done): "
         f"{report.documents:,} documents, {report.tokens:,} tokens, {report.input_bytes / 2**20:,.1f} MiB "
-        f"in {report.seconds:.1f} s ({report.documents / rate:,.0f} docs/s, {report.tokens / rate:,.0f} tokens/s, "
-        f"{report.input_bytes / 2**20 / rate:,.1f} MB/s)"
+        f"in {report.seconds:.1f} s ({report.documents / rate:,.0f} docs/s, "
+        f"{report.tokens / rate:,.0f} tokens/s, {report.input_bytes / 2**20 / rate:,.1f} MB/s)"
     )
     if report.rejected:
         click.echo(f"rejected {report.rejected:,} line(s); the first ones:")

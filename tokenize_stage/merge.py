@@ -35,7 +35,9 @@ def merge_shard_manifests(output: Path) -> Path:
     if not found:
         raise MergeError(f"no shard manifests (manifest.shard-I-of-N.json) in {output}")
     if len(counts) != 1:
-        raise MergeError(f"{output} holds shard manifests of runs with different shard counts: {sorted(counts)}")
+        raise MergeError(
+            f"{output} holds shard manifests of runs with different shard counts: {sorted(counts)}"
+        )
     count = counts.pop()
     missing = sorted(set(range(count)) - set(found))
     if missing:

@@ -114,7 +114,9 @@ def run_stage(options: StageOptions) -> StageReport:
     header = _manifest_header(tokenizer, types, options)
     output.mkdir(parents=True, exist_ok=True)
     manifest_path = output / (
-        MANIFEST_NAME if options.num_shards == 1 else shard_manifest_name(options.shard_index, options.num_shards)
+        MANIFEST_NAME
+        if options.num_shards == 1
+        else shard_manifest_name(options.shard_index, options.num_shards)
     )
     done = _load_finished(output, manifest_path, header, files)
     manifest_path.unlink(missing_ok=True)  # from here until the end the folder is incomplete
@@ -192,7 +194,9 @@ def _manifest_header(tokenizer: Tokenizer, types: dict[str, int], options: Stage
     }
 
 
-def _load_finished(output: Path, manifest_path: Path, header: dict, files: list[InputFile]) -> dict[str, FileEntry]:
+def _load_finished(
+    output: Path, manifest_path: Path, header: dict, files: list[InputFile]
+) -> dict[str, FileEntry]:
     """Entries of inputs already finished and unchanged, from an earlier complete or partial run.
     Refuses an output folder made with other settings: mixing them would corrupt the corpus."""
     settings_path = output / STATE_DIR / "settings.json"
@@ -218,7 +222,9 @@ def _load_finished(output: Path, manifest_path: Path, header: dict, files: list[
             continue
         entry = FileEntry.from_json(file.rel, data)
         current = by_rel[file.rel]
-        if (entry.size, entry.mtime_ns) == (current.size, current.mtime_ns) and (output / entry.shard).is_file():
+        if (entry.size, entry.mtime_ns) == (current.size, current.mtime_ns) and (
+            output / entry.shard
+        ).is_file():
             done[file.rel] = entry
     return done
 
@@ -345,7 +351,9 @@ def _execute(
     # deadlock, and spawn behaves the same on every platform.
     context = multiprocessing.get_context("spawn")
     updates = context.Queue()
-    with ProcessPoolExecutor(options.workers, mp_context=context, initializer=init_worker, initargs=(config, updates)) as pool:
+    with ProcessPoolExecutor(
+        options.workers, mp_context=context, initializer=init_worker, initargs=(config, updates)
+    ) as pool:
         futures: dict[Future, WorkUnit] = {pool.submit(run_unit, unit, parts_dir): unit for unit in pending}
         try:
             while futures:
@@ -363,7 +371,9 @@ def _execute(
             raise
 
 
-def _guarded(call: Callable[[], UnitStats], unit: WorkUnit, options: StageOptions, report: StageReport) -> UnitStats | None:
+def _guarded(
+    call: Callable[[], UnitStats], unit: WorkUnit, options: StageOptions, report: StageReport
+) -> UnitStats | None:
     """Runs one unit; a bad line under --strict or an unreadable file becomes a StageError naming
     file:line; without --strict a file that fails is recorded and the run goes on."""
     try:

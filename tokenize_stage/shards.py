@@ -121,7 +121,10 @@ def _write_rejects(path: Path, file: InputFile, stats: list[UnitStats], line_off
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     with open(tmp, "w") as handle:
         for unit_stats, offset in zip(stats, line_offsets):
-            handle.writelines(json.dumps({"file": file.rel, "line": offset + line, "reason": reason}) + "\n" for line, reason in unit_stats.rejects)
+            handle.writelines(
+                json.dumps({"file": file.rel, "line": offset + line, "reason": reason}) + "\n"
+                for line, reason in unit_stats.rejects
+            )
             hidden = unit_stats.rejected - len(unit_stats.rejects)
             if hidden > 0:
                 handle.write(

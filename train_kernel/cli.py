@@ -162,7 +162,9 @@ def import_hf(hf_dir: Path, out_dir: Path) -> None:
 
 @main.command("checkpoints")
 @click.argument("folder")
-@click.option("--verify", is_flag=True, help="Also check every file's sha256 against the manifest (reads it all).")
+@click.option(
+    "--verify", is_flag=True, help="Also check every file's sha256 against the manifest (reads it all)."
+)
 def checkpoints(folder: str, verify: bool) -> None:
     """List the checkpoints of a save folder (local:/path, boto3:s3://bucket/prefix or a path):
     step, complete / incomplete / damaged, size, and the one auto_resume would take."""

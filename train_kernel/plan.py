@@ -402,11 +402,14 @@ def memory_fit_warning(plan: Plan, device_bytes: int) -> str | None:
     else:
         hints.append(f"optimizer {_gib(memory.optimizer)}: more data-parallel ranks with zero1 partition it")
     if config.model.checkpoint is not True:
-        hints.append(f"activations {_gib(memory.activations)}: model.checkpoint=True recomputes them in backward")
+        hints.append(
+            f"activations {_gib(memory.activations)}: model.checkpoint=True recomputes them in backward"
+        )
     hints.append("parallel.pipeline.size splits the layers over more ranks")
     return (
-        f"memory: the plan estimates {_gib(memory.total)} per rank (weights {_gib(memory.weights)}, gradients "
-        f"{_gib(memory.gradients)}, optimizer {_gib(memory.optimizer)}, activations {_gib(memory.activations)}) "
+        f"memory: the plan estimates {_gib(memory.total)} per rank (weights {_gib(memory.weights)}, "
+        f"gradients {_gib(memory.gradients)}, optimizer {_gib(memory.optimizer)}, "
+        f"activations {_gib(memory.activations)}) "
         f"and the device has {_gib(device_bytes)}; expect out-of-memory. " + "; ".join(hints)
     )
 
@@ -424,4 +427,3 @@ __all__ = [
     "meta_parameter_count",
     "render",
 ]
-

@@ -57,7 +57,9 @@ class FlakyProxy:
         self.listener.close()
 
 
-def test_dropped_connections_are_retried_and_the_objects_arrive_whole(s3_server, tmp_path, monkeypatch, caplog):
+def test_dropped_connections_are_retried_and_the_objects_arrive_whole(
+    s3_server, tmp_path, monkeypatch, caplog
+):
     caplog.set_level(logging.WARNING)
     bucket = s3_server.make_bucket(f"flaky-{uuid.uuid4().hex[:8]}")
     proxy = FlakyProxy(s3_server.endpoint_url, drops=3)

@@ -132,7 +132,17 @@ def sidecar_cli(*args: str, timeout_s: float = 60) -> subprocess.CompletedProces
 def start_sidecar_once(run_dir: Path, tracking_uri: str) -> subprocess.Popen:
     """`metrics-sidecar run --once` on `run_dir` as a background process, output piped."""
     return subprocess.Popen(
-        [sys.executable, "-m", "metrics.sidecar", "run", "--run-dir", str(run_dir), "--tracking-uri", tracking_uri, "--once"],
+        [
+            sys.executable,
+            "-m",
+            "metrics.sidecar",
+            "run",
+            "--run-dir",
+            str(run_dir),
+            "--tracking-uri",
+            tracking_uri,
+            "--once",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

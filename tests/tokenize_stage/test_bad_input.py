@@ -41,7 +41,10 @@ def test_bad_lines_are_counted_and_listed(tmp_path):
     entry = {e.path: e for e in manifest.files}["en/a.jsonl"]
     assert (entry.documents, entry.rejected, entry.blank_lines, entry.empty_documents) == (4, 5, 1, 1)
     assert [line for _, line, _ in documents(tmp_path / "tok")] == [1, 7, 8, 10]
-    rejects = [json.loads(line) for line in (tmp_path / "tok" / "en" / "a.jsonl.rejects.jsonl").read_text().splitlines()]
+    rejects = [
+        json.loads(line)
+        for line in (tmp_path / "tok" / "en" / "a.jsonl.rejects.jsonl").read_text().splitlines()
+    ]
     assert [(r["line"], r["reason"].split(":")[0].split(" (")[0]) for r in rejects] == [
         (2, "invalid JSON"),
         (3, "missing text key 'content'"),
@@ -49,7 +52,9 @@ def test_bad_lines_are_counted_and_listed(tmp_path):
         (5, "a JSON list, not an object"),
         (9, "invalid UTF-8 at byte 16 of the line"),
     ]
-    assert report.rejected == 5 and report.reject_samples[0].endswith("a.jsonl:2: invalid JSON: " + rejects[0]["reason"][14:])
+    assert report.rejected == 5 and report.reject_samples[0].endswith(
+        "a.jsonl:2: invalid JSON: " + rejects[0]["reason"][14:]
+    )
     assert report.empty_files == ["en/empty.jsonl"]
 
 
@@ -69,7 +74,16 @@ def test_unreadable_files_fail_the_run_but_keep_the_rest(tmp_path):
     write_jsonl(raw / "en" / "good.jsonl", [{"content": "fine"}])
     (raw / "en" / "gone.jsonl").symlink_to(tmp_path / "nowhere.jsonl")
     (raw / "en" / "corrupt.jsonl.gz").write_bytes(b"this is not gzip data")
-    result = run_cli("tokenize_stage.cli", "run", "--input", str(raw), "--output", str(tmp_path / "tok"), "--no-progress", check=False)
+    result = run_cli(
+        "tokenize_stage.cli",
+        "run",
+        "--input",
+        str(raw),
+        "--output",
+        str(tmp_path / "tok"),
+        "--no-progress",
+        check=False,
+    )
     assert result.returncode == 1
     assert "FAILED en/gone.jsonl: FileNotFoundError" in result.stderr
     assert "FAILED en/corrupt.jsonl.gz: BadGzipFile" in result.stderr
@@ -79,21 +93,49 @@ def test_unreadable_files_fail_the_run_but_keep_the_rest(tmp_path):
     # The user fixes the inputs; the re-run redoes only them.
     (raw / "en" / "gone.jsonl").unlink()
     (raw / "en" / "corrupt.jsonl.gz").unlink()
-    result = run_cli("tokenize_stage.cli", "run", "--input", str(raw), "--output", str(tmp_path / "tok"), "--no-progress")
+    result = run_cli(
+        "tokenize_stage.cli", "run", "--input", str(raw), "--output", str(tmp_path / "tok"), "--no-progress"
+    )
     assert "tokenized 0 file(s) (1 already done)" in result.stdout
     assert TokenManifest.load(tmp_path / "tok").documents == 1
 
 
 @pytest.mark.process
 def test_cli_errors_name_the_problem(tmp_path):
-    result = run_cli("tokenize_stage.cli", "run", "--input", str(tmp_path / "none"), "--output", str(tmp_path / "o"), check=False)
+    result = run_cli(
+        "tokenize_stage.cli",
+        "run",
+        "--input",
+        str(tmp_path / "none"),
+        "--output",
+        str(tmp_path / "o"),
+        check=False,
+    )
     assert result.returncode != 0 and "does not exist" in result.stderr
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "x.jsonl").write_text("{}\n")
-    result = run_cli("tokenize_stage.cli", "run", "--input", str(tmp_path / "flat"), "--output", str(tmp_path / "o"), check=False)
+    result = run_cli(
+        "tokenize_stage.cli",
+        "run",
+        "--input",
+        str(tmp_path / "flat"),
+        "--output",
+        str(tmp_path / "o"),
+        check=False,
+    )
     assert result.returncode != 0 and "no .jsonl/.txt/.parquet files under type folders" in result.stderr
     assert "Traceback" not in result.stderr
-    result = run_cli("tokenize_stage.cli", "run", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "flat" / "x.jsonl"), check=False)
+    result = run_cli(
+        "tokenize_stage.cli",
+        "run",
+        "--input",
+        str(tmp_path),
+        "--output",
+        str(tmp_path / "o"),
+        "--tokenizer",
+        str(tmp_path / "flat" / "x.jsonl"),
+        check=False,
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
 
 

@@ -32,7 +32,9 @@ def test_jsonl_txt_parquet_and_compressed(tmp_path):
     with gzip.open(raw / "cn" / "b.jsonl.gz", "wt", encoding="utf-8") as handle:
         handle.writelines(json.dumps({"content": t}) + "\n" for t in texts[:10])
     (raw / "cn" / "c.jsonl.zst").write_bytes(
-        zstandard.ZstdCompressor().compress("".join(json.dumps({"content": t}) + "\n" for t in texts[10:20]).encode())
+        zstandard.ZstdCompressor().compress(
+            "".join(json.dumps({"content": t}) + "\n" for t in texts[10:20]).encode()
+        )
     )
     (raw / "code").mkdir()
     (raw / "code" / "d.txt").write_text("first line\r\nsecond line\n\nthird line", encoding="utf-8")

@@ -40,7 +40,17 @@ def test_output_is_the_same_for_any_worker_count(tmp_path):
 def test_sigkill_then_resume_is_byte_identical(tmp_path, hf_tokenizer_json):
     raw = tmp_path / "raw"
     _corpus(raw, files=4, lines=6000)
-    args = ["--input", str(raw), "--tokenizer", str(hf_tokenizer_json), "--workers", "2", "--chunk-mb", "1", "--no-progress"]
+    args = [
+        "--input",
+        str(raw),
+        "--tokenizer",
+        str(hf_tokenizer_json),
+        "--workers",
+        "2",
+        "--chunk-mb",
+        "1",
+        "--no-progress",
+    ]
     run_cli("tokenize_stage.cli", "run", "--output", str(tmp_path / "clean"), *args)
 
     killed = tmp_path / "killed"
@@ -51,8 +61,11 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, hf_tokenizer_json):
         start_new_session=True,
     )
     deadline = time.monotonic() + 60
+
     def finished_units() -> int:
-        return len(list((killed / ".parts").rglob("0*.json"))) + len(list((killed / ".state").rglob("*.done.json")))
+        return len(list((killed / ".parts").rglob("0*.json"))) + len(
+            list((killed / ".state").rglob("*.done.json"))
+        )
 
     while finished_units() < 2:
         assert process.poll() is None, "the run finished before it could be killed: make the corpus bigger"
@@ -97,6 +110,17 @@ def test_shards_over_machines_merge_to_the_single_machine_result(tmp_path):
     with pytest.raises(MergeError, match=r"shards \[1\] of 3 have not finished"):
         merge_shard_manifests(tmp_path / "multi")
     env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1"}  # the index a Slurm array hands each task
-    run_cli("tokenize_stage.cli", "run", "--input", str(raw), "--output", str(tmp_path / "multi"), "--num-shards", "3", "--no-progress", env=env)
+    run_cli(
+        "tokenize_stage.cli",
+        "run",
+        "--input",
+        str(raw),
+        "--output",
+        str(tmp_path / "multi"),
+        "--num-shards",
+        "3",
+        "--no-progress",
+        env=env,
+    )
     run_cli("tokenize_stage.cli", "merge", str(tmp_path / "multi"))
     assert tree_digest(tmp_path / "multi") == tree_digest(tmp_path / "single")

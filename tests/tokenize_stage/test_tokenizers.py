@@ -22,7 +22,12 @@ def test_sentencepiece_matches_library(tmp_path, sentencepiece_model):
     got = [tokens for _, _, tokens in documents(tmp_path / "tok")]
     assert got == [[1, *processor.encode(t), 2] for t in texts]
     identity = TokenManifest.load(tmp_path / "tok").tokenizer
-    assert (identity.kind, identity.vocab_size, identity.bos_id, identity.eos_id) == ("sentencepiece", 120, 1, 2)
+    assert (identity.kind, identity.vocab_size, identity.bos_id, identity.eos_id) == (
+        "sentencepiece",
+        120,
+        1,
+        2,
+    )
     assert identity.sha256 == file_sha256(sentencepiece_model)
     assert tokenizer_from_identity(identity).decode(got[0][1:-1]) == texts[0]
 
@@ -55,7 +60,10 @@ def test_tokenizer_without_bos_needs_a_name(tmp_path):
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tokenizer.train_from_iterator(["plain text only"], trainers.BpeTrainer(vocab_size=300, special_tokens=["[END]"], show_progress=False))
+    tokenizer.train_from_iterator(
+        ["plain text only"],
+        trainers.BpeTrainer(vocab_size=300, special_tokens=["[END]"], show_progress=False),
+    )
     path = tmp_path / "tokenizer.json"
     tokenizer.save(str(path))
     write_jsonl(tmp_path / "raw" / "en" / "a.jsonl", [{"content": "plain"}])

@@ -18,23 +18,34 @@ from train_kernel.plan import make_plan
 
 # An AVX2-only CPU (AMD Zen 3 class), figures as measured there with one thread.
 EMULATING_CPU = DeviceSpeed(
-    device="cpu", name="AMD EPYC 7B13", capability="no bf16 flags", reports_native_bf16=False,
+    device="cpu",
+    name="AMD EPYC 7B13",
+    capability="no bf16 flags",
+    reports_native_bf16=False,
     matmul_gflops={"torch.float32": 45.0, "torch.bfloat16": 1.2, "torch.float16": 1.0},
 )
 # A CPU with AMX: bf16 several times fp32; fp16 converted to fp32.
 NATIVE_CPU = DeviceSpeed(
-    device="cpu", name="Intel Xeon (Sapphire Rapids)", capability="avx512_bf16 amx_bf16", reports_native_bf16=True,
+    device="cpu",
+    name="Intel Xeon (Sapphire Rapids)",
+    capability="avx512_bf16 amx_bf16",
+    reports_native_bf16=True,
     matmul_gflops={"torch.float32": 150.0, "torch.bfloat16": 1000.0, "torch.float16": 150.0},
 )
 # Flags say bf16, but oneDNN was capped at AVX2 and emulates it: the measurement decides.
 CAPPED_CPU = DeviceSpeed(
-    device="cpu", name="Intel Xeon (capped)", capability="avx512_bf16 amx_bf16", reports_native_bf16=True,
+    device="cpu",
+    name="Intel Xeon (capped)",
+    capability="avx512_bf16 amx_bf16",
+    reports_native_bf16=True,
     matmul_gflops={"torch.float32": 95.0, "torch.bfloat16": 1.0, "torch.float16": 0.9},
 )
 
 
 def gpu(bf16: bool) -> DeviceSpeed:
-    return DeviceSpeed(device="cuda:0", name="GPU", capability="sm_90" if bf16 else "sm_70", reports_native_bf16=bf16)
+    return DeviceSpeed(
+        device="cuda:0", name="GPU", capability="sm_90" if bf16 else "sm_70", reports_native_bf16=bf16
+    )
 
 
 @pytest.mark.parametrize(
@@ -51,8 +62,9 @@ def test_auto_picks_the_fastest_native_dtype(speed, expected):
     choice = choose_dtype("auto", speed=speed)
     assert choice.name == expected and choice.requested == "auto" and choice.warning is None
     if speed.device == "cpu":  # the figures behind the choice are in the log line
-        assert f"bf16 matmul {speed.rate(torch.bfloat16):.1f} GFLOP/s vs fp32 {speed.rate(torch.float32):.1f}" in (
-            choice.log_line()
+        assert (
+            f"bf16 matmul {speed.rate(torch.bfloat16):.1f} GFLOP/s vs fp32 {speed.rate(torch.float32):.1f}"
+            in (choice.log_line())
         )
 
 
@@ -73,8 +85,13 @@ def test_explicit_emulated_dtype_is_honoured_with_a_warning(speed, dtype, slowdo
 
 @pytest.mark.parametrize(
     ("speed", "dtype"),
-    [(EMULATING_CPU, "torch.float32"), (NATIVE_CPU, "torch.bfloat16"), (NATIVE_CPU, "torch.float32"),
-     (gpu(bf16=True), "torch.float16"), (gpu(bf16=True), "torch.bfloat16")],
+    [
+        (EMULATING_CPU, "torch.float32"),
+        (NATIVE_CPU, "torch.bfloat16"),
+        (NATIVE_CPU, "torch.float32"),
+        (gpu(bf16=True), "torch.float16"),
+        (gpu(bf16=True), "torch.bfloat16"),
+    ],
 )
 def test_native_dtypes_give_no_warning(speed, dtype):
     assert choose_dtype(dtype, speed=speed).warning is None
@@ -90,7 +107,9 @@ def test_this_cpu_measured_and_decided_consistently():
     assert set(speed.matmul_gflops) == {"torch.float32", "torch.bfloat16", "torch.float16"}
     assert all(rate > 0 for rate in speed.matmul_gflops.values())
     assert device_speed("cpu") is speed  # probed once per process
-    expected = "torch.bfloat16" if speed.rate(torch.bfloat16) >= speed.rate(torch.float32) else "torch.float32"
+    expected = (
+        "torch.bfloat16" if speed.rate(torch.bfloat16) >= speed.rate(torch.float32) else "torch.float32"
+    )
     assert choose_dtype("auto").name == expected
 
 
@@ -128,7 +147,10 @@ def test_auto_takes_fp32_where_onednn_emulates_bf16(tmp_path):
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
     result = subprocess.run(
         [sys.executable, "-m", "train_kernel.cli", "plan", "--config", str(config), "--json"],
-        capture_output=True, text=True, env=env, check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     )
     dtype = json.loads(result.stdout)["dtype"]
     assert dtype["on_this_machine"] == "torch.float32", dtype
@@ -140,11 +162,17 @@ def test_a_run_records_the_dtype_auto_took(tmp_path, caplog):
     from train_kernel.train.trainer import train
 
     caplog.set_level("INFO")
-    config = config_from_text(tiny_config_text(tmp_path, dtype="auto", total_steps=2, save=True, checkpoint_every=2))
+    config = config_from_text(
+        tiny_config_text(tmp_path, dtype="auto", total_steps=2, save=True, checkpoint_every=2)
+    )
     train(config)
     expected = choose_dtype("auto").name
     assert f"dtype auto -> {expected} (" in (tmp_path / "train.log").read_text()
-    params = next(r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "params")
+    params = next(
+        r
+        for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == "params"
+    )
     assert params["params"]["model.dtype"] == expected
     saved_config, state = load_model_state(tmp_path / "ckpt" / "2")
     assert saved_config.dtype == expected and state["head.weight"].dtype == saved_config.torch_dtype

@@ -221,7 +221,9 @@ def test_seed_flops_match_the_logged_tflops(seed):
 
 def test_memory_fit_warning_names_the_settings_that_shrink_a_rank(seed):
     gib = 2**30
-    one_gpu = make_plan(load_config(SEED_CONFIG, ["parallel.zero1=1"]), world_size=1)  # the 7B alone: ~140 GiB
+    one_gpu = make_plan(
+        load_config(SEED_CONFIG, ["parallel.zero1=1"]), world_size=1
+    )  # the 7B alone: ~140 GiB
     warning = memory_fit_warning(one_gpu, 140 * gib)
     assert warning is not None
     assert "140.00 GiB" in warning and "more data-parallel ranks" in warning and "pipeline.size" in warning
@@ -229,4 +231,6 @@ def test_memory_fit_warning_names_the_settings_that_shrink_a_rank(seed):
     # Eight ranks of data parallel with zero1 = 8 (the seed's layout) fit an 80 GiB GPU.
     assert memory_fit_warning(make_plan(seed, world_size=8), 80 * gib) is None
     no_zero = make_plan(load_config(SEED_CONFIG, ["parallel.zero1=1"]), world_size=8)
-    assert "a larger parallel.zero1 (now 1, at most the data-parallel size 8)" in memory_fit_warning(no_zero, 80 * gib)
+    assert "a larger parallel.zero1 (now 1, at most the data-parallel size 8)" in memory_fit_warning(
+        no_zero, 80 * gib
+    )

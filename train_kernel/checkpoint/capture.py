@@ -78,10 +78,15 @@ def write_rank_files(folder: Path, run: RunState, checksum: bool = True) -> list
         entries.append(_write(folder, name, write, checksum))
 
     if dp == 0:
-        tensors = {key: value.detach().to("cpu").contiguous() for key, value in model_state(run.model).items()}
+        tensors = {
+            key: value.detach().to("cpu").contiguous() for key, value in model_state(run.model).items()
+        }
         add(layout.model_file(pp), lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
         if pp == 0:
-            add(layout.MODEL_CONFIG, _bytes_writer(json.dumps(config.model.to_json(), indent=2, sort_keys=True).encode()))
+            add(
+                layout.MODEL_CONFIG,
+                _bytes_writer(json.dumps(config.model.to_json(), indent=2, sort_keys=True).encode()),
+            )
     if dp < parallel.zero_size:  # the first ZeRO group of the stage; the others hold copies
         add(layout.optimizer_file(pp, parallel.zero_rank), _torch_writer(run.optimizer.export_state()))
     add(layout.rng_file(pp, dp), _torch_writer(capture_rng()))

@@ -33,8 +33,11 @@ def complete_checkpoints(save: Location, snapshot: Location | None = None) -> li
         folder = save.child(name)
         step = marker_of(folder)
         if step is None:
-            log.warning("skipping checkpoint %s: no %s marker (incomplete: the run stopped while saving it?)",
-                        folder.uri, layout.marker_name(int(name)))
+            log.warning(
+                "skipping checkpoint %s: no %s marker (incomplete: the run stopped while saving it?)",
+                folder.uri,
+                layout.marker_name(int(name)),
+            )
             continue
         found.append(Candidate(folder, step, "checkpoint"))
     if snapshot is not None:

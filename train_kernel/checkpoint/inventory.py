@@ -30,7 +30,9 @@ def _folders(root: Location) -> list[tuple[str, Location]]:
     found = [("checkpoint", root.child(name)) for name in root.subfolders() if name.isdigit()]
     found.sort(key=lambda item: int(item[1].uri.rstrip("/").rsplit("/", 1)[-1]))
     snapshots = root.child("snapshot")
-    found += [("snapshot", snapshots.child(slot)) for slot in layout.SNAPSHOT_SLOTS if snapshots.child(slot).files()]
+    found += [
+        ("snapshot", snapshots.child(slot)) for slot in layout.SNAPSHOT_SLOTS if snapshots.child(slot).files()
+    ]
     return found
 
 

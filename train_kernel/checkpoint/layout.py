@@ -1,15 +1,15 @@
 """File names of a checkpoint folder (docs/ARCHITECTURE.md, section 4).
 
-    model_tp0_pp{p}.safetensors   weights of pipeline stage p (full-model key names)
-    model_config.json             the model's settings
-    optimizer_tp0_pp{p}_zo{z}.pt  ZeRO rank z's slice of stage p's optimizer (tensors only)
-    rng_tp0_pp{p}_dp{d}.pt        random generator states of one rank
-    sampler.json                  the data sampler's position
-    scheduler.json                the lr / beta2 schedules' position
-    context.json                  step counters and the layout that wrote the checkpoint
-    config.py                     the config text of the run
-    manifest.json                 every file above with size and sha256
-    <step>.step                   the marker: written last, only when all of the above is durable
+model_tp0_pp{p}.safetensors   weights of pipeline stage p (full-model key names)
+model_config.json             the model's settings
+optimizer_tp0_pp{p}_zo{z}.pt  ZeRO rank z's slice of stage p's optimizer (tensors only)
+rng_tp0_pp{p}_dp{d}.pt        random generator states of one rank
+sampler.json                  the data sampler's position
+scheduler.json                the lr / beta2 schedules' position
+context.json                  step counters and the layout that wrote the checkpoint
+config.py                     the config text of the run
+manifest.json                 every file above with size and sha256
+<step>.step                   the marker: written last, only when all of the above is durable
 """
 
 from __future__ import annotations

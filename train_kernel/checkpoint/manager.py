@@ -37,7 +37,9 @@ class CheckpointManager:
         self.every = ckpt.checkpoint_every or total
         snapshot_every = ckpt.oss_snapshot_freq if ckpt.oss_snapshot_freq is not None else self.every // 2
         self.snapshot_every = snapshot_every if snapshot_every and snapshot_every < self.every else 0
-        self.save_root: Location | None = open_location(ckpt.save_ckpt_folder) if ckpt.save_ckpt_folder else None
+        self.save_root: Location | None = (
+            open_location(ckpt.save_ckpt_folder) if ckpt.save_ckpt_folder else None
+        )
         self.snapshot_root: Location | None = (
             open_location(ckpt.snapshot_ckpt_folder) if ckpt.snapshot_ckpt_folder else None
         )
@@ -65,7 +67,12 @@ class CheckpointManager:
         self._journal = spool / f".ckpt-uploader-journal-{host}.jsonl" if nodes > 1 else None
         client = self._connect_uploader(spool) if hosts.index(host) == self.parallel.rank else None
         return CheckpointSaver(
-            staging_root=spool / ".staging", uploader=client, spool=spool, spool_quota_bytes=quota, node=node, nodes=nodes
+            staging_root=spool / ".staging",
+            uploader=client,
+            spool=spool,
+            spool_quota_bytes=quota,
+            node=node,
+            nodes=nodes,
         )
 
     def _connect_uploader(self, spool: Path):
@@ -95,7 +102,9 @@ class CheckpointManager:
 
         log.warning(
             "the private checkpoint uploader exited with %s: starting a new one on %s; it resumes the "
-            "unfinished uploads from its journal", self.private_uploader.process.returncode, self._spool,
+            "unfinished uploads from its journal",
+            self.private_uploader.process.returncode,
+            self._spool,
         )
         self.saver.join_handoff()
         self.saver.uploader.close()
@@ -148,7 +157,11 @@ class CheckpointManager:
         self.last_saved_step = step
         if self.parallel.rank == 0:
             log.info(
-                "saved %s %d to %s (%s): training waited %.2f s", kind, step, target.uri, result.mode,
+                "saved %s %d to %s (%s): training waited %.2f s",
+                kind,
+                step,
+                target.uri,
+                result.mode,
                 result.stall_seconds,
             )
         return result
@@ -184,22 +197,33 @@ class CheckpointManager:
         info = self.config.ckpt.load_info
         if info is None:
             if self.config.ckpt.auto_resume:
-                log.info("auto_resume: no complete checkpoint in %s, starting from scratch", self.config.ckpt.save_ckpt_folder)
+                log.info(
+                    "auto_resume: no complete checkpoint in %s, starting from scratch",
+                    self.config.ckpt.save_ckpt_folder,
+                )
             return None
         return self._load_first_good(run, [info.path], tuple(info.content), strict=True)
 
-    def _load_first_good(self, run: RunState, uris: list[str], content: tuple[str, ...], strict: bool) -> str | None:
+    def _load_first_good(
+        self, run: RunState, uris: list[str], content: tuple[str, ...], strict: bool
+    ) -> str | None:
         wanted = expand_content(content)
         for uri in uris:
             location = open_location(uri)
             error, payload = None, None
             try:
-                if wanted == {"model"} and not location.exists(layout.MANIFEST) and location.exists(MODEL_CONFIG_FILE):
+                if (
+                    wanted == {"model"}
+                    and not location.exists(layout.MANIFEST)
+                    and location.exists(MODEL_CONFIG_FILE)
+                ):
                     payload = "plain-model"  # a weights-only folder (train-kernel import-hf)
                     _, plain_state = load_plain_model_state(location.local_path)
                     check_model_state(run.model, plain_state, uri)
                 else:
-                    payload = read_payload(location, read_manifest(location), wanted, run, self.scratch / "files")
+                    payload = read_payload(
+                        location, read_manifest(location), wanted, run, self.scratch / "files"
+                    )
             except _READ_ERRORS as failure:
                 error = str(failure)
             errors = [e for e in world.gather_to_all(error) if e]
@@ -207,7 +231,11 @@ class CheckpointManager:
                 if strict:
                     raise CheckpointError(f"cannot load {uri}: {errors[0]}")
                 if self.parallel.rank == 0:
-                    log.warning("checkpoint %s is not usable (%s): falling back to the previous complete one", uri, errors[0])
+                    log.warning(
+                        "checkpoint %s is not usable (%s): falling back to the previous complete one",
+                        uri,
+                        errors[0],
+                    )
                 continue
             if payload == "plain-model":
                 load_model_state(run.model, plain_state, uri)
@@ -219,10 +247,15 @@ class CheckpointManager:
                         log.info("%s: %s", uri, note)
             shutil.rmtree(self.scratch / "files", ignore_errors=True)
             if self.parallel.rank == 0:
-                log.info("resumed from %s (%s) at step %d", uri, ", ".join(sorted(wanted)), run.counters.batch_count)
+                log.info(
+                    "resumed from %s (%s) at step %d",
+                    uri,
+                    ", ".join(sorted(wanted)),
+                    run.counters.batch_count,
+                )
             return uri
         raise CheckpointError(
             "auto_resume: every complete checkpoint in "
-            f"{self.config.ckpt.save_ckpt_folder} failed its checks (see the warnings above); refusing to start "
-            "from scratch over them: move them away or set auto_resume=False"
+            f"{self.config.ckpt.save_ckpt_folder} failed its checks (see the warnings above); "
+            "refusing to start from scratch over them: move them away or set auto_resume=False"
         )

@@ -67,7 +67,8 @@ class Manifest:
             body = json.loads(data)
             if body.get("format") != FORMAT:
                 raise CheckpointError(
-                    f"{source}: format {body.get('format')!r}, expected {FORMAT!r} (a checkpoint of another layout)"
+                    f"{source}: format {body.get('format')!r}, expected {FORMAT!r} "
+                    "(a checkpoint of another layout)"
                 )
             files = tuple(FileEntry(str(f["name"]), int(f["size"]), str(f["sha256"])) for f in body["files"])
             return Manifest(int(body["step"]), files, dict(body["layout"]), float(body["created"]))

@@ -31,12 +31,14 @@ def check_model_state(model: nn.Module, full_state: dict[str, torch.Tensor], sou
         own = part.state_dict()
         missing = sorted(key for key in own if key not in full_state)
         if missing:
-            raise CheckpointError(f"{source}: the checkpoint lacks {len(missing)} weights of this model, e.g. {missing[:3]}")
+            raise CheckpointError(
+                f"{source}: the checkpoint lacks {len(missing)} weights of this model, e.g. {missing[:3]}"
+            )
         for key, value in own.items():
             if tuple(full_state[key].shape) != tuple(value.shape):
                 raise CheckpointError(
-                    f"{source}: {key} has shape {tuple(full_state[key].shape)}, this model's is {tuple(value.shape)} "
-                    "(a checkpoint of another model config)"
+                    f"{source}: {key} has shape {tuple(full_state[key].shape)}, "
+                    f"this model's is {tuple(value.shape)} (a checkpoint of another model config)"
                 )
 
 

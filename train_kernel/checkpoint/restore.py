@@ -69,10 +69,15 @@ class _Reader:
         return torch.load(self.path(name), map_location="cpu", weights_only=True)
 
 
-def read_payload(location: Location, manifest: Manifest, content: set[str], run: RunState, scratch: Path) -> RankPayload:
+def read_payload(
+    location: Location, manifest: Manifest, content: set[str], run: RunState, scratch: Path
+) -> RankPayload:
     parallel = run.parallel
     saved, current = manifest.layout, layout_of(parallel, run.config)
-    same_stages = (saved.get("pipeline"), saved.get("num_chunks")) == (current["pipeline"], current["num_chunks"])
+    same_stages = (saved.get("pipeline"), saved.get("num_chunks")) == (
+        current["pipeline"],
+        current["num_chunks"],
+    )
     reader = _Reader(location, manifest, scratch)
     payload = RankPayload()
     if "model" in content:
@@ -88,18 +93,22 @@ def read_payload(location: Location, manifest: Manifest, content: set[str], run:
         if not same_stages:
             raise CheckpointError(
                 f"{location.uri}: optimizer states were saved with pipeline size {saved.get('pipeline')} and "
-                f"{saved.get('num_chunks')} chunk(s), this run has {current['pipeline']} and {current['num_chunks']}; "
+                f"{saved.get('num_chunks')} chunk(s), this run has {current['pipeline']} and "
+                f"{current['num_chunks']}; "
                 "load it with content=('model', 'sampler', 'scheduler') or load_optimizer=False"
             )
         numel = run.optimizer.inner.numel
         start, end = run.optimizer.partition
         wanted = [
-            z for z, (lo, hi) in enumerate(partition_ranges(numel, int(saved["zero"])))
+            z
+            for z, (lo, hi) in enumerate(partition_ranges(numel, int(saved["zero"])))
             if lo < end and hi > start or (lo == hi == start == end and z == 0)
         ] or [0]
         payload.optimizer = [reader.torch(layout.optimizer_file(parallel.pp_rank, z)) for z in wanted]
         if saved["zero"] != current["zero"]:
-            payload.notes.append(f"optimizer re-partitioned from ZeRO size {saved['zero']} to {current['zero']}")
+            payload.notes.append(
+                f"optimizer re-partitioned from ZeRO size {saved['zero']} to {current['zero']}"
+            )
     if "sampler" in content:
         payload.sampler = reader.json(layout.SAMPLER)
         payload.context = reader.json(layout.CONTEXT)

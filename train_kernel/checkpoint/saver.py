@@ -57,8 +57,15 @@ def _manifest(run: RunState, step: int, entries: list[FileEntry]) -> Manifest:
 
 
 class CheckpointSaver:
-    def __init__(self, staging_root: Path | None = None, uploader=None, spool: Path | None = None,
-                 spool_quota_bytes: int | None = None, node: int = 0, nodes: int = 1) -> None:
+    def __init__(
+        self,
+        staging_root: Path | None = None,
+        uploader=None,
+        spool: Path | None = None,
+        spool_quota_bytes: int | None = None,
+        node: int = 0,
+        nodes: int = 1,
+    ) -> None:
         self.staging_root = staging_root
         self.uploader = uploader  # a ckpt_uploader client: on the first rank of each node, async only
         self.spool = spool  # this node's spool (every rank, async only)
@@ -89,7 +96,12 @@ class CheckpointSaver:
             if job.get("state") not in ("done", "failed"):
                 state = self.uploader.wait(job["job_id"], timeout_s)
                 if state.get("state") != "done":
-                    log.warning("upload %s of an earlier run ended %s: %s", job["job_id"], state.get("state"), state.get("error"))
+                    log.warning(
+                        "upload %s of an earlier run ended %s: %s",
+                        job["job_id"],
+                        state.get("state"),
+                        state.get("error"),
+                    )
         self.pending.clear()
 
     # -- the save ------------------------------------------------------------------------------
@@ -118,13 +130,19 @@ class CheckpointSaver:
         elif asynchronous and room:
             mode, entries = self._write_async(run, target, step)
         else:
-            mode, entries = "store (spool full)" if asynchronous else "store", self._write_and_upload(run, target)
+            mode, entries = (
+                "store (spool full)" if asynchronous else "store",
+                self._write_and_upload(run, target),
+            )
         everyone = world.gather_to_all((mode, self.node, [e.__dict__ for e in entries]))
         if mode == "async" and self.uploader is not None:  # the first rank of each node
             mine = [FileEntry(**e) for _, node, part in everyone if node == self.node for e in part]
             template = _manifest(run, step, [])
             self._handoff = threading.Thread(
-                target=self._run_handoff, args=(target, step, mine, template), name=f"ckpt-handoff-{step}", daemon=True
+                target=self._run_handoff,
+                args=(target, step, mine, template),
+                name=f"ckpt-handoff-{step}",
+                daemon=True,
             )
             self._handoff.start()
         elif rank0 and mode != "async":
@@ -172,7 +190,9 @@ class CheckpointSaver:
         except OSError as error:
             if error.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            log.warning("spool %s is full (%s): this checkpoint is saved synchronously instead", self.spool, error)
+            log.warning(
+                "spool %s is full (%s): this checkpoint is saved synchronously instead", self.spool, error
+            )
             failed, entries = True, []
         if world.any_rank(failed):  # one rank out of room: all of them take the synchronous path
             shutil.rmtree(folder, ignore_errors=True)
@@ -214,7 +234,9 @@ class CheckpointSaver:
         deadline = time.monotonic() + timeout_s
         while not target.exists(marker):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"node {node} did not finish uploading its part of checkpoint {step} to {target.uri}")
+                raise TimeoutError(
+                    f"node {node} did not finish uploading its part of checkpoint {step} to {target.uri}"
+                )
             time.sleep(0.2)
         spec = json.loads(target.read_bytes(marker))
         return [FileEntry(f["name"], int(f["size"]), f["sha256"]) for f in spec["files"]]
@@ -228,15 +250,19 @@ class CheckpointSaver:
         if manifest is not None:
             data = manifest.to_bytes()
             (folder / layout.MANIFEST).write_bytes(data)
-            jobs.append({"name": layout.MANIFEST, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+            jobs.append(
+                {"name": layout.MANIFEST, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            )
             marker = layout.marker_name(step)
         job_id = name
         try:
             self.uploader.submit(job_id, name, target.uri, jobs, marker)
         except Exception as error:  # noqa: BLE001 - any failure to hand off: the checkpoint must still land
             log.error(
-                "checkpoint %d: the uploader did not take the job (%s); uploading it from this process instead",
-                step, error,
+                "checkpoint %d: the uploader did not take the job (%s); "
+                "uploading it from this process instead",
+                step,
+                error,
             )
             self._upload_directly(folder, target, marker, jobs)
             return
@@ -267,8 +293,10 @@ class CheckpointSaver:
         if free < need:
             log.warning(
                 "spool %s has room for %s MB, the checkpoint needs about %s MB: it is saved synchronously "
-                "instead (raise uploader.spool_quota_gb or free the spool)", self.spool,
-                f"{max(free, 0) / 1e6:,.1f}", f"{need / 1e6:,.1f}",
+                "instead (raise uploader.spool_quota_gb or free the spool)",
+                self.spool,
+                f"{max(free, 0) / 1e6:,.1f}",
+                f"{need / 1e6:,.1f}",
             )
             return False
         return True

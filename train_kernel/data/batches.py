@@ -81,7 +81,12 @@ class RandomRows:
     def batch(self, rows: Sequence[int]) -> PackedBatch:
         length = self.seq_len * self.micro_bsz
         input_ids = np.stack(
-            [np.random.default_rng([self.seed, int(r)]).integers(0, self.vocab_size, length, dtype=np.int32) for r in rows]
+            [
+                np.random.default_rng([self.seed, int(r)]).integers(
+                    0, self.vocab_size, length, dtype=np.int32
+                )
+                for r in rows
+            ]
         )
         labels = np.roll(input_ids, -1, axis=1)
         labels[:, self.seq_len - 1 :: self.seq_len] = -100  # each document's last token
@@ -110,7 +115,9 @@ def to_micro_batches(batch: PackedBatch, device: torch.device) -> list[MicroBatc
         moved = {k: v[r : r + 1].to(device, non_blocking=cuda) for k, v in tensors.items()}
         micro_batches.append(
             MicroBatch(
-                cu_seqlens=torch.from_numpy(np.ascontiguousarray(cu, dtype=np.int32)).to(device, non_blocking=cuda),
+                cu_seqlens=torch.from_numpy(np.ascontiguousarray(cu, dtype=np.int32)).to(
+                    device, non_blocking=cuda
+                ),
                 max_seqlen=int(np.diff(cu).max()) if len(cu) > 1 else 0,
                 **moved,
             )

@@ -100,7 +100,11 @@ class BatchSampler:
                 return a, int(rng.integers(0, n))
 
     def state_dict(self) -> dict:
-        return {"consumed_rows": self.consumed_rows, "batches_drawn": self.batches_drawn, "skipped": self.skipped}
+        return {
+            "consumed_rows": self.consumed_rows,
+            "batches_drawn": self.batches_drawn,
+            "skipped": self.skipped,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.consumed_rows = int(state["consumed_rows"])

@@ -45,7 +45,8 @@ def export_hf(
     if config.norm_type != "rmsnorm" or config.apply_post_layer_norm:
         raise ValueError(
             f"{ckpt_dir}: only pre-norm RMSNorm models map onto Llama "
-            f"(model.norm_type={config.norm_type!r}, model.apply_post_layer_norm={config.apply_post_layer_norm})"
+            f"(model.norm_type={config.norm_type!r}, "
+            f"model.apply_post_layer_norm={config.apply_post_layer_norm})"
         )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -87,7 +87,8 @@ def _check_keys(config: ModelConfig, state: dict[str, torch.Tensor], folder: Pat
     if missing or unexpected:
         raise ValueError(
             f"{folder}: weights do not match {CONFIG_FILE}: missing {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}"
         )
     for key, shape in expected.items():
         if tuple(state[key].shape) != shape:

@@ -58,8 +58,12 @@ def _make_adamw(param: nn.Parameter, settings: AdamSettings) -> torch.optim.Opti
             from apex.optimizers import FusedAdam
 
             return FusedAdam(
-                [param], lr=settings.lr, betas=(settings.beta1, settings.beta2), eps=settings.eps,
-                weight_decay=settings.weight_decay, adam_w_mode=True,
+                [param],
+                lr=settings.lr,
+                betas=(settings.beta1, settings.beta2),
+                eps=settings.eps,
+                weight_decay=settings.weight_decay,
+                adam_w_mode=True,
             )
         except ImportError:
             pass
@@ -96,7 +100,9 @@ class HybridAdamW:
         self.master.grad = torch.zeros_like(self.master)
         self.optimizer = _make_adamw(self.master, settings)
         self._device = device
-        self._fused_unscale = isinstance(self.optimizer, torch.optim.AdamW) and bool(self.optimizer.defaults.get("fused"))
+        self._fused_unscale = isinstance(self.optimizer, torch.optim.AdamW) and bool(
+            self.optimizer.defaults.get("fused")
+        )
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -177,7 +183,11 @@ class HybridAdamW:
         state = self.optimizer.state.get(self.master, {})
         if "exp_avg" in state:
             exp_avg, exp_avg_sq = state["exp_avg"].detach(), state["exp_avg_sq"].detach()
-            step = float(state["step"]) if "step" in state else float(self.optimizer.param_groups[0].get("step", 0))
+            step = (
+                float(state["step"])
+                if "step" in state
+                else float(self.optimizer.param_groups[0].get("step", 0))
+            )
         else:  # no update yet: AdamW creates its state lazily
             exp_avg = exp_avg_sq = torch.zeros_like(self.master.detach())
             step = 0.0
@@ -189,7 +199,9 @@ class HybridAdamW:
         }
 
     @torch.no_grad()
-    def import_state(self, master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: float) -> None:
+    def import_state(
+        self, master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: float
+    ) -> None:
         """Inverse of export_state for this rank's [start, end) slice; writes the weights back."""
         expected = self.end - self.start
         for name, value in (("master", master), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
@@ -206,7 +218,9 @@ class HybridAdamW:
                         0: {
                             "step": torch.tensor(float(step), dtype=torch.float32),
                             "exp_avg": exp_avg.reshape(-1).to(self.master.device, torch.float32).clone(),
-                            "exp_avg_sq": exp_avg_sq.reshape(-1).to(self.master.device, torch.float32).clone(),
+                            "exp_avg_sq": exp_avg_sq.reshape(-1)
+                            .to(self.master.device, torch.float32)
+                            .clone(),
                         }
                     },
                     "param_groups": groups,

@@ -51,7 +51,11 @@ class DynamicLossScaler:
                     self.scale = min(self.scale, float(self.max_scale))
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "growth_step": self._growth_step, "hysteresis_step": self._hysteresis_step}
+        return {
+            "scale": self.scale,
+            "growth_step": self._growth_step,
+            "hysteresis_step": self._hysteresis_step,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.scale = float(state["scale"])

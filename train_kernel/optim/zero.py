@@ -115,7 +115,9 @@ class ZeroOptimizer:
         """From now on the updated slices reach the other ranks of the ZeRO group during the next
         forward (param_overlap.OverlappedParamSync); no-op without a ZeRO group."""
         if self.zero_group is not None and self.param_sync is None:
-            self.param_sync = OverlappedParamSync(self.params, self.ranges, self.zero_ranks, self.zero_group, roots)
+            self.param_sync = OverlappedParamSync(
+                self.params, self.ranges, self.zero_ranks, self.zero_group, roots
+            )
 
     def wait_params(self) -> None:
         """Completes an overlapped parameter broadcast still in flight (before reading weights
@@ -187,8 +189,8 @@ class ZeroOptimizer:
         for piece in slices:
             if piece["numel"] != numel:
                 raise ValueError(
-                    f"optimizer state is for a stage of {piece['numel']:,} elements, this stage has {numel:,} "
-                    "(another model or pipeline layout)"
+                    f"optimizer state is for a stage of {piece['numel']:,} elements, "
+                    f"this stage has {numel:,} (another model or pipeline layout)"
                 )
         start, end = self.partition
         pieces = {name: [] for name in ("master", "exp_avg", "exp_avg_sq")}

@@ -84,7 +84,10 @@ class StageLinks:
 
 
 def _stage_forward(
-    model: nn.Module, micro: MicroBatch, received: torch.Tensor | None, links: StageLinks,
+    model: nn.Module,
+    micro: MicroBatch,
+    received: torch.Tensor | None,
+    links: StageLinks,
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(input that needs a gradient or None on the first stage, output: hidden states, or on the

@@ -193,6 +193,11 @@ def init_parallel(parallel: ParallelConfig, environ: Mapping[str, str] | None = 
                 pipeline_group = group
     log.info("process group: rank %d of %d (%s), backend %s", rank, world_size, layout.describe(), backend)
     return ParallelContext(
-        layout=layout, rank=rank, data_group=data_group, zero_group=zero_group, zero_ranks=zero_ranks,
-        pipeline_group=pipeline_group, pipeline_ranks=pipeline_ranks,
+        layout=layout,
+        rank=rank,
+        data_group=data_group,
+        zero_group=zero_group,
+        zero_ranks=zero_ranks,
+        pipeline_group=pipeline_group,
+        pipeline_ranks=pipeline_ranks,
     )

@@ -19,7 +19,10 @@ from train_kernel.parallel.zero_partition import LayoutError, stage_layer_ranges
 
 def stage_layers(config: ModelConfig, stage: int, num_stages: int) -> list[range]:
     """Global indices of the layers `stage` owns, one range per model chunk (model.num_chunks)."""
-    return [range(start, end) for start, end in stage_layer_ranges(config.num_layers, num_stages, config.num_chunks)[stage]]
+    return [
+        range(start, end)
+        for start, end in stage_layer_ranges(config.num_layers, num_stages, config.num_chunks)[stage]
+    ]
 
 
 def _prune(model: InternLM, layers: range, has_embedding: bool, has_head: bool) -> InternLM:
@@ -37,7 +40,12 @@ def _prune(model: InternLM, layers: range, has_embedding: bool, has_head: bool) 
 
 
 def _build_part(
-    config: ModelConfig, layers: range, has_embedding: bool, has_head: bool, device: torch.device | str, seed: int | None
+    config: ModelConfig,
+    layers: range,
+    has_embedding: bool,
+    has_head: bool,
+    device: torch.device | str,
+    seed: int | None,
 ) -> InternLM:
     with torch.device("meta"):
         model = InternLM(config)

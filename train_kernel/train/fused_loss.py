@@ -119,7 +119,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def _argmax_hits(logits: torch.Tensor, target: torch.Tensor, target_logit: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+def _argmax_hits(
+    logits: torch.Tensor, target: torch.Tensor, target_logit: torch.Tensor, row_max: torch.Tensor
+) -> torch.Tensor:
     """argmax(logits) == target per row, argmax's first-index rule for ties included, without a
     full argmax pass (the slowest reduction on CPU): only rows whose target logit equals the row
     maximum can hit, and only those rows are searched. On GPUs argmax is cheap and the row search
@@ -141,5 +143,7 @@ def head_cross_entropy(
     flat_labels = labels.reshape(-1)
     token_losses = torch.empty(flat_labels.shape[0], dtype=torch.float32, device=hidden.device)
     correct = torch.empty(flat_labels.shape[0], dtype=torch.bool, device=hidden.device)
-    loss = _HeadCrossEntropy.apply(flat_hidden, weight, flat_labels, float(label_smoothing), token_losses, correct)
+    loss = _HeadCrossEntropy.apply(
+        flat_hidden, weight, flat_labels, float(label_smoothing), token_losses, correct
+    )
     return HeadLossOutput(loss, token_losses, correct)

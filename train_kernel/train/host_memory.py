@@ -37,7 +37,10 @@ def keep_freed_host_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    taken = mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1 and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+    taken = (
+        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
+        and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+    )
     if not taken:
         log.debug("mallopt refused the host memory thresholds")
     return taken

@@ -7,7 +7,10 @@ import logging
 import sys
 from pathlib import Path
 
-LOG_FORMAT = "%(asctime)s %(levelname)s [%(filename)s, line %(lineno)d, in %(funcName)s] - pid=%(process)d : %(message)s"
+LOG_FORMAT = (
+    "%(asctime)s %(levelname)s [%(filename)s, line %(lineno)d, in %(funcName)s] - "
+    "pid=%(process)d : %(message)s"
+)
 
 
 def resolve_run_dir(run_dir: str | None, job_name: str) -> Path:
@@ -35,5 +38,7 @@ def storage_path(uri: str) -> Path:
     if uri.startswith("local:"):
         return Path(uri[len("local:") :])
     if uri.startswith("boto3:"):
-        raise NotImplementedError(f"{uri}: saving to S3 arrives with the checkpoint service; use local: for now")
+        raise NotImplementedError(
+            f"{uri}: saving to S3 arrives with the checkpoint service; use local: for now"
+        )
     return Path(uri)

@@ -38,14 +38,18 @@ def micro_batch_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing
     )
 
 
-def _loss_and_metrics(model: nn.Module, micro: MicroBatch, label_smoothing: float, metrics: TokenMetrics) -> torch.Tensor:
+def _loss_and_metrics(
+    model: nn.Module, micro: MicroBatch, label_smoothing: float, metrics: TokenMetrics
+) -> torch.Tensor:
     """The micro-batch loss through the fused head + cross entropy (one pass over the vocabulary,
     no [T, V] fp32 logits); its per-token losses and hits feed the metrics."""
     hidden = model(micro.input_ids, micro.position_ids, micro.cu_seqlens, micro.max_seqlen, apply_head=False)
     return head_loss(model, hidden, micro, label_smoothing, metrics)
 
 
-def head_loss(model: nn.Module, hidden: torch.Tensor, micro: MicroBatch, label_smoothing: float, metrics: TokenMetrics) -> torch.Tensor:
+def head_loss(
+    model: nn.Module, hidden: torch.Tensor, micro: MicroBatch, label_smoothing: float, metrics: TokenMetrics
+) -> torch.Tensor:
     """The micro-batch loss from the normed final hidden states (the model's, or the last pipeline
     stage's output) through the fused head + cross entropy; feeds the metrics."""
     head = model.head.weight

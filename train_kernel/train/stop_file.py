@@ -61,4 +61,3 @@ class StopFile:
         if self._order and self._order[0] == step:
             return self._order[1]
         return None
-

@@ -157,7 +157,9 @@ def _broadcast_parameters(model: torch.nn.Module, parallel: ParallelContext) -> 
             torch.distributed.broadcast(p.data, src=first, group=parallel.data_group)
 
 
-def _warn_if_plan_exceeds_device(config: TrainConfig, parallel: ParallelContext, device: torch.device) -> None:
+def _warn_if_plan_exceeds_device(
+    config: TrainConfig, parallel: ParallelContext, device: torch.device
+) -> None:
     """Before minutes of model building end in out-of-memory: the plan's per-rank estimate
     against the device's memory, with the settings that would shrink it."""
     try:
@@ -184,18 +186,29 @@ def _train(config: TrainConfig, parallel: ParallelContext) -> None:
     if parallel.pp_size > 1 and config.model.num_chunks > 1:
         model = build_stage_chunks(config.model, parallel.pp_rank, parallel.pp_size, device, seed=config.seed)
         layers = [list(chunk.layers.keys()) for chunk in model.chunks]
-        log.info("pipeline stage %d of %d, interleaved: layers %s", parallel.pp_rank, parallel.pp_size, layers)
+        log.info(
+            "pipeline stage %d of %d, interleaved: layers %s", parallel.pp_rank, parallel.pp_size, layers
+        )
     elif parallel.pp_size > 1:
         model = build_stage(config.model, parallel.pp_rank, parallel.pp_size, device, seed=config.seed)
         layers = list(model.layers.keys())
-        log.info("pipeline stage %d of %d: layers %s to %s", parallel.pp_rank, parallel.pp_size, layers[0], layers[-1])
+        log.info(
+            "pipeline stage %d of %d: layers %s to %s",
+            parallel.pp_rank,
+            parallel.pp_size,
+            layers[0],
+            layers[-1],
+        )
     else:
         model = build_model(config.model, device, seed=config.seed)
     _broadcast_parameters(model, parallel)
     log.info("parallel: %s", parallel.layout.describe())
     log.info(
         "model: %s parameters, dtype %s, on %s; data: %s rows of %s tokens",
-        f"{count_parameters(model):,}", config.model.dtype, device, f"{len(train_rows):,}",
+        f"{count_parameters(model):,}",
+        config.model.dtype,
+        device,
+        f"{len(train_rows):,}",
         config.data.micro_bsz * config.data.seq_len,
     )
     scaler_cfg = config.grad_scaler
@@ -230,12 +243,19 @@ def _train(config: TrainConfig, parallel: ParallelContext) -> None:
     if optimizer.grad_reducer is not None:
         log.info(
             "data-parallel gradient all-reduce overlapped with backward: %d buckets of <= %s elements",
-            len(optimizer.grad_reducer.buckets), f"{config.hybrid_zero_optimizer.reduce_bucket_size:,}",
+            len(optimizer.grad_reducer.buckets),
+            f"{config.hybrid_zero_optimizer.reduce_bucket_size:,}",
         )
     # The seed's start-up line: how evenly ZeRO-1 split this stage's parameters over its group.
-    log.info("Number of elements on ranks: %s, rank:%d", [end - start for start, end in optimizer.ranges], parallel.rank)
+    log.info(
+        "Number of elements on ranks: %s, rank:%d",
+        [end - start for start, end in optimizer.ranges],
+        parallel.rank,
+    )
     lr_cfg = config.lr_scheduler
-    lr_schedule = WarmupCosineLR(adam.lr, lr_cfg.total_steps, lr_cfg.warmup_ratio, lr_cfg.eta_min, lr_cfg.init_steps)
+    lr_schedule = WarmupCosineLR(
+        adam.lr, lr_cfg.total_steps, lr_cfg.warmup_ratio, lr_cfg.eta_min, lr_cfg.init_steps
+    )
     beta2_schedule = Beta2Schedule(config.beta2_scheduler.init_beta2, config.beta2_scheduler.c)
     data = config.data
     rampup = data.rampup
@@ -257,12 +277,29 @@ def _train(config: TrainConfig, parallel: ParallelContext) -> None:
         emitter = MetricsEmitter(run_dir) if parallel.is_logging_rank else _NoEmitter()
         if parallel.is_logging_rank:
             (run_dir / "config.py").write_text(config.source_text, encoding="utf-8")
-        tags = {"job_name": config.job_name, "world_size": parallel.world_size, "parallel": parallel.layout.describe()}
+        tags = {
+            "job_name": config.job_name,
+            "world_size": parallel.world_size,
+            "parallel": parallel.layout.describe(),
+        }
         emitter.emit("params", {"params": config.to_json(), "tags": tags, "step": counters.batch_count})
         sidecar = _start_metrics_sidecar(config, run_dir) if parallel.is_logging_rank else None
         loop = _Loop(
-            config, model, optimizer, lr_schedule, beta2_schedule, sampler, train_rows, valid_rows, emitter, device,
-            run_dir, parallel, run, checkpoints, sidecar,
+            config,
+            model,
+            optimizer,
+            lr_schedule,
+            beta2_schedule,
+            sampler,
+            train_rows,
+            valid_rows,
+            emitter,
+            device,
+            run_dir,
+            parallel,
+            run,
+            checkpoints,
+            sidecar,
         )
         try:
             with StopRequest() as stop:
@@ -274,8 +311,12 @@ def _train(config: TrainConfig, parallel: ParallelContext) -> None:
                 sidecar.restart_if_exited(min_interval_s=0)  # one that died still gets to drain
                 code = sidecar.stop(timeout_s=120)
                 if code != 0:
-                    log.warning("metrics sidecar exited with %s; see %s (rerun `metrics-sidecar run --once` "
-                                "on this run folder to forward what is left)", code, sidecar.log_file)
+                    log.warning(
+                        "metrics sidecar exited with %s; see %s (rerun `metrics-sidecar run --once` "
+                        "on this run folder to forward what is left)",
+                        code,
+                        sidecar.log_file,
+                    )
     finally:
         checkpoints.close()
     if stop.signal is not None:
@@ -296,17 +337,37 @@ def _start_metrics_sidecar(config: TrainConfig, run_dir):
         # Monitoring must not stop a training run: every record is still in metrics.jsonl.
         log.warning(
             "metrics: no MLflow sidecar (%s); the records stay in %s, forward them later with "
-            "`metrics-sidecar run --run-dir %s --tracking-uri %s --once`", error, run_dir / "metrics.jsonl", run_dir, uri,
+            "`metrics-sidecar run --run-dir %s --tracking-uri %s --once`",
+            error,
+            run_dir / "metrics.jsonl",
+            run_dir,
+            uri,
         )
         return None
-    log.info("metrics: sidecar pid %d forwards %s to MLflow at %s", sidecar.pid, run_dir / "metrics.jsonl", uri)
+    log.info(
+        "metrics: sidecar pid %d forwards %s to MLflow at %s", sidecar.pid, run_dir / "metrics.jsonl", uri
+    )
     return sidecar
 
 
 class _Loop:
     def __init__(
-        self, config, model, optimizer, lr_schedule, beta2_schedule, sampler, train_rows, valid_rows, emitter, device,
-        run_dir, parallel: ParallelContext, run_state: RunState, checkpoints: CheckpointManager, sidecar=None,
+        self,
+        config,
+        model,
+        optimizer,
+        lr_schedule,
+        beta2_schedule,
+        sampler,
+        train_rows,
+        valid_rows,
+        emitter,
+        device,
+        run_dir,
+        parallel: ParallelContext,
+        run_state: RunState,
+        checkpoints: CheckpointManager,
+        sidecar=None,
     ) -> None:
         self.parallel = parallel
         self.stopping = False  # some rank was asked to stop: every rank stops after this step
@@ -336,13 +397,20 @@ class _Loop:
         self.save_requested = False  # the stop file asked for a checkpoint after this step
         if isinstance(model, StageChunks):
             self.ring = ChunkRing(
-                parallel.pp_rank, parallel.pipeline_ranks, config.model.num_chunks, config.model.hidden_size,
-                activation_dtype(config.model), device,
+                parallel.pp_rank,
+                parallel.pipeline_ranks,
+                config.model.num_chunks,
+                config.model.hidden_size,
+                activation_dtype(config.model),
+                device,
             )
         elif parallel.pp_size > 1:
             self.links = StageLinks(
-                parallel.prev_stage_rank, parallel.next_stage_rank, config.model.hidden_size,
-                activation_dtype(config.model), device,
+                parallel.prev_stage_rank,
+                parallel.next_stage_rank,
+                config.model.hidden_size,
+                activation_dtype(config.model),
+                device,
             )
 
     def run(self, stop: StopRequest) -> None:
@@ -352,15 +420,26 @@ class _Loop:
         while self.state.batch_count < total and not self.stopping:
             self.train_step(stop)
             done = self.state.batch_count
-            if self.valid_rows is not None and self.config.data.valid_every and done % self.config.data.valid_every == 0:
+            if (
+                self.valid_rows is not None
+                and self.config.data.valid_every
+                and done % self.config.data.valid_every == 0
+            ):
                 self.validate()
             kind = self.checkpoints.due(done)
             if self.stopping or self.save_requested:
                 kind = "checkpoint"  # a stop (signal or stop file) or the stop file's save: keep this step
             if kind:
                 saved = self.checkpoints.save(self.run_state, done, kind)
-                if saved is None and not self.checkpoints.enabled and (self.stopping or self.save_requested) and self.parallel.rank == 0:
-                    log.warning("step %d: checkpoint requested but enable_save_ckpt is off; nothing saved", done)
+                if (
+                    saved is None
+                    and not self.checkpoints.enabled
+                    and (self.stopping or self.save_requested)
+                    and self.parallel.rank == 0
+                ):
+                    log.warning(
+                        "step %d: checkpoint requested but enable_save_ckpt is off; nothing saved", done
+                    )
         self._summarise()
 
     def _summarise(self) -> None:
@@ -373,17 +452,27 @@ class _Loop:
         log.info(
             "finished %d steps in %.0f s: loss %.3f (mean of the first %d steps) -> %.3f (last %d); "
             "%d tokens; %d steps skipped for inf/nan",
-            len(self.losses), time.perf_counter() - self.started, first, window, last, window,
-            self.state.num_consumed_tokens, self.state.inf_nan_skip_batches,
+            len(self.losses),
+            time.perf_counter() - self.started,
+            first,
+            window,
+            last,
+            window,
+            self.state.num_consumed_tokens,
+            self.state.inf_nan_skip_batches,
         )
 
-    def _reduce_step_stats(self, loss: float, tokens: int, stop_requested: bool, save_requested: bool = False) -> tuple[float, int, bool]:
+    def _reduce_step_stats(
+        self, loss: float, tokens: int, stop_requested: bool, save_requested: bool = False
+    ) -> tuple[float, int, bool]:
         """The step's loss averaged, tokens and metric sums summed over data parallel, and whether
         any rank was asked to stop. With a pipeline only the last stage has a loss and metrics, and
         it alone counts the tokens; the other stages add zeros."""
         if not self.parallel.is_last_stage:
             loss, tokens = 0.0, 0
-        local = torch.tensor([loss, float(tokens), float(stop_requested), float(save_requested)], dtype=torch.float64)
+        local = torch.tensor(
+            [loss, float(tokens), float(stop_requested), float(save_requested)], dtype=torch.float64
+        )
         packed = torch.cat([local, self.metrics.sums.reshape(-1)])
         # NOTE: brings the last stage's loss, tokens and metric sums to every stage (the logging
         # rank is on stage 0), and every stage's stop flag to all; no-op without a pipeline.
@@ -410,18 +499,32 @@ class _Loop:
         self.metrics.reset()
         if self.ring is not None:
             step_loss = interleaved_forward_backward(
-                list(self.model.chunks), micro_batches, self.optimizer.scaler.scale, config.loss.label_smoothing,
-                self.metrics, self.ring,
+                list(self.model.chunks),
+                micro_batches,
+                self.optimizer.scaler.scale,
+                config.loss.label_smoothing,
+                self.metrics,
+                self.ring,
             )
         elif self.links is None:
             step_loss = forward_backward(
-                self.model, micro_batches, self.optimizer.scaler.scale, config.loss.label_smoothing, self.metrics,
+                self.model,
+                micro_batches,
+                self.optimizer.scaler.scale,
+                config.loss.label_smoothing,
+                self.metrics,
                 before_last_backward=self.optimizer.before_last_backward,
             )
         else:
             step_loss = pipeline_forward_backward(
-                self.model, micro_batches, self.optimizer.scaler.scale, config.loss.label_smoothing, self.metrics,
-                self.links, self.parallel.pp_rank, self.parallel.pp_size,
+                self.model,
+                micro_batches,
+                self.optimizer.scaler.scale,
+                config.loss.label_smoothing,
+                self.metrics,
+                self.links,
+                self.parallel.pp_rank,
+                self.parallel.pp_size,
                 before_last_backward=self.optimizer.before_last_backward,
             )
         fwd_bwd_seconds = time.perf_counter() - data_ready
@@ -432,17 +535,25 @@ class _Loop:
             state.step_count += 1
         else:
             state.inf_nan_skip_batches += 1
-            log.warning("inf or nan in the gradients at step %d: update skipped, loss scale now %s", state.batch_count, self.optimizer.scaler.scale)
+            log.warning(
+                "inf or nan in the gradients at step %d: update skipped, loss scale now %s",
+                state.batch_count,
+                self.optimizer.scaler.scale,
+            )
         order = self.stop_file.order_at(state.batch_count + 1)
         loss, tokens, self.stopping = self._reduce_step_stats(
-            step_loss.loss, sum(m.num_tokens for m in micro_batches), stop.signal is not None or order == STOP,
+            step_loss.loss,
+            sum(m.num_tokens for m in micro_batches),
+            stop.signal is not None or order == STOP,
             order == SAVE,
         )
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         step_seconds = time.perf_counter() - started
         state.num_consumed_tokens += tokens  # the global batch's
-        record = self._record(step_loss, loss, result, len(micro_batches), tokens, step_seconds, fwd_bwd_seconds)
+        record = self._record(
+            step_loss, loss, result, len(micro_batches), tokens, step_seconds, fwd_bwd_seconds
+        )
         record["data_wait_s"] = round(data_ready - started, 6)
         log.info(format_log_line(record))
         self.emitter.emit("train", record)
@@ -456,10 +567,16 @@ class _Loop:
         `tokens` summed over data parallel); micro_num and the batch shape fields are this rank's."""
         state = self.state
         world_size = self.parallel.world_size
-        self.step_seconds_ema = step_seconds if self.step_seconds_ema is None else 0.9 * self.step_seconds_ema + 0.1 * step_seconds
+        self.step_seconds_ema = (
+            step_seconds
+            if self.step_seconds_ema is None
+            else 0.9 * self.step_seconds_ema + 0.1 * step_seconds
+        )
         segments = step_loss.segments_per_micro_batch
         record = {
-            "tflops": tflops(flops_per_step(self.config, self.parallel.dp_size, micro_num), step_seconds, world_size),
+            "tflops": tflops(
+                flops_per_step(self.config, self.parallel.dp_size, micro_num), step_seconds, world_size
+            ),
             "step": state.batch_count,
             "loss": loss,
             "tgs": round(tokens / world_size / step_seconds, 2),
@@ -496,7 +613,9 @@ class _Loop:
             for micro in to_micro_batches(batch, self.device):
                 smoothing = self.config.loss.label_smoothing
                 if self.ring is not None:
-                    loss = interleaved_forward_only(list(self.model.chunks), micro, smoothing, metrics, self.ring)
+                    loss = interleaved_forward_only(
+                        list(self.model.chunks), micro, smoothing, metrics, self.ring
+                    )
                 elif self.links is not None:
                     loss = pipeline_forward_only(self.model, micro, smoothing, metrics, self.links)
                 else:
@@ -504,7 +623,9 @@ class _Loop:
                 if loss is not None:  # the last stage's
                     losses.append(loss)
         self.model.train()
-        packed = torch.cat([torch.tensor([sum(losses), float(len(losses))], dtype=torch.float64), metrics.sums.reshape(-1)])
+        packed = torch.cat(
+            [torch.tensor([sum(losses), float(len(losses))], dtype=torch.float64), metrics.sums.reshape(-1)]
+        )
         # NOTE: only the last pipeline stage has losses and metrics; the sum brings them to every
         # stage (no-op without a pipeline).
         packed = sum_over(packed.to(self.device), self.parallel.pipeline_group)

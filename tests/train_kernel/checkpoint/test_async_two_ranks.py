@@ -29,13 +29,33 @@ def _run_two_ranks(config_file, node_names):
     processes = []
     for rank in range(2):
         env = {
-            **os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "SLURMD_NODENAME": node_names[rank],
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "SLURMD_NODENAME": node_names[rank],
         }
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "train_kernel.cli", "run", "--launcher", "torch", "--config", str(config_file)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "train_kernel.cli",
+                    "run",
+                    "--launcher",
+                    "torch",
+                    "--config",
+                    str(config_file),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     results = []
     for rank, process in enumerate(processes):
         output, _ = process.communicate(timeout=120)
@@ -72,7 +92,16 @@ def test_async_checkpoint_of_two_ranks_is_complete_and_resumes(tmp_path, nodes):
     assert parts == ([] if len(set(nodes)) == 1 else ["node1-2.part.step"])
     # One process resumes the two-rank checkpoint (micro_num doubled: the same global batch).
     resumed = tmp_path / "resumed"
-    train(config_from_text(config_text(resumed, micro_num=4, total_steps=STEPS, extra=f"\nckpt['load_ckpt_folder'] = 'local:{folder}'\n")))
+    train(
+        config_from_text(
+            config_text(
+                resumed,
+                micro_num=4,
+                total_steps=STEPS,
+                extra=f"\nckpt['load_ckpt_folder'] = 'local:{folder}'\n",
+            )
+        )
+    )
     want = {r["step"]: r["loss"] for r in train_records(run_dir)}
     for record in train_records(resumed):
         assert record["loss"] == pytest.approx(want[record["step"]], rel=1e-5)

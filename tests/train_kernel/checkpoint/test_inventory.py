@@ -33,7 +33,10 @@ def test_listing_and_verifying_a_save_folder(tmp_path):
     assert "auto_resume would start from step 5" in plain.stdout  # the newest snapshot
     verified = run_cli("train_kernel.cli", "checkpoints", f"local:{save}", "--verify", check=False)
     assert verified.returncode == 1
-    assert "damaged" in verified.stdout and "model_tp0_pp0.safetensors does not match its sha256" in verified.stdout
+    assert (
+        "damaged" in verified.stdout
+        and "model_tp0_pp0.safetensors does not match its sha256" in verified.stdout
+    )
     shutil.rmtree(save)
     assert "no checkpoints" in run_cli("train_kernel.cli", "checkpoints", f"local:{save}").stdout
 
@@ -42,6 +45,8 @@ def test_snapshots_alternate_with_checkpoint_steps_between_them(tmp_path):
     # freq 50, checkpoints every 100: snapshots at 50, 150, 250, 350 must take slots 1, 0, 1, 0.
     config = config_from_text(config_text(tmp_path, total_steps=400, checkpoint_every=100))
     config_text_with_freq = config.source_text + "\nckpt['oss_snapshot_freq'] = 50\n"
-    manager = CheckpointManager(config_from_text(config_text_with_freq), ParallelContext(layout=layout_for(config.parallel, 1)))
+    manager = CheckpointManager(
+        config_from_text(config_text_with_freq), ParallelContext(layout=layout_for(config.parallel, 1))
+    )
     assert [manager.snapshot_index(step) % 2 for step in (50, 150, 250, 350)] == [1, 0, 1, 0]
     assert [manager.due(step) for step in (50, 100, 150)] == ["snapshot", "checkpoint", "snapshot"]

@@ -24,7 +24,9 @@ def _start(config_file, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "train_kernel.cli", "run", "--config", str(config_file)],
-        stdout=open(tmp_path / f"out-{time.monotonic_ns()}.log", "w"), stderr=subprocess.STDOUT, env=env,
+        stdout=open(tmp_path / f"out-{time.monotonic_ns()}.log", "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
     )
 
 
@@ -45,7 +47,9 @@ def test_sigkill_then_auto_resume_matches_an_uninterrupted_run(tmp_path, upload)
     config_file = tmp_path / "killed.py"
     extra = "\nckpt['auto_resume'] = True\nckpt['oss_snapshot_freq'] = 0\n"
     if upload == "async":  # the private uploader dies with the trainer; the next one finishes its journal
-        extra += f"ckpt['async_upload'] = True\nckpt['async_upload_tmp_folder'] = {str(tmp_path / 'spool')!r}\n"
+        extra += (
+            f"ckpt['async_upload'] = True\nckpt['async_upload_tmp_folder'] = {str(tmp_path / 'spool')!r}\n"
+        )
     config_file.write_text(config_text(run_dir, extra=extra, **SIZES))
     process = _start(config_file, tmp_path)
     _wait_for(run_dir / "ckpt" / "10" / "10.step", process)
@@ -86,7 +90,12 @@ def test_stop_file_saves_and_stops_or_saves_and_goes_on(tmp_path):
     stop_file = tmp_path / "stop"
     stop_file.write_text("-2\n")  # InternLM's negative number: save after step 2, keep going
     run_dir = tmp_path / "run"
-    text = config_text(run_dir, extra=f"\nckpt['stop_file_path'] = {str(stop_file)!r}\n", checkpoint_every=1000, total_steps=6)
+    text = config_text(
+        run_dir,
+        extra=f"\nckpt['stop_file_path'] = {str(stop_file)!r}\n",
+        checkpoint_every=1000,
+        total_steps=6,
+    )
     config = config_from_text(text)
     train(config)
     assert (run_dir / "ckpt" / "2" / "2.step").exists()
@@ -115,7 +124,8 @@ def test_a_private_uploader_killed_mid_run_is_restarted_and_no_checkpoint_is_los
     process = _start(config_file, tmp_path)
     _wait_for(run_dir / "ckpt" / "5" / "5.step", process)
     uploaders = [
-        child for child in psutil.Process(process.pid).children()
+        child
+        for child in psutil.Process(process.pid).children()
         if "ckpt_uploader" in " ".join(child.cmdline())
     ]
     assert len(uploaders) == 1

@@ -15,8 +15,16 @@ from train_kernel.config import config_from_text
 from train_kernel.train.trainer import train
 
 EXPECTED_FILES = {
-    "6.step", "config.py", "context.json", "manifest.json", "model_config.json", "model_tp0_pp0.safetensors",
-    "optimizer_tp0_pp0_zo0.pt", "rng_tp0_pp0_dp0.pt", "sampler.json", "scheduler.json",
+    "6.step",
+    "config.py",
+    "context.json",
+    "manifest.json",
+    "model_config.json",
+    "model_tp0_pp0.safetensors",
+    "optimizer_tp0_pp0_zo0.pt",
+    "rng_tp0_pp0_dp0.pt",
+    "sampler.json",
+    "scheduler.json",
 }
 
 
@@ -89,12 +97,20 @@ def test_auto_resume_skips_incomplete_and_falls_back_past_a_corrupt_checkpoint(t
 
 
 def test_model_only_start_and_content_selection(tmp_path, reference):
-    run_dir = _resumed(tmp_path, reference, f"\nckpt['load_model_only_folder'] = 'local:{reference}/ckpt/4'\n")
+    run_dir = _resumed(
+        tmp_path, reference, f"\nckpt['load_model_only_folder'] = 'local:{reference}/ckpt/4'\n"
+    )
     got = train_records(run_dir)
     assert got[0]["step"] == 0 and len(got) == 6  # fresh schedule and data, trained weights
     assert got[0]["loss"] != train_records(reference)[0]["loss"]
     second = tmp_path / "second"
-    text = config_text(second, extra=f"\nckpt['load_ckpt_info'] = dict(path='local:{reference}/ckpt/4', content=('model', 'sampler', 'scheduler'))\n")
+    text = config_text(
+        second,
+        extra=(
+            f"\nckpt['load_ckpt_info'] = dict(path='local:{reference}/ckpt/4', "
+            "content=('model', 'sampler', 'scheduler'))\n"
+        ),
+    )
     train(config_from_text(text))
     records = train_records(second)
     assert [r["step"] for r in records] == [4, 5]
@@ -112,13 +128,27 @@ def test_a_named_checkpoint_that_is_damaged_or_foreign_is_an_error(tmp_path, ref
     manifest["format"] = "deepspeed/zero"
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="another layout"):
-        train(config_from_text(config_text(tmp_path / "x", extra=f"\nckpt['load_ckpt_folder'] = 'local:{folder}'\n")))
+        train(
+            config_from_text(
+                config_text(tmp_path / "x", extra=f"\nckpt['load_ckpt_folder'] = 'local:{folder}'\n")
+            )
+        )
     (folder / "model_tp0_pp0.safetensors").unlink()
     (folder / "manifest.json").write_bytes((reference / "ckpt" / "4" / "manifest.json").read_bytes())
     with pytest.raises(CheckpointError, match="model_tp0_pp0.safetensors is missing"):
-        train(config_from_text(config_text(tmp_path / "y", extra=f"\nckpt['load_ckpt_folder'] = 'local:{folder}'\n")))
+        train(
+            config_from_text(
+                config_text(tmp_path / "y", extra=f"\nckpt['load_ckpt_folder'] = 'local:{folder}'\n")
+            )
+        )
     with pytest.raises(CheckpointError, match="no manifest.json"):
-        train(config_from_text(config_text(tmp_path / "z", extra=f"\nckpt['load_ckpt_folder'] = 'local:{tmp_path}/nothing'\n")))
+        train(
+            config_from_text(
+                config_text(
+                    tmp_path / "z", extra=f"\nckpt['load_ckpt_folder'] = 'local:{tmp_path}/nothing'\n"
+                )
+            )
+        )
 
 
 def test_another_model_shape_names_the_weight(tmp_path, reference):

@@ -40,7 +40,9 @@ def test_two_ranks_to_one_and_one_to_two(tmp_path):
 
     # Two ranks -> one process.
     down = tmp_path / "down"
-    text = config_text(down, micro_num=4, total_steps=STEPS, extra=f"\nckpt['load_ckpt_folder'] = 'local:{two}/ckpt/2'\n")
+    text = config_text(
+        down, micro_num=4, total_steps=STEPS, extra=f"\nckpt['load_ckpt_folder'] = 'local:{two}/ckpt/2'\n"
+    )
     train(config_from_text(text))
     got = train_records(down)
     assert [r["step"] for r in got] == [2, 3]
@@ -49,7 +51,9 @@ def test_two_ranks_to_one_and_one_to_two(tmp_path):
 
     # One process -> two ranks.
     up = tmp_path / "up"
-    config = _two_rank_config(tmp_path / "up.py", up, extra=f"\nckpt['load_ckpt_folder'] = 'local:{single}/ckpt/2'\n")
+    config = _two_rank_config(
+        tmp_path / "up.py", up, extra=f"\nckpt['load_ckpt_folder'] = 'local:{single}/ckpt/2'\n"
+    )
     results = train_ranks(config, world_size=2)
     for result in results:
         assert result.returncode == 0, result.output[-3000:]

@@ -43,10 +43,19 @@ def test_pipeline_checkpoint_resumes_exactly(tmp_path, num_chunks):
     _run(_pipeline_config(tmp_path / "whole.py", whole, num_chunks))
     folder = whole / "ckpt" / "2"
     names = {f["name"] for f in json.loads((folder / "manifest.json").read_text())["files"]}
-    assert {"model_tp0_pp0.safetensors", "model_tp0_pp1.safetensors", "optimizer_tp0_pp0_zo0.pt",
-            "optimizer_tp0_pp1_zo0.pt", "rng_tp0_pp1_dp0.pt"} <= names
+    assert {
+        "model_tp0_pp0.safetensors",
+        "model_tp0_pp1.safetensors",
+        "optimizer_tp0_pp0_zo0.pt",
+        "optimizer_tp0_pp1_zo0.pt",
+        "rng_tp0_pp1_dp0.pt",
+    } <= names
     resumed = tmp_path / "resumed"
-    _run(_pipeline_config(tmp_path / "resumed.py", resumed, num_chunks, f"\nckpt['load_ckpt_folder'] = 'local:{folder}'\n"))
+    _run(
+        _pipeline_config(
+            tmp_path / "resumed.py", resumed, num_chunks, f"\nckpt['load_ckpt_folder'] = 'local:{folder}'\n"
+        )
+    )
     want = {r["step"]: r["loss"] for r in train_records(whole)}
     got = train_records(resumed)
     assert [r["step"] for r in got] == [2, 3]
@@ -60,6 +69,11 @@ def test_pipeline_checkpoint_resumes_exactly(tmp_path, num_chunks):
     train(config_from_text(text.replace("num_layers=2,", "num_layers=4,")))
     first = train_records(single)[0]
     assert first["step"] == 2 and first["loss"] == pytest.approx(want[2], rel=1e-5)
-    text = config_text(tmp_path / "x", micro_num=2, total_steps=STEPS, extra=f"\nckpt['load_ckpt_folder'] = 'local:{folder}'\n")
+    text = config_text(
+        tmp_path / "x",
+        micro_num=2,
+        total_steps=STEPS,
+        extra=f"\nckpt['load_ckpt_folder'] = 'local:{folder}'\n",
+    )
     with pytest.raises(CheckpointError, match="pipeline size 2"):
         train(config_from_text(text.replace("num_layers=2,", "num_layers=4,")))

@@ -32,7 +32,7 @@ def reference(tmp_path_factory):
 
 def _keys(server, bucket, prefix):
     listing = server.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
-    return sorted(item["Key"][len(prefix):] for item in listing.get("Contents", []))
+    return sorted(item["Key"][len(prefix) :] for item in listing.get("Contents", []))
 
 
 def _s3_config(run_dir, folder, extra=""):
@@ -42,10 +42,18 @@ def _s3_config(run_dir, folder, extra=""):
 def test_sync_save_to_s3_and_auto_resume_from_it(tmp_path, s3_env, reference):
     server, bucket = s3_env
     folder = f"boto3:s3://{bucket}/run1"
-    train(config_from_text(_s3_config(tmp_path / "first", folder, "\ndata['total_steps'] = 4\nlr_scheduler['total_steps'] = 6\n")))
+    train(
+        config_from_text(
+            _s3_config(
+                tmp_path / "first", folder, "\ndata['total_steps'] = 4\nlr_scheduler['total_steps'] = 6\n"
+            )
+        )
+    )
     keys = _keys(server, bucket, "run1/")
     assert "4/4.step" in keys and "4/manifest.json" in keys and "2/optimizer_tp0_pp0_zo0.pt" in keys
-    manifest = json.loads(server.client().get_object(Bucket=bucket, Key="run1/4/manifest.json")["Body"].read())
+    manifest = json.loads(
+        server.client().get_object(Bucket=bucket, Key="run1/4/manifest.json")["Body"].read()
+    )
     sizes = {f["name"]: f["size"] for f in manifest["files"]}
     head = server.client().head_object(Bucket=bucket, Key="run1/4/model_tp0_pp0.safetensors")
     assert head["ContentLength"] == sizes["model_tp0_pp0.safetensors"]

@@ -31,8 +31,14 @@ def test_unreachable_uploader_falls_back_to_a_direct_upload(tmp_path):
     config = config_from_text(config_text(tmp_path / "run"))
     model = build_model(config.model, "cpu", seed=0)
     optimizer = ZeroOptimizer(list(model.parameters()), AdamSettings(), DynamicLossScaler(enabled=False), 1.0)
-    run = RunState(config, model, optimizer, BatchSampler(10, 2, 0), TrainState(batch_count=3),
-                   ParallelContext(layout=layout_for(config.parallel, 1)))
+    run = RunState(
+        config,
+        model,
+        optimizer,
+        BatchSampler(10, 2, 0),
+        TrainState(batch_count=3),
+        ParallelContext(layout=layout_for(config.parallel, 1)),
+    )
     spool = tmp_path / "spool"
     saver = CheckpointSaver(uploader=UploaderClient(_dead_address(), timeout_s=0.5), spool=spool)
     target = open_location(f"local:{tmp_path}/ckpt").child("3")

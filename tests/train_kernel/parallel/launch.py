@@ -23,7 +23,9 @@ class RankResult:
     output: str
 
 
-def run_ranks(args: list[str], world_size: int, timeout: float = 60, extra_env: dict | None = None) -> list[RankResult]:
+def run_ranks(
+    args: list[str], world_size: int, timeout: float = 60, extra_env: dict | None = None
+) -> list[RankResult]:
     """Runs `python <args>` once per rank; kills every rank left when `timeout` passes (the test
     then fails on their return codes instead of hanging)."""
     port = free_port()
@@ -40,7 +42,9 @@ def run_ranks(args: list[str], world_size: int, timeout: float = 60, extra_env: 
             **(extra_env or {}),
         }
         processes.append(
-            subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            subprocess.Popen(
+                [sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
         )
     results = []
     for rank, process in enumerate(processes):
@@ -55,8 +59,12 @@ def run_ranks(args: list[str], world_size: int, timeout: float = 60, extra_env: 
     return results
 
 
-def train_ranks(config_file, world_size: int, timeout: float = 60, extra_env: dict | None = None) -> list[RankResult]:
+def train_ranks(
+    config_file, world_size: int, timeout: float = 60, extra_env: dict | None = None
+) -> list[RankResult]:
     return run_ranks(
         ["-m", "train_kernel.cli", "run", "--launcher", "torch", "--config", str(config_file)],
-        world_size, timeout, extra_env,
+        world_size,
+        timeout,
+        extra_env,
     )

@@ -23,9 +23,15 @@ def overflow_on_rank_0_only(with_data_group: bool) -> dict:
     model = torch.nn.Linear(4, 3)  # 15 elements: rank 0 owns [0, 8) (weight), rank 1 [8, 15)
     scaler = DynamicLossScaler(initial_scale=1024, hysteresis=1, enabled=True)
     optimizer = ZeroOptimizer(
-        list(model.parameters()), AdamSettings(lr=0.1), scaler, 1.0,
-        data_group=parallel.data_group if with_data_group else None, data_size=2,
-        zero_group=parallel.zero_group, zero_ranks=parallel.zero_ranks, zero_rank=parallel.zero_rank,
+        list(model.parameters()),
+        AdamSettings(lr=0.1),
+        scaler,
+        1.0,
+        data_group=parallel.data_group if with_data_group else None,
+        data_size=2,
+        zero_group=parallel.zero_group,
+        zero_ranks=parallel.zero_ranks,
+        zero_rank=parallel.zero_rank,
     )
     before = [p.detach().clone() for p in model.parameters()]
     model.weight.grad = torch.ones_like(model.weight)
@@ -41,8 +47,11 @@ def overflow_on_rank_0_only(with_data_group: bool) -> dict:
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     parallel.close(barrier=True)
     return {
-        "skipped_updated": skipped.updated, "scale_after_skip": scale_after_skip,
-        "unchanged": unchanged, "second_updated": updated.updated, "weights": flat.tolist(),
+        "skipped_updated": skipped.updated,
+        "scale_after_skip": scale_after_skip,
+        "unchanged": unchanged,
+        "second_updated": updated.updated,
+        "weights": flat.tolist(),
     }
 
 
@@ -62,10 +71,18 @@ def overlapped_grad_reduce() -> dict:
 
     parallel = init_parallel(ParallelConfig(zero1=1))
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
+    )
     optimizer = ZeroOptimizer(
-        list(model.parameters()), AdamSettings(lr=0.1), DynamicLossScaler(enabled=False), 0.0,
-        data_group=parallel.data_group, data_size=2, overlap_grad_reduce=True, reduce_bucket_size=200,
+        list(model.parameters()),
+        AdamSettings(lr=0.1),
+        DynamicLossScaler(enabled=False),
+        0.0,
+        data_group=parallel.data_group,
+        data_size=2,
+        overlap_grad_reduce=True,
+        reduce_bucket_size=200,
     )
     reducer = optimizer.grad_reducer
     torch.manual_seed(1 + parallel.rank)
@@ -89,8 +106,11 @@ def overlapped_grad_reduce() -> dict:
     equal_unarmed = all(torch.equal(a, p.grad) for a, p in zip(overlapped, model.parameters()))
     parallel.close(barrier=True)
     return {
-        "buckets": len(reducer.buckets), "pending_after_first": pending_after_first, "started": started,
-        "equal": equal, "equal_unarmed": equal_unarmed,
+        "buckets": len(reducer.buckets),
+        "pending_after_first": pending_after_first,
+        "started": started,
+        "equal": equal,
+        "equal_unarmed": equal_unarmed,
     }
 
 
@@ -103,9 +123,15 @@ def zero_state_round_trip() -> dict:
         torch.manual_seed(seed)
         model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
         optimizer = ZeroOptimizer(
-            list(model.parameters()), AdamSettings(lr=0.05), DynamicLossScaler(enabled=False), 1.0,
-            data_group=parallel.data_group, data_size=2,
-            zero_group=parallel.zero_group, zero_ranks=parallel.zero_ranks, zero_rank=parallel.zero_rank,
+            list(model.parameters()),
+            AdamSettings(lr=0.05),
+            DynamicLossScaler(enabled=False),
+            1.0,
+            data_group=parallel.data_group,
+            data_size=2,
+            zero_group=parallel.zero_group,
+            zero_ranks=parallel.zero_ranks,
+            zero_rank=parallel.zero_rank,
         )
         return model, optimizer
 
@@ -128,8 +154,11 @@ def zero_state_round_trip() -> dict:
     step(resumed_model, resumed, 2)
     restored = torch.cat([p.detach().reshape(-1) for p in resumed_model.parameters()])
     parallel.close(barrier=True)
-    return {"partition": state["partition"], "equal": torch.equal(uninterrupted, restored),
-            "max_diff": (uninterrupted - restored).abs().max().item()}
+    return {
+        "partition": state["partition"],
+        "equal": torch.equal(uninterrupted, restored),
+        "max_diff": (uninterrupted - restored).abs().max().item(),
+    }
 
 
 def overlapped_param_sync() -> dict:
@@ -142,8 +171,13 @@ def overlapped_param_sync() -> dict:
         torch.manual_seed(0)
         model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(4)])
         optimizer = ZeroOptimizer(
-            list(model.parameters()), AdamSettings(lr=0.1), DynamicLossScaler(enabled=False), 1.0,
-            zero_group=parallel.zero_group, zero_ranks=parallel.zero_ranks, zero_rank=parallel.zero_rank,
+            list(model.parameters()),
+            AdamSettings(lr=0.1),
+            DynamicLossScaler(enabled=False),
+            1.0,
+            zero_group=parallel.zero_group,
+            zero_ranks=parallel.zero_ranks,
+            zero_rank=parallel.zero_rank,
         )
         if overlap:
             optimizer.overlap_param_sync([model])
@@ -163,8 +197,10 @@ def overlapped_param_sync() -> dict:
     dist.all_gather(gathered, flat)
     parallel.close(barrier=True)
     return {
-        "in_flight_after_step": in_flight, "waited_in_forward": waited_in_forward,
-        "same_output": torch.equal(out, expected), "ranks_agree": torch.equal(gathered[0], gathered[1]),
+        "in_flight_after_step": in_flight,
+        "waited_in_forward": waited_in_forward,
+        "same_output": torch.equal(out, expected),
+        "ranks_agree": torch.equal(gathered[0], gathered[1]),
     }
 
 

@@ -39,7 +39,9 @@ INTERLEAVED = "pipeline=dict(size=2, interleaved_overlap=True)"
 
 
 def _config_text(run_dir, micro_num: int, parallel: str, num_chunks: int = 1) -> str:
-    text = tiny_config_text(run_dir, micro_num=micro_num, total_steps=STEPS, save=True, dtype="torch.bfloat16")
+    text = tiny_config_text(
+        run_dir, micro_num=micro_num, total_steps=STEPS, save=True, dtype="torch.bfloat16"
+    )
     layers = f"num_layers=4, num_chunks={num_chunks}"
     return text.replace("num_layers=2", layers).replace("parallel = dict(zero1=1)", f"parallel = {parallel}")
 
@@ -63,7 +65,9 @@ def single(tmp_path_factory):
     ],
     ids=["data2-zero2", "pipeline2", "interleaved-pipeline2", "data2xpipeline2-zero2"],
 )
-def test_bf16_parallel_layouts_stay_close_to_one_process(single, tmp_path, world, micro_num, parallel, num_chunks):
+def test_bf16_parallel_layouts_stay_close_to_one_process(
+    single, tmp_path, world, micro_num, parallel, num_chunks
+):
     config_file = tmp_path / "parallel.py"
     config_file.write_text(_config_text(tmp_path / "run", micro_num, parallel, num_chunks))
     results = train_ranks(config_file, world_size=world, timeout=120)
@@ -89,9 +93,13 @@ def test_bf16_parallel_layouts_stay_close_to_one_process(single, tmp_path, world
             big = expected.float().abs() >= 0.25
             large = max(large, diff[big].max().item() if big.any() else 0.0)
             small = max(small, diff[~big].max().item() if (~big).any() else 0.0)
-        print(f"\nMEASURED {parallel}: loss rel {loss_rel:.3g}, grad norm rel {gnorm_rel:.3g}, "
-              f"weights abs {large:.3g} (|w| >= 0.25) / {small:.3g} (|w| < 0.25)")
+        print(
+            f"\nMEASURED {parallel}: loss rel {loss_rel:.3g}, grad norm rel {gnorm_rel:.3g}, "
+            f"weights abs {large:.3g} (|w| >= 0.25) / {small:.3g} (|w| < 0.25)"
+        )
     assert loss_rel <= LOSS_REL
     assert gnorm_rel <= GNORM_REL
     for key, expected in one_weights.items():
-        torch.testing.assert_close(weights[key].float(), expected.float(), rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=key)
+        torch.testing.assert_close(
+            weights[key].float(), expected.float(), rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=key
+        )

@@ -25,7 +25,11 @@ def records(run_dir, kind="train"):
 
 
 def _single_and_parallel(tmp_path, dtype: str, zero1: int):
-    train(config_from_text(tiny_config_text(tmp_path / "single", micro_num=4, total_steps=STEPS, save=True, dtype=dtype)))
+    train(
+        config_from_text(
+            tiny_config_text(tmp_path / "single", micro_num=4, total_steps=STEPS, save=True, dtype=dtype)
+        )
+    )
     config_file = tmp_path / "parallel.py"
     text = tiny_config_text(tmp_path / "parallel", micro_num=2, total_steps=STEPS, save=True, dtype=dtype)
     config_file.write_text(text.replace("parallel = dict(zero1=1)", f"parallel = dict(zero1={zero1})"))
@@ -40,7 +44,9 @@ def _single_and_parallel(tmp_path, dtype: str, zero1: int):
 
 @pytest.mark.parametrize("zero1", [2, 1], ids=["zero1=2", "zero1=1"])
 def test_fp32_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, zero1):
-    single, parallel, single_weights, parallel_weights = _single_and_parallel(tmp_path, "torch.float32", zero1)
+    single, parallel, single_weights, parallel_weights = _single_and_parallel(
+        tmp_path, "torch.float32", zero1
+    )
     assert len(parallel) == STEPS
     for one, two in zip(single, parallel):
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
@@ -65,7 +71,9 @@ def test_bf16_two_ranks_with_zero_stay_close_to_one_process(tmp_path):
     for one, two in zip(single, parallel):
         assert two["loss"] == pytest.approx(one["loss"], rel=5e-5)
     for key, expected in single_weights.items():
-        torch.testing.assert_close(parallel_weights[key].float(), expected.float(), rtol=0, atol=1e-2, msg=key)
+        torch.testing.assert_close(
+            parallel_weights[key].float(), expected.float(), rtol=0, atol=1e-2, msg=key
+        )
 
 
 def test_only_rank_0_writes_the_run_folder(tmp_path):

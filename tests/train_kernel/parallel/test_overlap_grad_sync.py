@@ -33,7 +33,9 @@ def _two_rank_run(tmp_path, name: str, optimizer: str):
 def test_overlap_on_and_off_train_the_same(tmp_path):
     # 2,000 elements per bucket: the tiny model (~60k parameters) needs dozens of buckets.
     on, on_weights, on_output = _two_rank_run(
-        tmp_path, "on", "hybrid_zero_optimizer = dict(clip_grad_norm=1.0, overlap_sync_grad=True, reduce_bucket_size=2000)"
+        tmp_path,
+        "on",
+        "hybrid_zero_optimizer = dict(clip_grad_norm=1.0, overlap_sync_grad=True, reduce_bucket_size=2000)",
     )
     off, off_weights, off_output = _two_rank_run(
         tmp_path, "off", "hybrid_zero_optimizer = dict(clip_grad_norm=1.0, overlap_sync_grad=False)"
@@ -51,11 +53,15 @@ def test_overlap_on_and_off_train_the_same(tmp_path):
 
 
 def test_buckets_start_during_the_last_backward_only_and_sum_exactly():
-    results = run_ranks(["-m", "tests.train_kernel.parallel.rank_programs", "overlapped_grad_reduce"], world_size=2, timeout=60)
+    results = run_ranks(
+        ["-m", "tests.train_kernel.parallel.rank_programs", "overlapped_grad_reduce"],
+        world_size=2,
+        timeout=60,
+    )
     for result in results:
         assert result.returncode == 0, result.output[-3000:]
         (line,) = [x for x in result.output.splitlines() if x.startswith("RESULT ")]
-        out = json.loads(line[len("RESULT "):])
+        out = json.loads(line[len("RESULT ") :])
         assert out["buckets"] == 3
         assert out["pending_after_first"] == 0  # the first micro-batch's backward did not communicate
         assert out["started"] == 3  # every bucket started from a hook, during the last backward

@@ -18,11 +18,13 @@ STEPS = 4
 
 
 def test_forward_waits_layer_by_layer_and_matches_the_synchronous_broadcast():
-    results = run_ranks(["-m", "tests.train_kernel.parallel.rank_programs", "overlapped_param_sync"], world_size=2)
+    results = run_ranks(
+        ["-m", "tests.train_kernel.parallel.rank_programs", "overlapped_param_sync"], world_size=2
+    )
     for result in results:
         assert result.returncode == 0, result.output[-3000:]
         line = next(line for line in result.output.splitlines() if line.startswith("RESULT "))
-        got = json.loads(line[len("RESULT "):])
+        got = json.loads(line[len("RESULT ") :])
         assert got["in_flight_after_step"], "the step waited for the broadcasts itself"
         assert got["waited_in_forward"] >= 1
         assert got["same_output"] and got["ranks_agree"]

@@ -19,9 +19,30 @@ pytestmark = pytest.mark.distributed
 def _packed(tmp_path):
     texts = [f"doc {i}: " + "the quick brown fox jumps over the lazy dog " * (1 + i % 5) for i in range(160)]
     write_jsonl(tmp_path / "raw" / "en" / "a.jsonl", [{"content": t} for t in texts])
-    run_cli("tokenize_stage.cli", "run", "--input", str(tmp_path / "raw"), "--output", str(tmp_path / "tok"), "--no-progress")
-    run_cli("pack_stage.cli", "run", "--input", str(tmp_path / "tok"), "--output", str(tmp_path / "packed"),
-            "--seq-len", "32", "--micro-bsz", "2", "--valid-fraction", "0.2", "--no-progress")
+    run_cli(
+        "tokenize_stage.cli",
+        "run",
+        "--input",
+        str(tmp_path / "raw"),
+        "--output",
+        str(tmp_path / "tok"),
+        "--no-progress",
+    )
+    run_cli(
+        "pack_stage.cli",
+        "run",
+        "--input",
+        str(tmp_path / "tok"),
+        "--output",
+        str(tmp_path / "packed"),
+        "--seq-len",
+        "32",
+        "--micro-bsz",
+        "2",
+        "--valid-fraction",
+        "0.2",
+        "--no-progress",
+    )
     return str(tmp_path / "packed")
 
 

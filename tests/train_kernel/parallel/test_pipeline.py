@@ -69,7 +69,13 @@ INTERLEAVED = "pipeline=dict(size=2, interleaved_overlap=True)"
         (2, 4, f"dict(zero1=1, {INTERLEAVED})", 2),
         (4, 2, f"dict(zero1=2, {INTERLEAVED})", 2),  # micro_num == pipeline size: all warm-up
     ],
-    ids=["pipeline2", "data2xpipeline2-zero2", "pipeline4", "interleaved-pipeline2", "interleaved-data2xpipeline2-zero2"],
+    ids=[
+        "pipeline2",
+        "data2xpipeline2-zero2",
+        "pipeline4",
+        "interleaved-pipeline2",
+        "interleaved-data2xpipeline2-zero2",
+    ],
 )
 def test_pipeline_matches_one_process(single, tmp_path, world, micro_num, parallel, num_chunks):
     config_file = tmp_path / "pipeline.py"
@@ -91,7 +97,9 @@ def test_one_micro_batch_per_step_matches_one_process(tmp_path):
     for result in results:
         assert result.returncode == 0, result.output[-4000:]
     one = records(tmp_path / "single")
-    _assert_same_run((one, load_model_state(tmp_path / "single" / "ckpt" / str(STEPS))[1]), tmp_path / "run", 1)
+    _assert_same_run(
+        (one, load_model_state(tmp_path / "single" / "ckpt" / str(STEPS))[1]), tmp_path / "run", 1
+    )
 
 
 def test_stages_built_alone_hold_the_full_models_tensors(tmp_path):
@@ -104,7 +112,10 @@ def test_stages_built_alone_hold_the_full_models_tensors(tmp_path):
     one, two = build_stage_chunks(chunked, 0, 2, seed=3), build_stage_chunks(chunked, 1, 2, seed=3)
     assert [list(c.layers.keys()) for c in one.chunks] == [["0"], ["2"]]
     assert [list(c.layers.keys()) for c in two.chunks] == [["1"], ["3"]]
-    for merged in ({**first.state_dict(), **last.state_dict()}, {**one.model_state_dict(), **two.model_state_dict()}):
+    for merged in (
+        {**first.state_dict(), **last.state_dict()},
+        {**one.model_state_dict(), **two.model_state_dict()},
+    ):
         assert merged.keys() == full.keys()
         for key, tensor in full.items():
             assert torch.equal(merged[key], tensor), key
@@ -114,7 +125,11 @@ def test_stages_built_alone_hold_the_full_models_tensors(tmp_path):
     "parallel, world, message",
     [
         (ParallelConfig(pipeline=PipelineConfig(size=4)), "2", "not divisible by tensor 1 x pipeline 4"),
-        (ParallelConfig(zero1=2, pipeline=PipelineConfig(size=2)), "2", "does not divide the data-parallel size 1"),
+        (
+            ParallelConfig(zero1=2, pipeline=PipelineConfig(size=2)),
+            "2",
+            "does not divide the data-parallel size 1",
+        ),
     ],
 )
 def test_pipeline_misconfigurations_fail_before_any_collective(parallel, world, message):
@@ -131,12 +146,17 @@ def test_interleaved_with_a_micro_num_it_cannot_schedule_fails_on_every_rank_at_
     results = train_ranks(config_file, world_size=2, timeout=30)
     for result in results:
         assert result.returncode != 0
-        assert "data.micro_num: 3 with model.num_chunks 2: the interleaved schedule needs a multiple" in result.output, result.output[-2000:]
+        assert (
+            "data.micro_num: 3 with model.num_chunks 2: the interleaved schedule needs a multiple"
+            in result.output
+        ), result.output[-2000:]
         assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("stages, chunks, micro_num", [(2, 2, 4), (2, 2, 2), (4, 2, 8), (2, 3, 6)])
-def test_interleaved_order_runs_every_chunk_forward_then_backward_once_per_micro_batch(stages, chunks, micro_num):
+def test_interleaved_order_runs_every_chunk_forward_then_backward_once_per_micro_batch(
+    stages, chunks, micro_num
+):
     for stage in range(stages):
         order = schedule_order(stage, stages, chunks, micro_num)
         for chunk in range(chunks):

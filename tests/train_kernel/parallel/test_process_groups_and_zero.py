@@ -25,7 +25,9 @@ def _result(output: str) -> dict:
 @pytest.mark.distributed
 @pytest.mark.parametrize("program", ["overflow", "overflow_dp"])
 def test_overflow_on_one_rank_makes_both_ranks_skip(program):
-    results = run_ranks(["-m", "tests.train_kernel.parallel.rank_programs", program], world_size=2, timeout=60)
+    results = run_ranks(
+        ["-m", "tests.train_kernel.parallel.rank_programs", program], world_size=2, timeout=60
+    )
     for result in results:
         assert result.returncode == 0, result.output[-3000:]
     outcomes = [_result(r.output) for r in results]
@@ -39,7 +41,9 @@ def test_overflow_on_one_rank_makes_both_ranks_skip(program):
 
 @pytest.mark.distributed
 def test_optimizer_state_saved_per_zero_rank_restores_exactly():
-    results = run_ranks(["-m", "tests.train_kernel.parallel.rank_programs", "zero_state_round_trip"], world_size=2, timeout=60)
+    results = run_ranks(
+        ["-m", "tests.train_kernel.parallel.rank_programs", "zero_state_round_trip"], world_size=2, timeout=60
+    )
     for result in results:
         assert result.returncode == 0, result.output[-3000:]
     outcomes = [_result(r.output) for r in results]
@@ -53,7 +57,9 @@ def test_optimizer_state_saved_per_zero_rank_restores_exactly():
 def test_a_failing_rank_takes_the_job_down_instead_of_hanging():
     started = time.monotonic()
     results = run_ranks(
-        ["-m", "tests.train_kernel.parallel.rank_programs", "rank_1_dies"], world_size=2, timeout=60,
+        ["-m", "tests.train_kernel.parallel.rank_programs", "rank_1_dies"],
+        world_size=2,
+        timeout=60,
         extra_env={"TRAIN_KERNEL_DIST_TIMEOUT_S": "20"},
     )
     assert results[1].returncode != 0 and "rank 1 fails on purpose" in results[1].output
@@ -90,6 +96,8 @@ def test_cli_reports_a_bad_layout_on_every_rank_without_waiting_for_peers(tmp_pa
     results = train_ranks(config_file, world_size=2, timeout=30)
     for result in results:
         assert result.returncode != 0
-        assert "parallel.zero1: 4 does not divide the data-parallel size 2" in result.output, result.output[-2000:]
+        assert "parallel.zero1: 4 does not divide the data-parallel size 2" in result.output, result.output[
+            -2000:
+        ]
         assert "Traceback" not in result.output
     assert time.monotonic() - started < 25

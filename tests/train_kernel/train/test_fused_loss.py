@@ -67,7 +67,7 @@ def test_reused_buffers_give_the_same_result_in_low_precision():
         out.loss.backward()
         results.append((out.loss.item(), hidden.grad.clone(), weight.grad.clone()))
         hidden.grad = weight.grad = None
-        logits = (hidden.detach().float() @ weight.detach().float().t())
+        logits = hidden.detach().float() @ weight.detach().float().t()
         plain = F.cross_entropy(logits, labels, ignore_index=-100)
         assert out.loss.item() == pytest.approx(plain.item(), rel=1e-2)
     assert results[0][0] == results[2][0]

@@ -20,7 +20,9 @@ def scales(scaler: DynamicLossScaler, overflows: str) -> list[float]:
 
 
 def test_hysteresis_then_backoff_on_every_later_overflow():
-    scaler = DynamicLossScaler(initial_scale=1024, growth_interval=3, hysteresis=2, min_scale=1, max_scale=4096)
+    scaler = DynamicLossScaler(
+        initial_scale=1024, growth_interval=3, hysteresis=2, min_scale=1, max_scale=4096
+    )
     # x = overflow, . = clean step
     assert scales(scaler, "x.xx") == [1024, 1024, 512, 256]
     # growth after 3 clean steps resets the hysteresis counter
@@ -30,7 +32,15 @@ def test_hysteresis_then_backoff_on_every_later_overflow():
 
 
 def test_scale_bounds_and_growth_interval():
-    scaler = DynamicLossScaler(initial_scale=4, growth_factor=2, backoff_factor=0.5, growth_interval=2, min_scale=2, max_scale=16, hysteresis=1)
+    scaler = DynamicLossScaler(
+        initial_scale=4,
+        growth_factor=2,
+        backoff_factor=0.5,
+        growth_interval=2,
+        min_scale=2,
+        max_scale=16,
+        hysteresis=1,
+    )
     assert scales(scaler, "xxx") == [2, 2, 2]
     assert scales(scaler, "........") == [2, 4, 4, 8, 8, 16, 16, 16]
 

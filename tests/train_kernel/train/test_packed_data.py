@@ -14,19 +14,47 @@ from train_kernel.train.trainer import train
 
 
 def _prepared(tmp_path):
-    texts = [f"document {i}: " + "the quick brown fox jumps over the lazy dog " * (1 + i % 7) for i in range(120)]
+    texts = [
+        f"document {i}: " + "the quick brown fox jumps over the lazy dog " * (1 + i % 7) for i in range(120)
+    ]
     write_jsonl(tmp_path / "raw" / "en" / "a.jsonl", [{"content": t} for t in texts[:80]])
-    write_jsonl(tmp_path / "raw" / "code" / "b.jsonl", [{"content": "def f(x):\n    return x * 2\n" * (1 + i % 3)} for i in range(40)])
-    run_cli("tokenize_stage.cli", "run", "--input", str(tmp_path / "raw"), "--output", str(tmp_path / "tok"), "--no-progress")
-    run_cli("pack_stage.cli", "run", "--input", str(tmp_path / "tok"), "--output", str(tmp_path / "packed"),
-            "--seq-len", "32", "--micro-bsz", "2", "--valid-fraction", "0.1", "--no-progress")
+    write_jsonl(
+        tmp_path / "raw" / "code" / "b.jsonl",
+        [{"content": "def f(x):\n    return x * 2\n" * (1 + i % 3)} for i in range(40)],
+    )
+    run_cli(
+        "tokenize_stage.cli",
+        "run",
+        "--input",
+        str(tmp_path / "raw"),
+        "--output",
+        str(tmp_path / "tok"),
+        "--no-progress",
+    )
+    run_cli(
+        "pack_stage.cli",
+        "run",
+        "--input",
+        str(tmp_path / "tok"),
+        "--output",
+        str(tmp_path / "packed"),
+        "--seq-len",
+        "32",
+        "--micro-bsz",
+        "2",
+        "--valid-fraction",
+        "0.1",
+        "--no-progress",
+    )
     return tmp_path / "packed"
 
 
 @pytest.mark.process
 def test_train_on_packed_shards_with_validation(tmp_path):
     packed = _prepared(tmp_path)
-    config = config_from_text(tiny_config_text(tmp_path / "run", train_folder=str(packed), valid_every=2, total_steps=4))
+    config = config_from_text(
+        tiny_config_text(tmp_path / "run", train_folder=str(packed), valid_every=2, total_steps=4)
+    )
     train(config)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "train"]
@@ -49,5 +77,8 @@ def test_shards_packed_for_another_seq_len_are_refused(tmp_path):
     config_file.write_text(tiny_config_text(tmp_path / "run", train_folder=str(packed), seq_len=64))
     result = run_cli("train_kernel.cli", "run", "--config", str(config_file), check=False)
     assert result.returncode != 0
-    assert "seq_len: the shards in" in result.stderr and "packed with 32, the config asks for 64" in result.stderr
+    assert (
+        "seq_len: the shards in" in result.stderr
+        and "packed with 32, the config asks for 64" in result.stderr
+    )
     assert "Traceback" not in result.stderr

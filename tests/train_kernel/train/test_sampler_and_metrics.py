@@ -63,8 +63,19 @@ def test_token_metrics_per_type():
 
 
 def test_log_line_matches_seed_format():
-    record = {"tflops": 1.5, "step": 0, "loss": 11.6, "tgs": 1424.93, "lr": 4e-07, "loss_scale": 65536.0,
-              "grad_norm": {"0_default": 66.5}, "micro_num": 4, "loss/cn": float("nan"), "time": 1.0, "eta_s": 3725}
+    record = {
+        "tflops": 1.5,
+        "step": 0,
+        "loss": 11.6,
+        "tgs": 1424.93,
+        "lr": 4e-07,
+        "loss_scale": 65536.0,
+        "grad_norm": {"0_default": 66.5},
+        "micro_num": 4,
+        "loss/cn": float("nan"),
+        "time": 1.0,
+        "eta_s": 3725,
+    }
     assert format_log_line(record) == (
         "tflops=1.5 step=0 loss=11.6 tgs (tokens/gpu/second)=1424.93 lr=4e-07 loss_scale=65536.0 "
         "grad_norm={'0_default': 66.5} micro_num=4 loss/cn=nan eta=1:02:05"

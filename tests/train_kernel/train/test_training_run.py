@@ -21,10 +21,34 @@ from train_kernel.optim.loss_scaler import DynamicLossScaler
 from train_kernel.train.trainer import train
 
 LOG_FIELDS = [
-    "tflops", "step", "loss", "tgs", "lr", "loss_scale", "grad_norm", "micro_num", "num_consumed_tokens",
-    "inf_nan_skip_batches", "num_samples_in_batch", "largest_length", "largest_batch", "smallest_batch",
-    "adam_beta2", "fwd_bwd_time", "acc", "perplexity", "acc/en", "acc/cn", "acc/code", "tokens/en",
-    "tokens/cn", "tokens/code", "loss_from_metric", "loss/en", "loss/cn", "loss/code",
+    "tflops",
+    "step",
+    "loss",
+    "tgs",
+    "lr",
+    "loss_scale",
+    "grad_norm",
+    "micro_num",
+    "num_consumed_tokens",
+    "inf_nan_skip_batches",
+    "num_samples_in_batch",
+    "largest_length",
+    "largest_batch",
+    "smallest_batch",
+    "adam_beta2",
+    "fwd_bwd_time",
+    "acc",
+    "perplexity",
+    "acc/en",
+    "acc/cn",
+    "acc/code",
+    "tokens/en",
+    "tokens/cn",
+    "tokens/code",
+    "loss_from_metric",
+    "loss/en",
+    "loss/cn",
+    "loss/code",
 ]
 
 
@@ -50,7 +74,9 @@ def test_log_record_has_every_field_of_the_seed_line(tmp_path):
         assert field in rows[0], field
     assert [k for k in rows[0] if k in LOG_FIELDS] == LOG_FIELDS, "fields in the seed's order"
     assert rows[-1]["num_consumed_tokens"] == 3 * 2 * 64  # steps x micro_num x packed_length
-    assert rows[0]["tokens/en"] == 2 * 2 * (32 - 1)  # random data: one document per seq_len, last token unlabeled
+    assert rows[0]["tokens/en"] == 2 * 2 * (
+        32 - 1
+    )  # random data: one document per seq_len, last token unlabeled
     assert rows[0]["num_samples_in_batch"] == 4 and rows[0]["largest_length"] == 32
     assert rows[0]["perplexity"] == pytest.approx(math.exp(rows[0]["loss_from_metric"]), rel=1e-3)
     log = (tmp_path / "train.log").read_text()
@@ -125,11 +151,19 @@ def test_step_equals_adamw_on_the_unscaled_clipped_gradients(clip):
 def test_fp16_run_with_loss_scaler_counts_skipped_steps(tmp_path):
     # An initial scale of 2**24 overflows fp16 gradients: the scaler backs off (hysteresis 1) until
     # the gradients fit, counting every skipped step, then training proceeds.
-    train(config_from_text(tiny_config_text(tmp_path, dtype="torch.float16", initial_scale=2.0**24, hysteresis=1, total_steps=16)))
+    train(
+        config_from_text(
+            tiny_config_text(
+                tmp_path, dtype="torch.float16", initial_scale=2.0**24, hysteresis=1, total_steps=16
+            )
+        )
+    )
     rows = records(tmp_path)
     skipped = rows[-1]["inf_nan_skip_batches"]
     assert 1 <= skipped < 16
-    assert [r["inf_nan_skip_batches"] for r in rows[:skipped]] == list(range(1, skipped + 1)), "skips come first"
+    assert [r["inf_nan_skip_batches"] for r in rows[:skipped]] == list(range(1, skipped + 1)), (
+        "skips come first"
+    )
     assert [r["loss_scale"] for r in rows[:skipped]] == [2.0**24 / 2 ** (k + 1) for k in range(skipped)]
     assert rows[-1]["loss_scale"] == 2.0**24 / 2**skipped
     assert math.isfinite(rows[-1]["loss"]) and rows[-1]["grad_norm"]["0_default"] > 0
@@ -150,7 +184,9 @@ def test_sigint_stops_cleanly_after_the_current_step(tmp_path):
     config_file.write_text(tiny_config_text(tmp_path / "run", total_steps=100000))
     process = subprocess.Popen(
         [sys.executable, "-m", "train_kernel.cli", "run", "--config", str(config_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 60

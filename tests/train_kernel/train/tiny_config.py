@@ -9,7 +9,8 @@ data = dict(seq_len={seq_len}, micro_num={micro_num}, micro_bsz={micro_bsz}, tot
 adam = dict(lr={lr}, adam_beta1=0.9, adam_beta2=0.95, adam_beta2_c=0, adam_eps=1e-8, weight_decay=0.0)
 lr_scheduler = dict(total_steps=data["total_steps"], warmup_ratio={warmup_ratio}, eta_min={lr})
 hybrid_zero_optimizer = dict(clip_grad_norm={clip})
-grad_scaler = dict(fp16=dict(initial_scale={initial_scale}, min_scale=1, growth_interval=1000), hysteresis={hysteresis})
+grad_scaler = dict(fp16=dict(initial_scale={initial_scale}, min_scale=1, growth_interval=1000),
+                   hysteresis={hysteresis})
 model = dict(num_layers=2, hidden_size=64, num_attention_heads=4, mlp_ratio=8 / 3, vocab_size={vocab_size},
              dtype="{dtype}", embed_grad_scale=1, checkpoint=False)
 parallel = dict(zero1=1)
@@ -21,9 +22,24 @@ seed = {seed}
 
 def tiny_config_text(run_dir, **overrides) -> str:
     values = dict(
-        seq_len=32, micro_num=2, micro_bsz=2, total_steps=6, valid_every=0, train_folder=None, lr=1e-3,
-        warmup_ratio=0.0, clip=1.0, initial_scale=2**16, hysteresis=2, vocab_size=300, dtype="torch.float32",
-        save=False, save_folder=f"local:{run_dir}/ckpt", checkpoint_every=1000, run_dir=str(run_dir), seed=7,
+        seq_len=32,
+        micro_num=2,
+        micro_bsz=2,
+        total_steps=6,
+        valid_every=0,
+        train_folder=None,
+        lr=1e-3,
+        warmup_ratio=0.0,
+        clip=1.0,
+        initial_scale=2**16,
+        hysteresis=2,
+        vocab_size=300,
+        dtype="torch.float32",
+        save=False,
+        save_folder=f"local:{run_dir}/ckpt",
+        checkpoint_every=1000,
+        run_dir=str(run_dir),
+        seed=7,
     )
     values.update(overrides)
     return TEMPLATE.format(**values)
