@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,20 +30,25 @@ try:  # optional CUDA kernel; absent on CPU-only installs
 except ImportError:  # pragma: no cover - depends on the install
     flash_attn_varlen_func = None
 
-try:  # PyTorch >= 2.10; its CUDA kernel is FlashAttention-2's
-    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
-except ImportError:  # pragma: no cover - depends on the PyTorch version
-    torch_varlen_attn = None
 
-# How to ask torch's varlen kernel for causal attention: PyTorch 2.10/2.11 take is_causal=True,
-# later versions a window of (-1, 0) (everything before, nothing after).
-_TORCH_VARLEN_CAUSAL: dict = (
-    {}
-    if torch_varlen_attn is None
-    else {"is_causal": True}
-    if "is_causal" in inspect.signature(torch_varlen_attn).parameters
-    else {"window_size": (-1, 0)}
-)
+def causal_request(kernel: Callable) -> dict:
+    """How to ask torch's varlen kernel for causal attention: PyTorch 2.10/2.11 take is_causal=True,
+    later versions a window of (-1, 0) (everything before, nothing after)."""
+    if "is_causal" in inspect.signature(kernel).parameters:
+        return {"is_causal": True}
+    return {"window_size": (-1, 0)}
+
+
+# PyTorch >= 2.10; its CUDA kernel is FlashAttention-2's. Imported only where CUDA is: the module
+# pulls in torch._dynamo, about 1 s of start-up in every CPU process (each trainer, each rank) for a
+# kernel that never runs there.
+torch_varlen_attn = None
+if torch.cuda.is_available():
+    try:
+        from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
+    except ImportError:  # pragma: no cover - depends on the PyTorch version
+        pass
+_TORCH_VARLEN_CAUSAL: dict = {} if torch_varlen_attn is None else causal_request(torch_varlen_attn)
 
 # Rough fixed cost of one extra SDPA call (kernel launch, autograd nodes, thread wake-up) in units
 # of padded work "one query-key pair of one head-dim channel". Measured on CPU: ~15 us per call

@@ -118,20 +118,21 @@ def test_torch_varlen_kernel_gets_the_segments_and_a_causal_request(monkeypatch)
         return naive_attention(q, k, v, torch.diff(cu_q).tolist())
 
     monkeypatch.setattr(attention, "torch_varlen_attn", stand_in)
+    monkeypatch.setattr(attention, "_TORCH_VARLEN_CAUSAL", {"window_size": (-1, 0)})
     monkeypatch.setattr(attention, "attention_kernel", lambda q, use_flash, dropout: "torch_varlen")
     out = varlen_causal_attention(q, k, v, PackedSegments(cu_seqlens_of(lengths)))
     torch.testing.assert_close(out, naive_attention(q, k, v, lengths))
     cu = cu_seqlens_of(lengths).tolist()
-    assert calls == [(cu, cu, max(lengths), max(lengths), attention._TORCH_VARLEN_CAUSAL)]
+    assert calls == [(cu, cu, max(lengths), max(lengths), {"window_size": (-1, 0)})]
 
 
 def test_torch_varlen_causal_request_fits_the_installed_signature():
     import inspect
 
-    if attention.torch_varlen_attn is None:
-        pytest.skip("this PyTorch has no torch.nn.attention.varlen")
-    parameters = inspect.signature(attention.torch_varlen_attn).parameters
-    ((name, value),) = attention._TORCH_VARLEN_CAUSAL.items()
+    # Imported here: the attention module imports the kernel only where CUDA is available.
+    varlen = pytest.importorskip("torch.nn.attention.varlen", reason="this PyTorch has no varlen kernel")
+    parameters = inspect.signature(varlen.varlen_attn).parameters
+    ((name, value),) = attention.causal_request(varlen.varlen_attn).items()
     assert name in parameters
     assert value in (True, (-1, 0))
 
