@@ -252,6 +252,14 @@ def mfu_check(dev: torch.device, work: Path, shape: dict) -> dict:
     return result
 
 
+def dtype_auto_check(dev: torch.device) -> dict:
+    """What model.dtype="auto" takes on this device, and why (train_kernel/device_speed.py)."""
+    from train_kernel.device_speed import choose_dtype, device_speed
+
+    choice = choose_dtype("auto", dev)
+    return {"speed": device_speed(dev).to_json(), "auto": choice.name, "reason": choice.reason}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="a small shape, for trying the script on CPU")
@@ -300,6 +308,7 @@ def main() -> None:
         "nccl": lambda: nccl_check(dev),
         "checkpoint": lambda: checkpoint_check(work, small),
         "mfu": lambda: mfu_check(dev, work, shape),
+        "dtype_auto": lambda: dtype_auto_check(dev),
     }
     wanted = args.only.split(",") if args.only else list(sections)
     for name in wanted:

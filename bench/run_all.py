@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from bench import (
     bench_ckpt_stall,
+    bench_demo,
     bench_memory,
     bench_metrics,
     bench_overlap,
@@ -28,6 +29,7 @@ def main() -> None:
     bench_metrics.main()
     bench_uploader.main()
     bench_ckpt_stall.main()
+    bench_demo.main()
 
 
 if __name__ == "__main__":

@@ -113,6 +113,35 @@ def test_this_cpu_measured_and_decided_consistently():
     assert choose_dtype("auto").name == expected
 
 
+def _slow_matmul(monkeypatch, slow_calls):
+    """torch.mm taking 30 ms on the calls numbered in `slow_calls` (all when None); returns the call log."""
+    import time
+
+    real, calls = torch.mm, []
+
+    def mm(a, b, **kwargs):
+        calls.append(len(calls))
+        if slow_calls is None or len(calls) - 1 in slow_calls:
+            time.sleep(0.03)
+        return real(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", mm)
+    return calls
+
+
+def test_a_slow_first_call_or_one_preempted_call_is_not_taken_for_emulation(monkeypatch):
+    # oneDNN builds its kernel on a shape's first call (~100x a native bf16 call); another process
+    # may take the core for one call. Neither may make a native dtype look emulated.
+    _slow_matmul(monkeypatch, slow_calls={0, 1})
+    assert measure_matmul_gflops(torch.float32, size=128, min_seconds=0.002) > 1.0
+
+
+def test_an_emulated_dtype_costs_three_calls(monkeypatch):
+    calls = _slow_matmul(monkeypatch, slow_calls=None)
+    rate = measure_matmul_gflops(torch.float32, size=128, min_seconds=0.002)
+    assert len(calls) == 3 and rate < 2 * 128**3 / 0.03 / 1e9 * 1.01
+
+
 def test_probe_is_short():
     import time
 
