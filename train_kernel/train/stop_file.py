@@ -38,6 +38,7 @@ class StopFile:
         self.path = Path(path) if path else None
         self._seen: tuple[float, int] | None = None
         self._order: tuple[int, str] | None = None
+        self._stat_error: str | None = None
 
     def order_at(self, step: int) -> str | None:
         """SAVE, STOP or None for the step just finished."""
@@ -47,7 +48,24 @@ class StopFile:
             stat = self.path.stat()
         except FileNotFoundError:
             self._order = None
+            self._stat_error = None
             return None
+        except OSError as error:
+            # NFS's ESTALE, EIO, a folder replaced by a file, a link loop: the file cannot be looked
+            # at now, which must not stop a job of weeks. The last order read stays in force, and
+            # the warning comes once per kind of error, not every step.
+            reason = f"{type(error).__name__}: {error.strerror or error}"
+            if reason != self._stat_error:
+                log.warning(
+                    "stop file %s cannot be read (%s); training goes on, checking again each step",
+                    self.path,
+                    reason,
+                )
+                self._stat_error = reason
+            return self._order[1] if self._order and self._order[0] == step else None
+        if self._stat_error is not None:
+            log.info("stop file %s readable again", self.path)
+            self._stat_error = None
         key = (stat.st_mtime, stat.st_size)
         if key != self._seen:
             self._seen = key
