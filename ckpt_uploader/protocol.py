@@ -53,21 +53,35 @@ class JobSpec:
         return data
 
 
+# A request's largest frame: a submit lists each file in about 150 bytes, so 16 MiB holds a
+# checkpoint of ~100,000 files. ZeroMQ itself drops peers whose messages pass MAX_MESSAGE_BYTES
+# (set on the socket), before they take memory; between the two the peer gets an error reply.
+MAX_REQUEST_BYTES = 16 * 2**20
+MAX_MESSAGE_BYTES = 64 * 2**20
+
+
 def encode(message: dict) -> bytes:
     return json.dumps({"v": PROTOCOL_VERSION, **message}, separators=(",", ":")).encode("utf-8")
 
 
 def error_reply(text: str) -> bytes:
-    return encode({"ok": False, "error": text})
+    # Cut: messages quote the peer's values, and a peer may send megabytes of them.
+    return encode({"ok": False, "error": text if len(text) <= 2000 else text[:2000] + "..."})
 
 
 def decode_request(frame: bytes) -> dict:
     """Parses a request frame and checks its version and op; the op's fields are checked by
     ``parse_job_spec`` and the server."""
+    if len(frame) > MAX_REQUEST_BYTES:
+        raise ProtocolError(
+            f"request too large: {len(frame):,} bytes; this uploader takes at most {MAX_REQUEST_BYTES:,}"
+        )
     try:
         message = json.loads(frame.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ProtocolError(f"malformed request: not a UTF-8 JSON object ({error})") from None
+    except RecursionError:  # nesting deeper than the parser's recursion limit
+        raise ProtocolError("malformed request: JSON nested too deeply") from None
     if not isinstance(message, dict):
         raise ProtocolError(f"malformed request: expected a JSON object, got {type(message).__name__}")
     version = message.get("v")

@@ -18,6 +18,7 @@ from ckpt_uploader.curve import secure_server_socket
 from ckpt_uploader.jobs import JobRunner, TransferOptions
 from ckpt_uploader.journal import Journal
 from ckpt_uploader.protocol import (
+    MAX_MESSAGE_BYTES,
     ProtocolError,
     decode_request,
     encode,
@@ -59,6 +60,7 @@ def serve(options: ServeOptions) -> None:
     context = zmq.Context()
     socket = context.socket(zmq.ROUTER)
     socket.linger = 0
+    socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     authenticator = secure_server_socket(context, socket, options.curve_keys) if options.curve_keys else None
     socket.bind(options.bind)
     endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -135,6 +137,9 @@ def _handle(frames: list[bytes], runner: JobRunner, waiters: list[_Waiter]) -> b
     except OSError as error:  # the journal could not be written: the job is NOT accepted
         log.error("request failed: %s", error)
         return error_reply(f"uploader I/O error, request not accepted: {error}")
+    except Exception as error:  # noqa: BLE001 - one request, however odd, never stops the service
+        log.exception("request failed unexpectedly")
+        return error_reply(f"request failed: {type(error).__name__}: {error}")
 
 
 def _answer_if_ready(socket: zmq.Socket, runner: JobRunner, waiter: _Waiter) -> bool:

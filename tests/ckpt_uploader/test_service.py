@@ -243,3 +243,71 @@ def test_wait_times_out_on_a_slow_job(s3_server, start_uploader, tmp_path):
         assert uploader.stop(drain=True, timeout_s=20)  # drain: the job finishes before the stop
     assert (tmp_path / "out" / "1.step").exists()
     assert uploader.process.returncode is not None
+
+
+def _hostile_frames() -> list[bytes]:
+    """Frames a broken or hostile peer may send: nesting past the parser's recursion limit, a frame
+    over the size limit, binary noise, wrong types in every field, and seeded random mutations
+    (bytes flipped, cut, repeated) of a valid submit."""
+    import random
+
+    valid = json.dumps(
+        {
+            "v": 1,
+            "op": "submit",
+            "job_id": "j1",
+            "src": "j1",
+            "dst": "local:/tmp/x",
+            "marker": "1.step",
+            "files": [{"name": "a", "size": 1, "sha256": "0" * 64}],
+        }
+    ).encode()
+    frames = [
+        b"[" * 200_000 + b"]" * 200_000,
+        b'{"v": 1, "op": "status", "job_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b"x" * (17 * 2**20),
+        bytes(range(256)) * 64,
+        b'{"v": 1, "op": "submit", "job_id": 7, "src": [], "dst": {}, "marker": null, "files": {}}',
+        b'{"v": 1, "op": "submit", "job_id": "j", "src": "j", "dst": "local:/x", "marker": "1.step", '
+        b'"files": [{"name": "a", "size": "1", "sha256": 5}]}',
+        b'{"v": 1, "op": "wait", "job_id": "j", "timeout": "soon"}',
+        b'{"v": 1, "op": "wait", "job_id": ["j"], "timeout": [1]}',
+        b'{"v": 1.0e999, "op": "ping"}',
+        b'{"v": 1, "op": {"nested": true}}',
+    ]
+    rng = random.Random(12)
+    for _ in range(150):
+        frame = bytearray(valid)
+        for _ in range(rng.randint(1, 6)):
+            kind, at = rng.random(), rng.randrange(len(frame))
+            if kind < 0.5:
+                frame[at] = rng.randrange(256)
+            elif kind < 0.8:
+                del frame[at : at + rng.randint(1, 20)]
+            else:
+                frame[at:at] = frame[at : at + rng.randint(1, 40)] * rng.randint(1, 5)
+        frames.append(bytes(frame))
+    return frames
+
+
+def test_hostile_and_mutated_frames_get_replies_and_the_service_stays_up(service):
+    _, client, uploader = service
+    socket = zmq.Context.instance().socket(zmq.REQ)
+    socket.linger = 0
+    socket.connect(uploader.address)
+    refused = 0
+    for index, frame in enumerate(_hostile_frames()):
+        socket.send(frame)
+        assert socket.poll(10_000), f"frame {index} ({frame[:60]!r}...) got no reply"
+        reply = json.loads(socket.recv())
+        assert isinstance(reply.get("ok"), bool), (index, reply)
+        refused += reply["ok"] is False
+        if index < 4:  # the first ones are named in the reply
+            assert reply["ok"] is False and len(reply["error"]) <= 2003, (index, reply)
+            assert ("nested too deeply" in reply["error"]) or index >= 2, reply
+        if index == 2:
+            assert "request too large" in reply["error"]
+    socket.close()
+    assert refused >= 150
+    client.ping()
+    assert uploader.process.poll() is None
