@@ -341,8 +341,11 @@ class S3Store(Store):
             )
 
     def put_bytes(self, key: str, data: bytes) -> None:
+        """One small object (the `<step>.step` marker), read back like every file: its stored size
+        and checksum must be what was sent."""
         full_key = self._key(key)
-        self._put_object(full_key, data, f"writing {full_key}")
+        checksum = self._put_object(full_key, data, f"writing {full_key}")
+        self._verify_remote(full_key, len(data), checksum)
 
     def _put_object(self, full_key: str, data: bytes, what: str) -> str:
         """One PUT with its checksum header (S3 rejects a body that does not match), retried;
@@ -357,7 +360,6 @@ class S3Store(Store):
             **{self._checksum_field: checksum},
         )
         return checksum
-        self._verify_remote(full_key, len(data), checksum)
 
     # ---- reads and the rest ---------------------------------------------------------------
     def get_bytes(self, key: str) -> bytes:
