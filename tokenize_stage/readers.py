@@ -32,6 +32,57 @@ BLANK = Blank()
 Item = tuple[int, str | Rejected | Blank]
 
 
+_ZSTD_CHUNK_BYTES = 1 << 17
+
+
+class ZstdFrames(io.RawIOBase):
+    """A .zst file decompressed frame after frame (concatenated frames, as `zstd` and `cat` make
+    them). A file that ends inside a frame raises EOFError, as gzip does for a truncated .gz:
+    zstandard's stream_reader returns what it has, so a cut download was silently shortened. Input
+    goes in 128 KiB at a time, which bounds what one call decompresses."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        import zstandard
+
+        self._raw = raw
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame = self._decompressor.decompressobj()
+        self._in_frame = False
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            chunk = self._raw.read(_ZSTD_CHUNK_BYTES)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("compressed file ended before the end of a zstd frame (truncated?)")
+                return 0
+            self._pending = memoryview(self._decompress(chunk))
+        count = min(len(buffer), len(self._pending))
+        buffer[:count] = self._pending[:count]
+        self._pending = self._pending[count:]
+        return count
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        out = []
+        while chunk:
+            self._in_frame = True
+            out.append(self._frame.decompress(chunk))
+            if not self._frame.eof:
+                break
+            chunk = self._frame.unused_data  # the next frame's first bytes, if any
+            self._frame = self._decompressor.decompressobj()
+            self._in_frame = False
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 @dataclass
 class UnitReader:
     """Iterates a unit; afterwards ``lines`` holds how many input lines (or rows) it covered and
@@ -57,9 +108,7 @@ class UnitReader:
         if file.compression == ".gz":
             return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
         if file.compression == ".zst":
-            import zstandard
-
-            return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+            return io.BufferedReader(ZstdFrames(raw), buffer_size=_ZSTD_CHUNK_BYTES)
         return raw
 
     def _raw_lines(self) -> Iterator[bytes]:

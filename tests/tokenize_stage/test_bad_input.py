@@ -148,3 +148,29 @@ def test_other_settings_on_the_same_output_are_refused(tmp_path, sentencepiece_m
     (tmp_path / "other" / "precious.txt").write_text("keep me")
     with pytest.raises(StageError, match="not empty"):
         tokenize(tmp_path / "raw", tmp_path / "other")
+
+
+def test_truncated_compressed_files_fail_by_name_and_whole_ones_read_every_line(tmp_path):
+    import gzip
+
+    import zstandard
+
+    raw = tmp_path / "raw"
+    lines = b"".join(
+        json.dumps({"content": f"document {i} " + "y" * 40}).encode() + b"\n" for i in range(3000)
+    )
+    (raw / "en").mkdir(parents=True)
+    compressor = zstandard.ZstdCompressor()
+    two_frames = compressor.compress(lines[:5000]) + compressor.compress(lines[5000:])  # as `cat a.zst b.zst`
+    (raw / "en" / "whole.jsonl.zst").write_bytes(two_frames)
+    (raw / "en" / "cut.jsonl.zst").write_bytes(two_frames[: len(two_frames) * 2 // 3])
+    gzipped = gzip.compress(lines)
+    (raw / "en" / "cut.jsonl.gz").write_bytes(gzipped[: len(gzipped) * 2 // 3])
+    report = tokenize(raw, tmp_path / "tok")
+    assert set(report.failed_files) == {"en/cut.jsonl.zst", "en/cut.jsonl.gz"}, report.failed_files
+    assert all(message.startswith("EOFError") for message in report.failed_files.values())
+    assert not (tmp_path / "tok" / "manifest.json").exists()
+    (raw / "en" / "cut.jsonl.zst").unlink()
+    (raw / "en" / "cut.jsonl.gz").unlink()
+    tokenize(raw, tmp_path / "tok")
+    assert len(documents(tmp_path / "tok")) == 3000
