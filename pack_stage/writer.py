@@ -23,6 +23,7 @@ from pack_stage.schema import (
     PartInfo,
     part_name,
 )
+from tokenize_stage.durable import durable_replace, fsync_folder
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class SplitWriter:
         self._writer.close()
         self._sink.close()
         final = self._current_path()
-        os.replace(self._current_path(TMP_SUFFIX), final)
+        durable_replace(self._current_path(TMP_SUFFIX), final)
         self.parts.append(PartInfo(final.name, self._rows, final.stat().st_size))
         self._writer = self._sink = None
 
@@ -135,7 +136,7 @@ def open_documents(folder: Path) -> Iterator[DocumentsWriter]:
     tmp = path.with_name(path.name + TMP_SUFFIX)
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, DOCUMENTS_SCHEMA) as writer:
         yield DocumentsWriter(writer)
-    os.replace(tmp, path)
+    durable_replace(tmp, path)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -146,3 +147,4 @@ def write_json_atomic(path: Path, data: dict) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    fsync_folder(path.parent)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tokenize_stage.durable import durable_replace
 from tokenize_stage.schema import FileEntry
 from tokenize_stage.sources import InputFile, WorkUnit
 from tokenize_stage.text_tokenizers import file_sha256
@@ -68,7 +69,7 @@ def finalize_file(output: Path, file: InputFile, units: list[WorkUnit], stats: l
         line_offsets.append(line_offsets[-1] + unit_stats.lines)
     part_files = [part_paths(parts_dir, unit)[0] for unit in units]
     if len(part_files) == 1:
-        os.replace(part_files[0], shard)
+        durable_replace(part_files[0], shard)
     else:
         _concatenate_parts(part_files, line_offsets, shard)
     rejected = sum(s.rejected for s in stats)
@@ -114,7 +115,7 @@ def _concatenate_parts(part_files: list[Path], line_offsets: list[int], shard: P
                     writer.write_batch(pa.record_batch([batch.column(0), lines], schema=batch.schema))
         if writer is not None:
             writer.close()
-    os.replace(tmp, shard)
+    durable_replace(tmp, shard)
 
 
 def _write_rejects(path: Path, file: InputFile, stats: list[UnitStats], line_offsets: list[int]) -> None:
@@ -138,7 +139,7 @@ def _write_rejects(path: Path, file: InputFile, stats: list[UnitStats], line_off
                     )
                     + "\n"
                 )
-    os.replace(tmp, path)
+    durable_replace(tmp, path)
 
 
 def manifest_totals(entries: Iterable[dict]) -> dict:

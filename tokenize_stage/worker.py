@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from tokenize_stage.durable import durable_replace, fsync_folder
 from tokenize_stage.readers import Blank, Rejected, UnitReader
 from tokenize_stage.schema import token_dtype_for
 from tokenize_stage.sources import WorkUnit
@@ -143,7 +144,7 @@ def tokenize_unit(
     stats.lines = reader.lines
     if progress is not None and reader.bytes_read > reported_bytes:
         progress.put((reader.bytes_read - reported_bytes, 0, 0))
-    os.replace(tmp_arrow, arrow_path)
+    durable_replace(tmp_arrow, arrow_path)
     write_json_atomic(stats_path, {"unit": [unit.start, unit.end], **stats.to_json()})
     return stats
 
@@ -189,3 +190,4 @@ def write_json_atomic(path: Path, data: dict) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    fsync_folder(path.parent)
