@@ -69,7 +69,7 @@ def finalize_file(output: Path, file: InputFile, units: list[WorkUnit], stats: l
         line_offsets.append(line_offsets[-1] + unit_stats.lines)
     part_files = [part_paths(parts_dir, unit)[0] for unit in units]
     if len(part_files) == 1:
-        durable_replace(part_files[0], shard)
+        _place_single_part(part_files[0], shard)
     else:
         _concatenate_parts(part_files, line_offsets, shard)
     rejected = sum(s.rejected for s in stats)
@@ -96,6 +96,23 @@ def finalize_file(output: Path, file: InputFile, units: list[WorkUnit], stats: l
     write_json_atomic(record, entry.to_json())
     shutil.rmtree(parts_dir / file.rel, ignore_errors=True)
     return entry
+
+
+def _place_single_part(part: Path, shard: Path) -> None:
+    """The shard of a one-part file is its part, hard-linked under the shard's name. Not moved:
+    the part (with its stats) must stay until the file's record is written, or a run stopped in
+    between finds stats without their part and cannot finish the file again."""
+    if shard.exists() and os.path.samefile(part, shard):
+        # Placed by a run stopped before the record. (Renaming another link of the same file onto
+        # it would do nothing, by POSIX, and leave the temporary name behind.)
+        return
+    tmp = shard.with_name(shard.name + f".tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(part, tmp)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(part, tmp)
+    durable_replace(tmp, shard)
 
 
 def _concatenate_parts(part_files: list[Path], line_offsets: list[int], shard: Path) -> None:

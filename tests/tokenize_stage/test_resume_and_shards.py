@@ -124,3 +124,30 @@ def test_shards_over_machines_merge_to_the_single_machine_result(tmp_path):
     )
     run_cli("tokenize_stage.cli", "merge", str(tmp_path / "multi"))
     assert tree_digest(tmp_path / "multi") == tree_digest(tmp_path / "single")
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 4 << 10], ids=["one-part", "several-parts"])
+def test_stopped_between_a_shard_and_its_record_the_rerun_finishes_byte_identical(
+    tmp_path, monkeypatch, chunk_bytes
+):
+    """The window the issue found: a one-part file's part moved onto its shard, the run stopped
+    before the file's record was written; every later run failed with FileNotFoundError."""
+    from tokenize_stage import shards
+
+    raw = tmp_path / "raw"
+    write_jsonl(raw / "en" / "a.jsonl", [{"content": f"document {i} " + "z" * 30} for i in range(600)])
+    write_jsonl(raw / "code" / "b.jsonl", [{"content": f"x = {i}"} for i in range(50)])
+    tokenize(raw, tmp_path / "clean", workers=1, chunk_bytes=chunk_bytes)
+    real_write = shards.write_json_atomic
+
+    def stop_at_the_first_record(path, data):
+        if str(path).endswith(".done.json"):
+            raise KeyboardInterrupt("stopped between the shard and its record")
+        real_write(path, data)
+
+    monkeypatch.setattr(shards, "write_json_atomic", stop_at_the_first_record)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize(raw, tmp_path / "tok", workers=1, chunk_bytes=chunk_bytes)
+    monkeypatch.setattr(shards, "write_json_atomic", real_write)
+    tokenize(raw, tmp_path / "tok", workers=1, chunk_bytes=chunk_bytes)
+    assert tree_digest(tmp_path / "tok") == tree_digest(tmp_path / "clean")
