@@ -10,6 +10,7 @@ import click
 
 from tokenize_stage.demo_corpus import build_demo_corpus
 from tokenize_stage.merge import MergeError, merge_shard_manifests
+from tokenize_stage.readers import DEFAULT_MAX_LINE_BYTES
 from tokenize_stage.runner import StageError, StageOptions, StageReport, run_stage
 from tokenize_stage.sources import DEFAULT_CHUNK_BYTES, InputError
 from tokenize_stage.text_tokenizers import TokenizerError
@@ -84,6 +85,13 @@ def main(verbose: bool) -> None:
     show_default=True,
     help="Work unit size within large files; change it only for a new output folder.",
 )
+@click.option(
+    "--max-line-mb",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_LINE_BYTES >> 20,
+    show_default=True,
+    help="A longer line is rejected (listed with file:line) and never held in memory whole.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
 def run(
     input_dir: Path,
@@ -100,6 +108,7 @@ def run(
     num_shards: int,
     shard_index: int | None,
     chunk_mb: int,
+    max_line_mb: int,
     no_progress: bool,
 ) -> None:
     """Tokenize every input under INPUT; re-running resumes, skipping finished inputs."""
@@ -118,6 +127,7 @@ def run(
         text_key=text_key,
         whole_file=whole_file,
         strict=strict,
+        max_line_bytes=max_line_mb << 20,
         workers=workers or os.cpu_count() or 1,
         chunk_bytes=chunk_mb << 20,
         num_shards=num_shards,

@@ -83,6 +83,34 @@ class ZstdFrames(io.RawIOBase):
         super().close()
 
 
+# A longer line is rejected (file:line) and read through in pieces, never held whole: one line must
+# not decide a worker's memory, and units starting inside it must not each read it again.
+DEFAULT_MAX_LINE_BYTES = 256 << 20
+_SKIP_PIECE_BYTES = 1 << 20
+
+
+def _rest_of_line(handle: BinaryIO, head: bytes) -> int:
+    """Reads through the line that `head` began, in pieces; returns the whole line's length."""
+    total, piece = len(head), head
+    while piece and not piece.endswith(b"\n"):
+        piece = handle.readline(_SKIP_PIECE_BYTES)
+        total += len(piece)
+    return total
+
+
+def bounded_lines(handle: BinaryIO, max_bytes: int) -> Iterator[bytes | int]:
+    """The handle's lines, each at most `max_bytes` long; a longer one is read through and
+    yields its length (an int) instead of its bytes."""
+    while True:
+        line = handle.readline(max_bytes + 1)
+        if not line:
+            return
+        if len(line) <= max_bytes:
+            yield line
+        else:
+            yield _rest_of_line(handle, line)
+
+
 @dataclass
 class UnitReader:
     """Iterates a unit; afterwards ``lines`` holds how many input lines (or rows) it covered and
@@ -91,6 +119,7 @@ class UnitReader:
     unit: WorkUnit
     text_key: str
     whole_file: bool
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     lines: int = 0
     bytes_read: int = 0
 
@@ -111,27 +140,39 @@ class UnitReader:
             return io.BufferedReader(ZstdFrames(raw), buffer_size=_ZSTD_CHUNK_BYTES)
         return raw
 
-    def _raw_lines(self) -> Iterator[bytes]:
-        """The lines that *start* inside the unit's byte range (a line belongs to one unit only)."""
+    def _raw_lines(self) -> Iterator[bytes | int]:
+        """The lines that *start* inside the unit's byte range (a line belongs to one unit only);
+        an int stands for a line longer than max_line_bytes (its length)."""
         unit = self.unit
         with self._open() as handle:
             if unit.file.compression is not None:
-                yield from handle
+                yield from bounded_lines(handle, self.max_line_bytes)
                 return
             position = unit.start
             if unit.start > 0:
                 handle.seek(unit.start - 1)
-                position += len(handle.readline()) - 1  # finish the line the previous unit owns
-            for line in handle:
+                # Finish the line the previous unit owns, in pieces: it may be a giant one.
+                position += _rest_of_line(handle, handle.readline(_SKIP_PIECE_BYTES)) - 1
+            for line in bounded_lines(handle, self.max_line_bytes):
                 if position >= unit.end:
                     return
-                position += len(line)
+                position += line if isinstance(line, int) else len(line)
                 yield line
 
     def _lines(self) -> Iterator[Item]:
         is_jsonl = self.unit.file.fmt == "jsonl"
         for line in self._raw_lines():
             self.lines += 1
+            if isinstance(line, int):
+                self.bytes_read += line
+                yield (
+                    self.lines,
+                    Rejected(
+                        f"line of {line:,} bytes is longer than the limit of "
+                        f"{self.max_line_bytes:,} (--max-line-mb)"
+                    ),
+                )
+                continue
             self.bytes_read += len(line)
             if is_jsonl:
                 yield self.lines, self._parse_json(line)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenize_stage.progress import StageProgress
+from tokenize_stage.readers import DEFAULT_MAX_LINE_BYTES
 from tokenize_stage.schema import FORMAT, MANIFEST_NAME, FileEntry, token_dtype_for
 from tokenize_stage.shards import (
     PARTS_DIR,
@@ -66,6 +67,7 @@ class StageOptions:
     text_key: str = "content"
     whole_file: bool = False
     strict: bool = False
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     workers: int = 1
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     num_shards: int = 1
@@ -136,6 +138,7 @@ def run_stage(options: StageOptions) -> StageReport:
         options.text_key,
         options.whole_file,
         options.strict,
+        options.max_line_bytes,
     )
     entries = _tokenize_files(output, todo, config, options, report)
     done.update(entries)
@@ -190,6 +193,12 @@ def _manifest_header(tokenizer: Tokenizer, types: dict[str, int], options: Stage
             "add_bos": options.add_bos,
             "add_eos": options.add_eos,
             "chunk_bytes": options.chunk_bytes,
+            # Only when changed: folders made before the limit existed stay resumable.
+            **(
+                {"max_line_bytes": options.max_line_bytes}
+                if options.max_line_bytes != DEFAULT_MAX_LINE_BYTES
+                else {}
+            ),
         },
     }
 

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from tokenize_stage.durable import durable_replace, fsync_folder
-from tokenize_stage.readers import Blank, Rejected, UnitReader
+from tokenize_stage.readers import DEFAULT_MAX_LINE_BYTES, Blank, Rejected, UnitReader
 from tokenize_stage.schema import token_dtype_for
 from tokenize_stage.sources import WorkUnit
 from tokenize_stage.text_tokenizers import Tokenizer, load_tokenizer
@@ -40,6 +40,7 @@ class WorkerConfig:
     text_key: str
     whole_file: bool
     strict: bool
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
 
 
 @dataclass
@@ -102,7 +103,7 @@ def tokenize_unit(
     arrow_path.parent.mkdir(parents=True, exist_ok=True)
     encoder = _BatchEncoder(tokenizer, config)
     stats = UnitStats()
-    reader = UnitReader(unit, config.text_key, config.whole_file)
+    reader = UnitReader(unit, config.text_key, config.whole_file, config.max_line_bytes)
     texts: list[str] = []
     lines: list[int] = []
     characters = 0

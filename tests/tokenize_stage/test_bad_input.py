@@ -174,3 +174,23 @@ def test_truncated_compressed_files_fail_by_name_and_whole_ones_read_every_line(
     (raw / "en" / "cut.jsonl.gz").unlink()
     tokenize(raw, tmp_path / "tok")
     assert len(documents(tmp_path / "tok")) == 3000
+
+
+@pytest.mark.parametrize("name", ["big.jsonl", "big.jsonl.gz"])
+def test_a_line_over_the_limit_is_rejected_by_line_and_the_rest_kept(tmp_path, name):
+    import gzip
+
+    raw = tmp_path / "raw"
+    records = [json.dumps({"content": f"doc {i}"}) for i in range(300)]
+    records[120] = json.dumps({"content": "g" * (1 << 20)})  # a 1 MiB line; the limit is 64 KiB
+    data = ("\n".join(records) + "\n").encode()
+    (raw / "en").mkdir(parents=True)
+    (raw / "en" / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    # 16 KiB units: dozens of them start inside the giant line, and each must skip it in pieces.
+    report = tokenize(raw, tmp_path / "tok", max_line_bytes=64 << 10, chunk_bytes=16 << 10)
+    assert report.failed_files == {}
+    rejects = [json.loads(line) for line in (tmp_path / "tok" / "en" / f"{name}.rejects.jsonl").open()]
+    assert [(r["file"], r["line"]) for r in rejects] == [(f"en/{name}", 121)]
+    assert "longer than the limit of 65,536" in rejects[0]["reason"]
+    kept = documents(tmp_path / "tok")
+    assert [line for _, line, _ in kept] == [i + 1 for i in range(300) if i != 120]
