@@ -17,6 +17,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 KINDS = ("params", "train", "valid")
+# A longer line is skipped (reported with its number) and never held whole.
+MAX_RECORD_BYTES = 16 << 20
 # Fields of a step record that are not metrics.
 NOT_METRICS = frozenset({"kind", "time", "step"})
 
@@ -78,7 +80,7 @@ def param_value(value: Any, max_length: int) -> str:
 def _parse(text: str) -> dict[str, Any] | None:
     try:
         data = json.loads(text)  # the stdlib parser: the trainer writes NaN for empty types
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return None
     if not isinstance(data, dict) or data.get("kind") not in KINDS:
         return None
@@ -87,6 +89,20 @@ def _parse(text: str) -> dict[str, Any] | None:
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             return None
     return data
+
+
+def _poison(record: Record) -> str | None:
+    """Why a parsed record cannot be forwarded (a number beyond float range, a time that is not a
+    number, nesting past the flattener's reach), or None."""
+    time = record.data.get("time", 0.0)
+    if isinstance(time, bool) or not isinstance(time, (int, float)):
+        return f"time is {type(time).__name__}, not a number"
+    try:
+        record.timestamp_ms  # noqa: B018 - evaluated for its errors
+        metrics_of(record)
+    except (OverflowError, ValueError, RecursionError) as error:
+        return f"not forwardable ({type(error).__name__}: {str(error)[:80]})"
+    return None
 
 
 @dataclass
@@ -116,8 +132,13 @@ class JsonlReader:
                 )
                 self.offset, self.line = 0, 0
             handle.seek(self.offset)
-            for raw in _complete_lines(handle):
+            for raw in _complete_lines(handle, max_line=MAX_RECORD_BYTES):
                 self.line += 1
+                if isinstance(raw, int):  # a line over MAX_RECORD_BYTES, read through
+                    self.offset += raw
+                    log.warning("%s:%d: a line of %d bytes; skipped", self.path, self.line, raw)
+                    self.skipped.append(self.line)
+                    continue
                 self.offset += len(raw)
                 record = self._record(raw)
                 if record is not None:
@@ -146,7 +167,13 @@ class JsonlReader:
             self.skipped.append(self.line)
             if data is None:
                 return None
-        return Record(data["kind"], self.line, self.offset, data)
+        record = Record(data["kind"], self.line, self.offset, data)
+        problem = _poison(record)
+        if problem is not None:
+            log.warning("%s:%d: %s; skipped", self.path, self.line, problem)
+            self.skipped.append(self.line)
+            return None
+        return record
 
     def pending_bytes(self) -> int:
         """Bytes after the position (a partial last line, or lines not read yet)."""
@@ -156,10 +183,12 @@ class JsonlReader:
             return 0
 
 
-def _complete_lines(handle, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+def _complete_lines(handle, chunk_size: int = 1 << 20, max_line: int | None = None) -> Iterator[bytes | int]:
     """The newline-terminated lines from the handle's position; a trailing partial line is not
-    yielded (it is still being written)."""
+    yielded (it is still being written). A line longer than `max_line` is read through without
+    being kept and yields its length (an int) once its newline comes."""
     rest = b""
+    dropped = 0  # bytes of an overlong line seen so far, not kept
     while True:
         chunk = handle.read(chunk_size)
         if not chunk:
@@ -170,6 +199,13 @@ def _complete_lines(handle, chunk_size: int = 1 << 20) -> Iterator[bytes]:
             end = data.find(b"\n", start)
             if end < 0:
                 break
-            yield data[start : end + 1]
+            if dropped:
+                yield dropped + end + 1 - start
+                dropped = 0
+            else:
+                yield data[start : end + 1]
             start = end + 1
         rest = data[start:]
+        if max_line is not None and dropped + len(rest) > max_line:
+            dropped += len(rest)
+            rest = b""

@@ -72,3 +72,33 @@ def test_batches_respect_mlflow_limits():
     assert sum(len(r.params) for r in requests) == 250 and sum(len(r.metrics) for r in requests) == 3100
     assert all(len(r.metrics) % 31 == 0 for r in requests)
     assert len(param_value("x" * 7000, 6000)) == 6000
+
+
+def test_poison_records_are_skipped_by_line_and_the_reader_goes_on(tmp_path, caplog):
+    """Records the trainer would never write but a damaged or foreign file holds: each is skipped
+    with its line number instead of crash-looping the sidecar."""
+    from metrics import records as records_module
+
+    deep = '{"kind":"train","step":3,"x":' + "[" * 50_000 + "]" * 50_000 + "}\n"
+    giant = '{"kind":"train","step":4,"note":"' + "n" * (2 << 20) + '"}\n'  # over the 1 MiB limit set below
+    append(tmp_path, [train_record(0)], text='{"kind":"train","step":1,"loss":' + "9" * 400 + "}\n")
+    append(tmp_path, [], text='{"kind":"train","step":2,"time":"yesterday","loss":1.0}\n' + deep + giant)
+    append(
+        tmp_path,
+        [train_record(5)],
+        text='{"kind":"valid","step":6,"val/loss":{"a":' * 2000 + "1" + "}" * 2000 + "}\n",
+    )
+    append(tmp_path, [train_record(7)])
+    caplog.set_level(logging.WARNING)
+    records_module.MAX_RECORD_BYTES, saved = 1 << 20, records_module.MAX_RECORD_BYTES
+    try:
+        reader = JsonlReader(tmp_path / METRICS_FILE)
+        got = reader.read(100)
+    finally:
+        records_module.MAX_RECORD_BYTES = saved
+    assert [r.step for r in got] == [0, 5, 7]
+    assert reader.skipped == [2, 3, 4, 5, 7]
+    assert f"{METRICS_FILE}:2: not forwardable (OverflowError" in caplog.text
+    assert f"{METRICS_FILE}:3: time is str, not a number" in caplog.text
+    assert f"{METRICS_FILE}:5: a line of {len(giant.encode())} bytes; skipped" in caplog.text
+    assert reader.pending_bytes() == 0
