@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckpt_uploader.ownership import check_private, private_folder
 from ckpt_uploader.protocol import JobSpec, job_spec_from_dict
 from ckpt_uploader.stores import fsync_folder
 
@@ -37,7 +38,10 @@ class JournaledJob:
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.parent.exists():
+            private_folder(self.path.parent, "journal folder")
+        if self.path.exists():
+            check_private(self.path, "journal")
         self._lock = threading.Lock()
         self._handle = None
 
@@ -93,7 +97,10 @@ class Journal:
         with self._lock:
             if self._handle is None:
                 created = not self.path.exists()
-                self._handle = open(self.path, "ab")
+                # 0600: the journal says what goes where, so no one else may write it.
+                self._handle = os.fdopen(
+                    os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab"
+                )
                 if created:
                     fsync_folder(self.path.parent)
             self._handle.write(line)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ckpt_uploader.ownership import private_folder
 from ckpt_uploader.protocol import JobSpec, ProtocolError, check_relative_path
 
 
 class Spool:
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = private_folder(Path(root), "spool")
         self.real_root = os.path.realpath(self.root)
 
     def _inside(self, path: Path) -> bool:

@@ -164,3 +164,49 @@ def test_a_corrupt_journal_line_is_named(tmp_path):
     path.write_text('{"event": "bogus"}\n')
     with pytest.raises(JournalError, match=r"journal.jsonl:1: .*move the file away"):
         Journal(path).replay()
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("problem", ["world-writable", "another-user", "journal-of-another-user"])
+def test_a_spool_or_journal_someone_else_can_write_is_refused(tmp_path, problem):
+    """Whoever can write the spool or the journal decides what is uploaded where: the service
+    refuses to start on one it does not own alone, naming the path and the fix."""
+    spool, journal = tmp_path / "spool", tmp_path / "state" / "journal.jsonl"
+    spool.mkdir()
+    if problem == "world-writable":
+        spool.chmod(0o777)
+    elif problem == "another-user":
+        os.chown(spool, 65534, 65534)  # nobody (the tests run as root)
+    else:
+        journal.parent.mkdir()
+        journal.write_text("")
+        os.chown(journal, 65534, 65534)
+    result = run_cli(
+        "ckpt_uploader",
+        "serve",
+        "--spool",
+        str(spool),
+        "--journal",
+        str(journal),
+        "--bind",
+        "tcp://127.0.0.1:0",
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    named = journal if problem == "journal-of-another-user" else spool
+    assert str(named) in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert ("chmod go-w" if problem == "world-writable" else "belongs to user id 65534") in result.stderr
+
+
+def test_a_new_spool_and_journal_are_private(tmp_path):
+    from ckpt_uploader.journal import Journal
+    from ckpt_uploader.spool import Spool
+
+    Spool(tmp_path / "a" / "spool")
+    journal = Journal(tmp_path / "b" / "journal.jsonl")
+    journal.append({"event": "done", "job_id": "x"})
+    journal.close()
+    assert (tmp_path / "a" / "spool").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "b").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "b" / "journal.jsonl").stat().st_mode & 0o777 == 0o600

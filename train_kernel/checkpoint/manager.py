@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from train_kernel.config.errors import ConfigError
 from train_kernel.model.state_files import CONFIG_FILE as MODEL_CONFIG_FILE
 from train_kernel.model.state_files import load_model_state as load_plain_model_state
 
@@ -81,8 +82,12 @@ class CheckpointManager:
         address = self.config.uploader.address
         if address is None:
             from ckpt_uploader.embedded import start_private_uploader
+            from ckpt_uploader.ownership import OwnershipError, private_folder
 
-            spool.mkdir(parents=True, exist_ok=True)
+            try:
+                private_folder(spool, "spool")  # 0700, or an error naming a foreign / shared one
+            except OwnershipError as error:
+                raise ConfigError(str(error), key="ckpt.async_upload_tmp_folder") from None
             self.private_uploader = start_private_uploader(spool, journal=self._journal)
             address = self.private_uploader.address
             log.info("started a private checkpoint uploader at %s (spool %s)", address, spool)
