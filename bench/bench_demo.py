@@ -75,7 +75,7 @@ def main() -> dict:
         log = (work / "runs" / "demo" / "train.log").read_text()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree("/dev/shm/llm-pretrain-demo", ignore_errors=True)
+        shutil.rmtree(f"/dev/shm/llm-pretrain-demo-{os.getuid()}", ignore_errors=True)
     prepare, train, export = map(int, PHASES.search(output).groups())
     steps, train_s, loss_first, loss_last = FINISHED.search(log).groups()
     valid = VALID.findall(log)

@@ -21,8 +21,9 @@ ckpt = dict(
     checkpoint_every=CHECKPOINT_EVERY,
     oss_snapshot_freq=CHECKPOINT_EVERY // 2,
     # Training waits only for the copy into memory; a private ckpt-uploader writes the folder.
+    # One spool per user: the uploader refuses a spool another user owns.
     async_upload=True,
-    async_upload_tmp_folder="/dev/shm/llm-pretrain-demo/"
+    async_upload_tmp_folder=f"/dev/shm/llm-pretrain-demo-{os.getuid()}/"
     if os.path.isdir("/dev/shm")
     else "runs/demo/spool/",
     # `make demo` again continues from the newest complete checkpoint (or does nothing when done).
