@@ -132,19 +132,27 @@ def test_cleanup_after_a_crash_aborts_only_its_own_files_uploads(s3_store_env):
 
 def test_s3_marker_is_read_back_and_a_wrong_stored_size_fails(s3_store_env):
     """put_bytes (the marker) reads the object back: a HEAD with checksums, and a stored size other
-    than the bytes sent is an error (botocore's own event hooks watch and alter the real replies)."""
+    than the bytes sent is an error (botocore's own event hooks watch and alter the real replies).
+    The store's boto3 client is shared by every store of this process: the hooks come off again."""
     s3_store_env.make_bucket("markers")
     store = open_store("boto3:s3://markers/run/3")
     heads = []
     events = store.client.meta.events
-    events.register("before-call.s3.HeadObject", lambda params, **_: heads.append(params["url_path"]))
-    store.put_bytes("3.step", b'{"step": 3}')
-    assert [path for path in heads if path.endswith("/run/3/3.step")], heads
-    assert store.get_bytes("3.step") == b'{"step": 3}'
+
+    def watch(params, **_):
+        heads.append(params["url_path"])
 
     def lose_a_byte(parsed, **_):
         parsed["ContentLength"] -= 1
 
-    events.register("after-call.s3.HeadObject", lose_a_byte)
-    with pytest.raises(StoreError, match="stored size 10 differs from the 11 bytes sent"):
-        store.put_bytes("4.step", b'{"step": 4}')
+    events.register("before-call.s3.HeadObject", watch)
+    try:
+        store.put_bytes("3.step", b'{"step": 3}')
+        assert [path for path in heads if path.endswith("/run/3/3.step")], heads
+        assert store.get_bytes("3.step") == b'{"step": 3}'
+        events.register("after-call.s3.HeadObject", lose_a_byte)
+        with pytest.raises(StoreError, match="stored size 10 differs from the 11 bytes sent"):
+            store.put_bytes("4.step", b'{"step": 4}')
+    finally:
+        events.unregister("before-call.s3.HeadObject", watch)
+        events.unregister("after-call.s3.HeadObject", lose_a_byte)
