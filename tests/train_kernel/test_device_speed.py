@@ -215,3 +215,16 @@ def test_a_run_records_the_dtype_auto_took(tmp_path, caplog):
     assert params["params"]["model.dtype"] == expected
     saved_config, state = load_model_state(tmp_path / "ckpt" / "2")
     assert saved_config.dtype == expected and state["head.weight"].dtype == saved_config.torch_dtype
+
+
+def test_an_explicit_emulated_dtype_warns_once_in_the_run_log(tmp_path):
+    from train_kernel.train.trainer import train
+
+    expected = choose_dtype("torch.float16").warning  # fp16 is emulated on every CPU class we know
+    train(config_from_text(tiny_config_text(tmp_path, dtype="torch.float16", total_steps=2)))
+    log = (tmp_path / "train.log").read_text()
+    assert "dtype torch.float16 -> torch.float16 (given in the config)" in log
+    if expected is None:
+        assert "emulates it" not in log
+    else:
+        assert log.count("this CPU emulates it") == 1 and "model.dtype='auto' picks" in log
