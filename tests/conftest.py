@@ -234,8 +234,8 @@ def s3_server():
 
 # ---- markers: `make test-fast` leaves out the tests marked server, distributed or process ----
 
-# Fixtures that start a server process for the test that asks for them.
-SERVER_FIXTURES = frozenset({"mlflow_server", "s3_server", "start_uploader", "s3_store_env"})
+# Fixtures that start a server process (a test's fixturenames include the fixtures its fixtures use).
+SERVER_FIXTURES = frozenset({"mlflow_server", "s3_server", "s3_server_with_auth"})
 KINDS = ("server", "distributed", "process")
 
 
@@ -281,23 +281,42 @@ def started_kind(args, env: dict | None) -> str | None:
     return "process"
 
 
-@pytest.fixture(autouse=True)
-def _markers_say_what_a_test_starts(request, monkeypatch):
+# The test being run (setup, call and teardown), or None between tests.
+_running: list[pytest.Item | None] = [None]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _running[0] = item
+    try:
+        yield
+    finally:
+        _running[0] = None
+
+
+def pytest_configure(config) -> None:
     """Keeps the markers true: a test that starts a server, a multi-rank job or any other process
-    without the marker that says so fails here, naming the marker, instead of slowing `make
-    test-fast` unnoticed. A server or distributed test may also start plain processes."""
+    without the marker that says so fails, naming the marker, instead of slowing `make test-fast`
+    unnoticed. Checked for the whole session, not per test function: a session-scoped fixture
+    starts its server during the setup of the first test that asks for it, before any function
+    fixture could watch. A server or distributed test may also start plain processes."""
     original = subprocess.Popen.__init__
 
     def checked(self, args=None, *more, **options):
         if args is None:
             args = options.pop("args")
-        kind = started_kind(args, options.get("env"))
+        item, kind = _running[0], started_kind(args, options.get("env"))
         allowed = {kind} if kind != "process" else set(KINDS)
-        if kind is not None and not any(request.node.get_closest_marker(name) for name in allowed):
+        if (
+            item is not None
+            and kind is not None
+            and not any(item.get_closest_marker(name) for name in allowed)
+        ):
             raise AssertionError(
-                f"{request.node.nodeid} starts {args!r:.120}: mark it @pytest.mark.{kind} "
+                f"{item.nodeid} starts {args!r:.120}: mark it @pytest.mark.{kind} "
                 "(`make test-fast` leaves those out)"
             )
         original(self, args, *more, **options)
 
-    monkeypatch.setattr(subprocess.Popen, "__init__", checked)
+    subprocess.Popen.__init__ = checked
+    config.add_cleanup(lambda: setattr(subprocess.Popen, "__init__", original))

@@ -68,11 +68,6 @@ class DeviceSpeed:
         bf16, fp32 = self.rate(torch.bfloat16), self.rate(torch.float32)
         return bf16 is not None and fp32 is not None and bf16 >= fp32
 
-    def rates_text(self) -> str:
-        return ", ".join(
-            f"{name.removeprefix('torch.')} {rate:.1f}" for name, rate in self.matmul_gflops.items()
-        )
-
     def to_json(self) -> dict:
         return {
             "device": self.device,
@@ -93,12 +88,6 @@ class DtypeChoice:
     name: str
     reason: str
     warning: str | None = None
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        from train_kernel.model.config import DTYPES
-
-        return DTYPES[self.name]
 
     def describe(self) -> str:
         return f"{self.requested} -> {self.name} ({self.reason})"

@@ -40,6 +40,18 @@ class StopFile:
         self._order: tuple[int, str] | None = None
         self._stat_error: str | None = None
 
+    def _read_if_changed(self, key: tuple[float, int]) -> None:
+        if key == self._seen:
+            return
+        self._seen = key
+        try:
+            self._order = parse_order(self.path.read_text(encoding="utf-8", errors="replace"))
+            if self._order:
+                log.info("stop file %s: %s at step %d", self.path, self._order[1], self._order[0])
+        except (ValueError, OSError) as error:
+            log.warning("stop file %s ignored: %s", self.path, error)
+            self._order = None
+
     def order_at(self, step: int) -> str | None:
         """SAVE, STOP or None for the step just finished."""
         if self.path is None:
@@ -62,20 +74,11 @@ class StopFile:
                     reason,
                 )
                 self._stat_error = reason
-            return self._order[1] if self._order and self._order[0] == step else None
-        if self._stat_error is not None:
-            log.info("stop file %s readable again", self.path)
-            self._stat_error = None
-        key = (stat.st_mtime, stat.st_size)
-        if key != self._seen:
-            self._seen = key
-            try:
-                self._order = parse_order(self.path.read_text(encoding="utf-8", errors="replace"))
-                if self._order:
-                    log.info("stop file %s: %s at step %d", self.path, self._order[1], self._order[0])
-            except (ValueError, OSError) as error:
-                log.warning("stop file %s ignored: %s", self.path, error)
-                self._order = None
+        else:
+            if self._stat_error is not None:
+                log.info("stop file %s readable again", self.path)
+                self._stat_error = None
+            self._read_if_changed((stat.st_mtime, stat.st_size))
         if self._order and self._order[0] == step:
             return self._order[1]
         return None

@@ -80,10 +80,6 @@ class TrainState:
     num_consumed_tokens: int = 0
 
 
-def pick_device() -> torch.device:
-    return default_device()
-
-
 def resolve_dtype(config: TrainConfig, device: torch.device, parallel: ParallelContext) -> TrainConfig:
     """`config` with model.dtype concrete for `device`: "auto" takes rank 0's choice on every rank
     (ranks on machines of different classes must still agree); an explicit dtype stays. Logs the
@@ -93,16 +89,21 @@ def resolve_dtype(config: TrainConfig, device: torch.device, parallel: ParallelC
         names = list(CANONICAL.values())
         code = torch.tensor([names.index(choice.name)], device=device)
         torch.distributed.broadcast(code, src=0)
-        if names[int(code.item())] != choice.name:
-            local = choice
-            choice = choose_dtype(names[int(code.item())], device)
-            choice = type(choice)(AUTO, choice.name, f"rank 0's choice; here {local.reason}", choice.warning)
+        rank0_name = names[int(code.item())]
+        if rank0_name != choice.name:  # this rank's device differs from rank 0's: say what it costs here
+            emulated = choose_dtype(rank0_name, device).warning
+            log.warning(
+                "rank %d: dtype auto -> %s (rank 0's choice; here: %s)%s",
+                parallel.rank,
+                rank0_name,
+                choice.reason,
+                f"; {emulated}" if emulated else "",
+            )
+            return config.with_model_dtype(rank0_name)
     if parallel.rank == 0:  # one line (and one warning) for the job
         log.info("%s", choice.log_line())
         if choice.warning:
             log.warning("%s", choice.warning)
-    elif choice.reason.startswith("rank 0's choice") and choice.warning:
-        log.warning("rank %d: %s", parallel.rank, choice.warning)
     return config.with_model_dtype(choice.name)
 
 
@@ -175,7 +176,7 @@ def _warn_if_plan_exceeds_device(
 def _train(config: TrainConfig, parallel: ParallelContext) -> None:
     run_dir = resolve_run_dir(config.run_dir, config.job_name)
     setup_logging(run_dir, parallel.rank)
-    device = pick_device()
+    device = default_device()
     config = resolve_dtype(config, device, parallel)
     if device.type == "cpu":
         keep_freed_host_memory()
