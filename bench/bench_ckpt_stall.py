@@ -67,7 +67,7 @@ def main() -> dict:
     )
     spool = Path(tempfile.mkdtemp(prefix="bench-stall-", dir="/dev/shm"))
     staging = Path(tempfile.mkdtemp(prefix="bench-stall-stage-", dir="/dev/shm"))
-    uploader = start_private_uploader(spool)
+    uploader = start_private_uploader(spool, allow_dst=[f"boto3:s3://{BUCKET}/stall"])
     client = uploader.client(timeout_s=600)
     try:
         import boto3

@@ -112,6 +112,7 @@ def main() -> dict:
         for checksum in CHECKSUMS:
             uploaders[checksum] = start_private_uploader(
                 work / f"spool-{checksum}",
+                allow_dst=[f"boto3:s3://{BUCKET}"],
                 journal=work / f"journal-{checksum}.jsonl",
                 workers=WORKERS,
                 extra_args=("--part-mb", str(PART_MB), "--checksum", checksum),

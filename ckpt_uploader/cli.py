@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ckpt_uploader.allowed import AllowedDestinations
 from ckpt_uploader.client import UploaderClient, UploaderError
 from ckpt_uploader.curve import CurveError, create_keys
 from ckpt_uploader.jobs import TransferOptions
@@ -15,6 +16,7 @@ from ckpt_uploader.journal import JournalError
 from ckpt_uploader.server import ServeOptions
 from ckpt_uploader.server import serve as run_server
 from ckpt_uploader.stores import DEFAULT_PART_SIZE_BYTES
+from ckpt_uploader.uri import StorageURIError
 
 
 @click.group()
@@ -46,6 +48,17 @@ def main(verbose: bool) -> None:
     help=(
         "Folder the trainer writes checkpoints into (<spool>/<job-id>/); "
         "nothing outside it is ever read or deleted."
+    ),
+)
+@click.option(
+    "--allow-dst",
+    "allow_dst",
+    multiple=True,
+    metavar="URI_PREFIX",
+    help=(
+        "Required, repeatable: a folder (local:/path or a plain path) or S3 prefix "
+        "(boto3:s3://bucket[.endpoint]/prefix) that jobs may write under. A job for any other "
+        "destination is refused before anything is created or deleted."
     ),
 )
 @click.option(
@@ -99,6 +112,7 @@ def main(verbose: bool) -> None:
 def serve(
     bind: str,
     spool: Path,
+    allow_dst: tuple[str, ...],
     journal: Path | None,
     workers: int,
     curve_keys: Path | None,
@@ -109,6 +123,17 @@ def serve(
     parent_pid: int | None,
 ) -> None:
     """Run the uploader until SIGTERM / Ctrl-C; unfinished jobs resume on the next start."""
+    if not allow_dst:
+        # A peer must never choose where we write: without a list, any sender could make us
+        # create folders, delete markers and write files anywhere this user may.
+        raise click.UsageError(
+            "give --allow-dst URI_PREFIX (repeatable): the folders or S3 prefixes jobs may write to; "
+            "the uploader does not let its clients choose where it writes"
+        )
+    try:
+        AllowedDestinations(allow_dst)
+    except StorageURIError as error:
+        raise click.BadParameter(str(error), param_hint="--allow-dst") from None
     host = bind.split("://", 1)[-1].rsplit(":", 1)[0]
     if (
         bind.startswith("tcp://")
@@ -130,6 +155,7 @@ def serve(
             ServeOptions(
                 bind=bind,
                 spool=spool,
+                allowed_destinations=allow_dst,
                 journal=journal,
                 curve_keys=curve_keys,
                 transfer=transfer,

@@ -13,6 +13,7 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from ckpt_uploader.client import UploaderClient, UploaderError
@@ -60,6 +61,7 @@ class PrivateUploader:
 
 def start_private_uploader(
     spool: Path,
+    allow_dst: Sequence[str],
     journal: Path | None = None,
     workers: int = 4,
     extra_args: tuple[str, ...] = (),
@@ -79,6 +81,7 @@ def start_private_uploader(
         str(workers),
         "--parent-pid",
         str(os.getpid()),
+        *(arg for prefix in allow_dst for arg in ("--allow-dst", prefix)),
         *extra_args,
     ]
     if journal is not None:

@@ -19,11 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckpt_uploader.allowed import AllowedDestinations
 from ckpt_uploader.journal import Journal
 from ckpt_uploader.protocol import JobSpec, ProtocolError
 from ckpt_uploader.spool import Spool
 from ckpt_uploader.stores import DEFAULT_PART_SIZE_BYTES, Store, StoreError, open_store
-from ckpt_uploader.uri import StorageURIError, parse_storage_uri
+from ckpt_uploader.uri import StorageURIError
 
 log = logging.getLogger(__name__)
 _STEP_MARKER = re.compile(r"\d+\.step")
@@ -63,8 +64,10 @@ class TransferOptions:
 
 
 class JobRunner:
-    def __init__(self, spool: Spool, journal: Journal, options: TransferOptions) -> None:
-        self.spool, self.journal, self.options = spool, journal, options
+    def __init__(
+        self, spool: Spool, journal: Journal, options: TransferOptions, allowed: AllowedDestinations
+    ) -> None:
+        self.spool, self.journal, self.options, self.allowed = spool, journal, options, allowed
         self.jobs: dict[str, Job] = {}
         self._queue: queue.Queue[Job] = queue.Queue()
         self._lock = threading.Lock()
@@ -73,6 +76,8 @@ class JobRunner:
     def start(self) -> None:
         """Replays the journal: unfinished jobs go back in the queue, in their order."""
         for job_id, record in self.journal.replay().items():
+            if record.state != "done" and not self._allowed_on_replay(record.spec):
+                continue
             job = Job(
                 record.spec,
                 state=record.state,
@@ -92,10 +97,23 @@ class JobRunner:
                 self._remove_spool_copy(job)  # a crash may have come between "done" and the delete
         self._thread.start()
 
+    def _allowed_on_replay(self, spec: JobSpec) -> bool:
+        """A journaled job outside this uploader's destinations (a planted record, or another run's
+        job on a shared spool) is not run and not marked failed: its records stay in the journal for
+        an uploader that is allowed there."""
+        try:
+            self.allowed.check(spec.dst)
+        except (ProtocolError, StorageURIError) as error:
+            log.warning("journal job %s not resumed: %s", spec.job_id, error)
+            return False
+        return True
+
     # ---- called from the server thread --------------------------------------------------------
     def submit(self, spec: JobSpec) -> None:
         """Journals and queues the job; returns once the journal record is durable. The same
-        job again is accepted without effect, unless it failed: then it is tried again."""
+        job again is accepted without effect, unless it failed: then it is tried again. A job whose
+        destination is not allowed is refused before anything is created, deleted or journaled."""
+        self.allowed.check(spec.dst)  # DestinationRefused / StorageURIError: an error reply
         with self._lock:
             existing = self.jobs.get(spec.job_id)
             if existing is not None and existing.spec != spec:
@@ -105,7 +123,6 @@ class JobRunner:
             if existing is not None and existing.state != "failed":
                 return
         self.spool.check_job(spec)
-        parse_storage_uri(spec.dst)  # StorageURIError is a ValueError: an error reply
         self.journal.append({"event": "submit", "job": spec.to_dict()})
         job = Job(spec)
         with self._lock:
@@ -144,6 +161,7 @@ class JobRunner:
 
     def _run(self, job: Job) -> None:
         spec = job.spec
+        self.allowed.check(spec.dst)  # checked at submit and replay; again right before writing
         folder = self._check_spool_files(spec)
         store = open_store(
             spec.dst,

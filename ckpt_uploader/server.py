@@ -14,6 +14,7 @@ from pathlib import Path
 
 import zmq
 
+from ckpt_uploader.allowed import AllowedDestinations
 from ckpt_uploader.curve import secure_server_socket
 from ckpt_uploader.jobs import JobRunner, TransferOptions
 from ckpt_uploader.journal import Journal
@@ -45,6 +46,7 @@ class _Waiter:
 class ServeOptions:
     bind: str
     spool: Path
+    allowed_destinations: tuple[str, ...]  # storage URI prefixes jobs may write under (--allow-dst)
     journal: Path | None = None  # default: <spool>/.ckpt-uploader-journal.jsonl
     curve_keys: Path | None = None
     transfer: TransferOptions = field(default_factory=TransferOptions)
@@ -52,9 +54,10 @@ class ServeOptions:
 
 
 def serve(options: ServeOptions) -> None:
+    allowed = AllowedDestinations(options.allowed_destinations)
     spool = Spool(options.spool)
     journal = Journal(options.journal or spool.root / ".ckpt-uploader-journal.jsonl")
-    runner = JobRunner(spool, journal, options.transfer)
+    runner = JobRunner(spool, journal, options.transfer, allowed)
     runner.start()
 
     context = zmq.Context()
@@ -66,9 +69,10 @@ def serve(options: ServeOptions) -> None:
     endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
     print(f"{LISTENING}{endpoint}", flush=True)
     log.info(
-        "spool %s, journal %s, %d worker(s)%s",
+        "spool %s, journal %s, destinations %s, %d worker(s)%s",
         spool.root,
         journal.path,
+        allowed,
         options.transfer.workers,
         ", CURVE on" if authenticator else "",
     )

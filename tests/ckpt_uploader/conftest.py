@@ -35,10 +35,15 @@ def start_uploader(s3_server):
     started: list[PrivateUploader] = []
 
     def start(
-        spool: Path, journal: Path | None = None, *extra_args: str, workers: int = 2
+        spool: Path,
+        journal: Path | None = None,
+        *extra_args: str,
+        allow_dst: list[str | Path],
+        workers: int = 2,
     ) -> PrivateUploader:
         uploader = start_private_uploader(
             spool,
+            allow_dst=[str(prefix) for prefix in allow_dst],
             journal=journal,
             workers=workers,
             extra_args=extra_args,

@@ -25,7 +25,9 @@ def test_sigkill_mid_multipart_then_restart_finishes_the_job(
     # 2 files x 3 parts of 5 MiB, one file at a time, 2 parts in flight, 0.4 s each: ~1.2 s to interrupt
     files = write_checkpoint(spool, "step-200", {"model_a.pt": 15 << 20, "model_b.pt": 15 << 20})
     dst = f"boto3:s3://{bucket}/run/200"
-    first = start_uploader(spool, journal, "--part-mb", "5", "--part-delay", "0.4", workers=1)
+    first = start_uploader(
+        spool, journal, "--part-mb", "5", "--part-delay", "0.4", workers=1, allow_dst=[f"boto3:s3://{bucket}"]
+    )
     with first.client() as client:
         client.submit("step-200", "step-200", dst, files, "200.step")
         deadline = time.monotonic() + 20
@@ -40,7 +42,7 @@ def test_sigkill_mid_multipart_then_restart_finishes_the_job(
     assert "200.step" not in store.list_keys()  # no marker for a half-uploaded checkpoint
     assert s3_server.client().list_multipart_uploads(Bucket=bucket)["Uploads"]  # killed mid-multipart
 
-    second = start_uploader(spool, journal, "--part-mb", "5", workers=2)
+    second = start_uploader(spool, journal, "--part-mb", "5", workers=2, allow_dst=[f"boto3:s3://{bucket}"])
     with second.client() as client:
         status = client.wait("step-200", timeout_s=30)  # resumed from the journal, not resubmitted
     assert status["state"] == "done", status
@@ -56,14 +58,14 @@ def test_sigkill_mid_multipart_then_restart_finishes_the_job(
 def test_journal_with_a_torn_last_line_still_resumes(start_uploader, tmp_path):
     spool, journal = tmp_path / "spool", tmp_path / "journal.jsonl"
     files = write_checkpoint(spool, "j1", {"a": 100})
-    first = start_uploader(spool, journal, "--part-delay", "30", workers=1)
+    first = start_uploader(spool, journal, "--part-delay", "30", workers=1, allow_dst=[tmp_path / "out"])
     with first.client() as client:
         client.submit("j1", "j1", f"local:{tmp_path / 'out'}", files, "1.step")
     first.process.kill()
     first.process.wait()
     with open(journal, "ab") as handle:
         handle.write(b'{"event": "submit", "job": {"job_id": "torn"')  # a crash mid-append
-    second = start_uploader(spool, journal)
+    second = start_uploader(spool, journal, allow_dst=[tmp_path / "out"])
     with second.client() as client:
         assert client.wait("j1", timeout_s=20)["state"] == "done"
     assert (tmp_path / "out" / "1.step").exists()
@@ -82,6 +84,8 @@ def _serve_with_curve(spool, keys) -> tuple[subprocess.Popen, str]:
             str(spool),
             "--curve-keys",
             str(keys),
+            "--allow-dst",
+            str(spool.parent / "out"),
         ],
         stdout=subprocess.PIPE,
     )
@@ -119,7 +123,15 @@ def test_curve_needs_the_server_key_and_an_authorized_client(tmp_path):
 @pytest.mark.server
 def test_refuses_a_public_bind_without_curve(tmp_path):
     result = run_cli(
-        "ckpt_uploader", "serve", "--bind", "tcp://0.0.0.0:5999", "--spool", str(tmp_path), check=False
+        "ckpt_uploader",
+        "serve",
+        "--bind",
+        "tcp://0.0.0.0:5999",
+        "--spool",
+        str(tmp_path),
+        "--allow-dst",
+        str(tmp_path / "out"),
+        check=False,
     )
     assert result.returncode != 0 and "--curve-keys" in result.stderr
 
@@ -129,7 +141,7 @@ def test_private_uploader_dies_with_its_parent(tmp_path):
     script = (
         "import sys, time; from pathlib import Path\n"
         "from ckpt_uploader.embedded import start_private_uploader\n"
-        f"u = start_private_uploader(Path({str(tmp_path / 'spool')!r}))\n"
+        f"u = start_private_uploader(Path({str(tmp_path / 'spool')!r}), allow_dst=[{str(tmp_path)!r}])\n"
         "print(u.process.pid, flush=True); time.sleep(60)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -188,6 +200,8 @@ def test_a_spool_or_journal_someone_else_can_write_is_refused(tmp_path, problem)
         str(spool),
         "--journal",
         str(journal),
+        "--allow-dst",
+        str(tmp_path / "out"),
         "--bind",
         "tcp://127.0.0.1:0",
         check=False,

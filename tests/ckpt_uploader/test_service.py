@@ -14,13 +14,34 @@ from ckpt_uploader.stores import open_store
 from tests.ckpt_uploader.conftest import sha256_of, write_checkpoint
 from tests.conftest import free_port
 
+# A port nothing listens on, for the unreachable-endpoint test (fixed here: --allow-dst names it).
+UNREACHABLE_PORT = free_port()
+BUCKETS = (
+    "svc-s3",
+    "no-such-bucket",
+    "svc-retry",
+    *(f"svc-damage-{damage}" for damage in ("missing", "short", "changed")),
+)
+
 
 @pytest.fixture(scope="module")
-def service(s3_server, tmp_path_factory):
-    """One uploader shared by this module's tests (each test uses its own job ids and buckets)."""
+def service(s3_server, s3_server_with_auth, tmp_path_factory):
+    """One uploader shared by this module's tests (each test uses its own job ids and buckets),
+    allowed to write to the tests' temporary folders and their buckets."""
     spool = tmp_path_factory.mktemp("spool")
+    auth_port = s3_server_with_auth.endpoint_url.rsplit(":", 1)[1]
+    allowed = [
+        f"local:{tmp_path_factory.getbasetemp()}",
+        *(f"boto3:s3://{bucket}" for bucket in BUCKETS),
+        f"boto3:s3://ckpts.127.0.0.1:{auth_port}/run",
+        f"boto3:s3://ckpts.127.0.0.1:{UNREACHABLE_PORT}/run",
+    ]
     uploader = start_private_uploader(
-        spool, workers=3, extra_args=("--part-mb", "5"), env={**os.environ, **s3_server.env}
+        spool,
+        allow_dst=allowed,
+        workers=3,
+        extra_args=("--part-mb", "5"),
+        env={**os.environ, **s3_server.env},
     )
     client = UploaderClient(uploader.address, timeout_s=10)
     yield spool, client, uploader
@@ -170,7 +191,7 @@ def test_unreachable_endpoint_fails_the_job_clearly(service):
     spool, client, _ = service
     files = write_checkpoint(spool, "noendpoint", {"model.pt": 100})
     client.submit(
-        "noendpoint", "noendpoint", f"boto3:s3://ckpts.127.0.0.1:{free_port()}/run/1", files, "1.step"
+        "noendpoint", "noendpoint", f"boto3:s3://ckpts.127.0.0.1:{UNREACHABLE_PORT}/run/1", files, "1.step"
     )
     status = client.wait("noendpoint", timeout_s=30)
     assert status["state"] == "failed" and "cannot reach the S3 endpoint" in status["error"]
@@ -235,7 +256,7 @@ def test_status_cli_lists_jobs(service, tmp_path):
 def test_wait_times_out_on_a_slow_job(s3_server, start_uploader, tmp_path):
     spool = tmp_path / "spool"
     files = write_checkpoint(spool, "slow", {"a": 10, "b": 10})
-    uploader = start_uploader(spool, None, "--part-delay", "0.6", workers=1)
+    uploader = start_uploader(spool, None, "--part-delay", "0.6", workers=1, allow_dst=[tmp_path / "out"])
     with uploader.client() as client:
         client.submit("slow", "slow", f"local:{tmp_path / 'out'}", files, "1.step")
         first = client.wait("slow", timeout_s=0.2)

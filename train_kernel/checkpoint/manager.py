@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +27,27 @@ from .saver import CheckpointSaver, SaveResult
 log = logging.getLogger(__name__)
 
 _READ_ERRORS = (CheckpointError, OSError, KeyError, ValueError, RuntimeError)
+# InternLM's default async_upload_tmp_folder: one path for every user of a node.
+SHARED_INTERNLM_SPOOL = Path("/dev/shm/internlm_tmp_ckpt")
+
+
+def spool_folder(configured: str) -> Path:
+    """The folder to stage checkpoints in. InternLM's shared default becomes a folder of this
+    user's own (`/dev/shm/internlm_tmp_ckpt-<uid>`): on a shared path, whoever creates it first
+    would own it, and every other user's run would be refused (or, were it not checked, could be
+    fed planted jobs). Any other folder is taken as given and checked for ownership."""
+    path = Path(configured)
+    if path == SHARED_INTERNLM_SPOOL and hasattr(os, "getuid"):
+        own = path.with_name(f"{path.name}-{os.getuid()}")
+        log.info("ckpt.async_upload_tmp_folder %s is shared by every user: staging in %s instead", path, own)
+        return own
+    return path
+
+
+def upload_destinations(ckpt) -> list[str]:
+    """What a run's private uploader may write: its save folder and its snapshot folder, no more."""
+    folders = (ckpt.save_ckpt_folder, ckpt.snapshot_ckpt_folder)
+    return list(dict.fromkeys(folder for folder in folders if folder))
 
 
 class CheckpointManager:
@@ -53,11 +75,15 @@ class CheckpointManager:
 
     def _make_saver(self) -> CheckpointSaver:
         ckpt, uploader_cfg = self.config.ckpt, self.config.uploader
-        spool_dir = uploader_cfg.spool or ckpt.async_upload_tmp_folder
-        staging = Path(spool_dir) if spool_dir else None
+        if uploader_cfg.spool or uploader_cfg.address:
+            # A standalone uploader serves the folder both were told: taken exactly as written.
+            spool_dir = uploader_cfg.spool or ckpt.async_upload_tmp_folder
+            staging = Path(spool_dir) if spool_dir else None
+        else:
+            staging = spool_folder(ckpt.async_upload_tmp_folder) if ckpt.async_upload_tmp_folder else None
         if not (self.enabled and ckpt.async_upload):
             return CheckpointSaver(staging_root=staging)
-        spool = Path(spool_dir).resolve()
+        spool = staging.resolve()
         self._spool = spool
         quota = int(uploader_cfg.spool_quota_gb * 1e9) if uploader_cfg.spool_quota_gb else None
         # Each node has its own spool (/dev/shm) and its own uploader, held by its first rank.
@@ -88,7 +114,9 @@ class CheckpointManager:
                 private_folder(spool, "spool")  # 0700, or an error naming a foreign / shared one
             except OwnershipError as error:
                 raise ConfigError(str(error), key="ckpt.async_upload_tmp_folder") from None
-            self.private_uploader = start_private_uploader(spool, journal=self._journal)
+            self.private_uploader = start_private_uploader(
+                spool, allow_dst=upload_destinations(self.config.ckpt), journal=self._journal
+            )
             address = self.private_uploader.address
             log.info("started a private checkpoint uploader at %s (spool %s)", address, spool)
         if "://" not in address:
@@ -113,7 +141,9 @@ class CheckpointManager:
         )
         self.saver.join_handoff()
         self.saver.uploader.close()
-        self.private_uploader = start_private_uploader(self._spool, journal=self._journal)
+        self.private_uploader = start_private_uploader(
+            self._spool, allow_dst=upload_destinations(self.config.ckpt), journal=self._journal
+        )
         self.saver.uploader = UploaderClient(self.private_uploader.address)
         self.saver.uploader.ping()
 

@@ -486,7 +486,10 @@ class CkptConfig(Section):
     (S3 or a local folder) in the background: training waits only for the copy into memory.
     (InternLM does this for boto3 folders only.)"""
     async_upload_tmp_folder: str | None = "/dev/shm/internlm_tmp_ckpt/"
-    """Local staging folder of async uploads (RAM disk by default: needs room for one checkpoint)."""
+    """Local staging folder of async uploads (RAM disk by default: needs room for one checkpoint).
+    It must belong to the user and be writable by no one else (created 0700). InternLM's default,
+    shared by every user of a node, stages in /dev/shm/internlm_tmp_ckpt-<uid>/ instead (unless a
+    standalone uploader is configured, which serves the folder exactly as written)."""
     snapshot_ckpt_folder: str | None = None
     """Folder of the two alternating snapshot checkpoints; default: save_ckpt_folder + "/snapshot"."""
     oss_snapshot_freq: int | None = None

@@ -115,13 +115,14 @@ def test_async_save_through_a_standalone_uploader(tmp_path, reference):
 
     spool = tmp_path / "uploader-spool"
     spool.mkdir()
-    service = start_private_uploader(spool)  # the same `ckpt-uploader serve` a storage node runs
+    run_dir = tmp_path / "run"
+    # the same `ckpt-uploader serve` a storage node runs, allowed the run's checkpoint folder
+    service = start_private_uploader(spool, allow_dst=[f"local:{run_dir / 'ckpt'}"])
     try:
         extra = (
             "\nckpt['async_upload'] = True\n"
             f"uploader = dict(address={service.address!r}, spool={str(spool)!r})\n"
         )
-        run_dir = tmp_path / "run"
         train(config_from_text(config_text(run_dir, extra=extra)))
         for step in (2, 4, 6):
             assert (run_dir / "ckpt" / str(step) / f"{step}.step").exists()
