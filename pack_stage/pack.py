@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pack_stage.finished import same_finished_pack
 from pack_stage.plan import SplitPlan, plan_documents
 from pack_stage.rows import RowBuilder
 from pack_stage.schema import MANIFEST_NAME, PackManifest, PartInfo, SplitInfo
@@ -81,6 +82,11 @@ def pack(config: PackConfig, progress: bool = True) -> PackManifest:
     config.validate()
     token_manifest = TokenManifest.load(config.input)
     token_manifest_sha256 = _sha256(config.input / MANIFEST_NAME)
+    if not config.overwrite:
+        finished = same_finished_pack(config, token_manifest_sha256)
+        if finished is not None:
+            logger.info("%s already holds this pack (same input and settings): nothing to do", config.output)
+            return finished
     corpus = TokenCorpus(token_manifest)
     try:
         plan = plan_documents(

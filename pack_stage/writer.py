@@ -36,22 +36,27 @@ class OutputError(ValueError):
 
 def prepare_output(folder: Path, overwrite: bool) -> None:
     """Makes ``folder`` an empty folder. With ``overwrite`` it first removes a previous pack output,
-    but only when every entry in it is one we write; anything else is left alone and refused."""
+    but only when every entry in it is one we write; anything else is left alone and refused.
+    Without ``overwrite`` it removes only an unfinished pack (ours alone, no manifest)."""
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"output {folder} exists and is not a folder")
     entries = sorted(folder.iterdir()) if folder.exists() else []
     if entries:
-        if not overwrite:
+        foreign = _foreign_entries(folder)
+        # A pack killed before its manifest leaves only its own files, none of them usable: the same
+        # command run again must finish the job, not ask for --overwrite (issue 13: every moment of
+        # a run must be safe to interrupt and rerun). --overwrite still guards a finished pack.
+        unfinished = not foreign and not (folder / MANIFEST_NAME).exists()
+        if not overwrite and not unfinished:
             raise OutputError(
                 f"output folder {folder} is not empty; pass --overwrite to replace a previous pack output"
             )
-        foreign = _foreign_entries(folder)
         if foreign:
             raise OutputError(
                 f"refusing to overwrite {folder}: it holds files a pack does not write "
                 f"({', '.join(str(p) for p in foreign[:5])}{', ...' if len(foreign) > 5 else ''})"
             )
-        logger.info("removing the previous pack output in %s", folder)
+        logger.info("removing the %s pack output in %s", "unfinished" if unfinished else "previous", folder)
         # The manifest first: an interrupted removal must not leave a folder that looks complete.
         (folder / MANIFEST_NAME).unlink(missing_ok=True)
         for split in SPLITS:

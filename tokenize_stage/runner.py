@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import queue
 import shutil
 import time
@@ -14,6 +15,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tokenize_stage.durable import durable_replace, fsync_folder
 from tokenize_stage.progress import StageProgress
 from tokenize_stage.readers import DEFAULT_MAX_LINE_BYTES
 from tokenize_stage.schema import FORMAT, MANIFEST_NAME, FileEntry, token_dtype_for
@@ -43,6 +45,7 @@ from tokenize_stage.worker import (
     StrictReject,
     UnitStats,
     WorkerConfig,
+    init_pool_worker,
     init_worker,
     run_unit,
     write_json_atomic,
@@ -121,7 +124,7 @@ def run_stage(options: StageOptions) -> StageReport:
         else shard_manifest_name(options.shard_index, options.num_shards)
     )
     done = _load_finished(output, manifest_path, header, files)
-    manifest_path.unlink(missing_ok=True)  # from here until the end the folder is incomplete
+    _set_manifest_aside(manifest_path, output)  # from here until the end the folder is incomplete
     _drop_stale_outputs(output, all_files)
 
     report = StageReport(manifest_path=None)
@@ -156,6 +159,7 @@ def run_stage(options: StageOptions) -> StageReport:
             "assigned": [f.rel for f in files],
         }
     write_json_atomic(manifest_path, manifest)
+    (output / STATE_DIR / manifest_path.name).unlink(missing_ok=True)
     shutil.rmtree(output / PARTS_DIR, ignore_errors=True)
     if options.num_shards == 1:
         shutil.rmtree(output / STATE_DIR, ignore_errors=True)
@@ -210,10 +214,13 @@ def _load_finished(
     Refuses an output folder made with other settings: mixing them would corrupt the corpus."""
     settings_path = output / STATE_DIR / "settings.json"
     earlier: dict[str, dict] = {}
-    if manifest_path.is_file():
-        previous = json.loads(manifest_path.read_text())
-        _check_same_settings(previous, header, manifest_path)
-        earlier.update(previous["files"])
+    # The manifest of a complete folder, else the one a run stopped before its end had set aside.
+    for previous_path in (manifest_path, output / STATE_DIR / manifest_path.name):
+        if previous_path.is_file():
+            previous = json.loads(previous_path.read_text())
+            _check_same_settings(previous, header, previous_path)
+            earlier.update(previous["files"])
+            break
     if settings_path.is_file():
         _check_same_settings(json.loads(settings_path.read_text()), header, settings_path)
     elif any(output.iterdir()) and not manifest_path.is_file():
@@ -236,6 +243,15 @@ def _load_finished(
         ).is_file():
             done[file.rel] = entry
     return done
+
+
+def _set_manifest_aside(manifest_path: Path, output: Path) -> None:
+    """Moves the manifest into .state/ rather than deleting it: the folder stops looking complete,
+    and the entries of the finished inputs survive a run stopped before it writes a new one.
+    Deleted, they were lost, and a run adding one input, killed, made the next redo every input."""
+    if manifest_path.is_file():
+        durable_replace(manifest_path, output / STATE_DIR / manifest_path.name)
+        fsync_folder(output)  # the name gone from the output folder, so it cannot come back complete
 
 
 def _check_same_settings(previous: dict, header: dict, where: Path) -> None:
@@ -361,7 +377,10 @@ def _execute(
     context = multiprocessing.get_context("spawn")
     updates = context.Queue()
     with ProcessPoolExecutor(
-        options.workers, mp_context=context, initializer=init_worker, initargs=(config, updates)
+        options.workers,
+        mp_context=context,
+        initializer=init_pool_worker,
+        initargs=(config, updates, os.getpid()),
     ) as pool:
         futures: dict[Future, WorkUnit] = {pool.submit(run_unit, unit, parts_dir): unit for unit in pending}
         try:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from dataclasses import asdict, dataclass, field
 from multiprocessing.queues import Queue
 from pathlib import Path
@@ -28,6 +30,8 @@ BATCH_DOCUMENTS = 1024
 BATCH_CHARACTERS = 4 << 20
 # Rejected lines kept with their reason per unit; the count beyond stays exact.
 MAX_REJECT_DETAILS = 10_000
+# How often a worker process checks that the stage's process is still there.
+PARENT_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,21 @@ def init_worker(config: WorkerConfig, progress: Queue | None) -> None:
     _state["config"] = config
     _state["tokenizer"] = load_tokenizer(config.tokenizer_path, config.bos_token, config.eos_token)
     _state["progress"] = progress
+
+
+def init_pool_worker(config: WorkerConfig, progress: Queue | None, stage_pid: int) -> None:
+    """Initializer of a worker process: ``init_worker``, and an exit of its own when the stage's
+    process is gone. A pool's workers outlive a stage killed alone (kill -9 of its pid, a
+    `timeout -s KILL`): they waited forever for work, each holding its tokenizer, and one
+    mid-unit went on writing into the output folder while the stage was run again."""
+    init_worker(config, progress)
+    threading.Thread(target=_exit_with, args=(stage_pid,), name="exit-with-stage", daemon=True).start()
+
+
+def _exit_with(stage_pid: int) -> None:
+    while os.getppid() == stage_pid:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)  # the stage is gone: nobody will read this worker's results
 
 
 def part_paths(parts_dir: Path, unit: WorkUnit) -> tuple[Path, Path]:

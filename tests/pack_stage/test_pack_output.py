@@ -56,11 +56,83 @@ def test_a_killed_pack_never_looks_complete(token_folder, tmp_path, monkeypatch)
     with pytest.raises(PackedDataError, match="manifest.json does not exist"):
         PackedReader(out)
     monkeypatch.setattr(SplitWriter, "write", original)
-    with pytest.raises(OutputError, match="--overwrite"):
-        pack(config(token_folder, out), progress=False)
-    pack(config(token_folder, out, overwrite=True), progress=False)
+    # The same command again finishes the job: an unfinished pack needs no --overwrite (issue 13).
+    pack(config(token_folder, out, rows_per_part=2), progress=False)
     assert len(PackedReader(out)) > 0
     assert not list(out.rglob("*.tmp"))
+    with pytest.raises(OutputError, match="--overwrite"):  # a finished pack still does
+        pack(config(token_folder, out), progress=False)
+    assert len(PackedReader(out)) > 0
+
+
+def test_an_unfinished_pack_with_a_foreign_file_is_not_cleared(token_folder, tmp_path):
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "part-00000.arrow.tmp").write_bytes(b"half a part")
+    (out / "train" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="pass --overwrite"):
+        pack(config(token_folder, out), progress=False)
+    with pytest.raises(OutputError, match="notes.txt"):
+        pack(config(token_folder, out, overwrite=True), progress=False)
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["notes.txt", "part-00000.arrow.tmp"]
+
+
+def test_the_same_pack_again_is_a_success_with_nothing_to_do(token_folder, tmp_path):
+    """A kill between the manifest and the process's exit leaves a finished pack: the same command
+    again must succeed (issue 13), and has nothing to write."""
+    out = tmp_path / "out"
+    settings = {"valid_fraction": 0.2, "rows_per_part": 3}
+    first = pack(config(token_folder, out, **settings), progress=False)
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    again = pack(config(token_folder, out, **settings), progress=False)
+    assert again.to_json() == first.to_json()
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == written
+
+
+def _truncate_a_part(out) -> None:
+    part = out / "train" / "part-00000.arrow"
+    part.write_bytes(part.read_bytes()[:-8])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"seq_len": 4},
+        {"rows_per_part": 2},
+        {"valid_fraction": 0.3},
+        {"seed": 7},
+        {"shuffle": False},
+        {"min_length": 2},
+        {"pack_sample_into_one": True},
+        lambda folder, out: (out / "train" / "part-00000.arrow.tmp").write_bytes(b"left over"),
+        lambda folder, out: _truncate_a_part(out),
+        lambda folder, out: (folder.path / "manifest.json").write_text(
+            (folder.path / "manifest.json").read_text() + "\n"
+        ),
+    ],
+    ids=[
+        "seq_len",
+        "rows_per_part",
+        "valid",
+        "seed",
+        "shuffle",
+        "min_length",
+        "into_one",
+        "tmp",
+        "cut",
+        "input",
+    ],
+)
+def test_a_finished_pack_of_anything_else_still_needs_overwrite(token_folder, tmp_path, change):
+    out = tmp_path / "out"
+    settings = {"valid_fraction": 0.2, "rows_per_part": 3}
+    pack(config(token_folder, out, **settings), progress=False)
+    if callable(change):
+        change(token_folder, out)
+    else:
+        settings.update(change)
+    with pytest.raises(OutputError, match="pass --overwrite"):
+        pack(config(token_folder, out, **settings), progress=False)
 
 
 def test_overwrite_replaces_a_previous_pack(token_folder, tmp_path):

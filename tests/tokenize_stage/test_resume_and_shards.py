@@ -151,3 +151,28 @@ def test_stopped_between_a_shard_and_its_record_the_rerun_finishes_byte_identica
     monkeypatch.setattr(shards, "write_json_atomic", real_write)
     tokenize(raw, tmp_path / "tok", workers=1, chunk_bytes=chunk_bytes)
     assert tree_digest(tmp_path / "tok") == tree_digest(tmp_path / "clean")
+
+
+def test_a_run_adding_an_input_stopped_early_keeps_what_the_manifest_recorded(tmp_path, monkeypatch):
+    """The manifest leaves the folder when a run starts (the folder is incomplete until the end); it
+    used to be deleted, so a run adding one input, stopped before its end, made the next run redo
+    every input. It is set aside in .state/ instead."""
+    from tokenize_stage import runner
+
+    raw = tmp_path / "raw"
+    _corpus(raw, files=4, lines=50)
+    tokenize(raw, tmp_path / "tok")
+    write_jsonl(raw / "en" / "new.jsonl", [{"content": "one more input"}])
+    tokenize(raw, tmp_path / "clean")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("stopped before the new input's first unit")
+
+    monkeypatch.setattr(runner, "prepare_parts", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize(raw, tmp_path / "tok")
+    assert not (tmp_path / "tok" / "manifest.json").exists()  # incomplete, and it does not look complete
+    monkeypatch.undo()
+    report = tokenize(raw, tmp_path / "tok")
+    assert (report.files_done, report.files_skipped) == (1, 4)
+    assert tree_digest(tmp_path / "tok") == tree_digest(tmp_path / "clean")
