@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import click
@@ -15,7 +16,7 @@ from ckpt_uploader.jobs import TransferOptions
 from ckpt_uploader.journal import JournalError
 from ckpt_uploader.server import ServeOptions
 from ckpt_uploader.server import serve as run_server
-from ckpt_uploader.stores import DEFAULT_PART_SIZE_BYTES
+from ckpt_uploader.stores import DEFAULT_PART_SIZE_BYTES, RetryPolicy
 from ckpt_uploader.uri import StorageURIError
 
 
@@ -99,6 +100,42 @@ def main(verbose: bool) -> None:
     "endpoint). Every file's sha256 is checked against the manifest either way.",
 )
 @click.option(
+    "--retry-mode",
+    type=click.Choice(["standard", "adaptive"]),
+    default=lambda: RetryPolicy.from_env().mode,
+    show_default="standard, or AWS_RETRY_MODE",
+    help="botocore's retry mode for every S3 call (adaptive also slows down when S3 throttles).",
+)
+@click.option(
+    "--retry-attempts",
+    type=click.IntRange(1, 100),
+    default=lambda: RetryPolicy.from_env().attempts,
+    show_default="10, or AWS_MAX_ATTEMPTS",
+    help="Attempts per S3 call, the first included (botocore backs off up to 20 s between them).",
+)
+@click.option(
+    "--outage-deadline",
+    default="24h",
+    show_default=True,
+    metavar="DURATION",
+    help="How long a job keeps being retried while S3 stays unreachable or failing (e.g. 90s, 30m, "
+    "24h); the checkpoint stays in the spool meanwhile, and `status` shows the job as retrying.",
+)
+@click.option(
+    "--stop-wait",
+    default="30s",
+    show_default=True,
+    metavar="DURATION",
+    help="On SIGTERM / SIGINT: how long unfinished jobs may still run (new ones are refused); what "
+    "is left then is listed in the log and resumes on the next start on the same journal.",
+)
+@click.option(
+    "--outage-pause",
+    default="2,60",
+    hidden=True,
+    help="Tests: first and longest pause (seconds) between attempts of a job during an outage.",
+)
+@click.option(
     "--allow-remote",
     is_flag=True,
     help="Allow binding beyond loopback without CURVE (trusted networks only).",
@@ -118,11 +155,17 @@ def serve(
     curve_keys: Path | None,
     part_mb: int,
     checksum: str,
+    retry_mode: str,
+    retry_attempts: int,
+    outage_deadline: str,
+    stop_wait: str,
+    outage_pause: str,
     allow_remote: bool,
     part_delay: float,
     parent_pid: int | None,
 ) -> None:
-    """Run the uploader until SIGTERM / Ctrl-C; unfinished jobs resume on the next start."""
+    """Run the uploader until SIGTERM / Ctrl-C (then --stop-wait for the jobs in flight); unfinished
+    jobs resume on the next start on the same journal."""
     if not allow_dst:
         # A peer must never choose where we write: without a list, any sender could make us
         # create folders, delete markers and write files anywhere this user may.
@@ -149,6 +192,9 @@ def serve(
         part_size_bytes=part_mb << 20,
         checksum_algorithm=checksum.upper(),
         part_delay_s=part_delay,
+        retry=RetryPolicy(retry_mode, retry_attempts),
+        outage_deadline_s=parse_duration(outage_deadline, "--outage-deadline"),
+        outage_pause_s=tuple(float(x) for x in outage_pause.split(",", 1)),
     )
     try:
         run_server(
@@ -160,6 +206,7 @@ def serve(
                 curve_keys=curve_keys,
                 transfer=transfer,
                 parent_pid=parent_pid,
+                stop_wait_s=parse_duration(stop_wait, "--stop-wait"),
             )
         )
     except (CurveError, JournalError, OSError) as error:
@@ -168,6 +215,21 @@ def serve(
         if type(error).__module__.startswith("zmq"):
             raise click.ClickException(f"cannot serve on {bind}: {error}") from None
         raise
+
+
+def parse_duration(text: str, option: str) -> float:
+    """Seconds in '90', '90s', '30m', '24h' or '2d'."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: expected a duration such as 90s, 30m or 24h", param_hint=option
+        ) from None
+    if seconds < 0:
+        raise click.BadParameter(f"{text!r}: expected a duration >= 0", param_hint=option)
+    return seconds
 
 
 @main.command()
@@ -210,6 +272,11 @@ def status(
     for job in jobs:
         done_mib, total_mib = job["bytes_done"] / 2**20, job["bytes_total"] / 2**20
         line = f"{job['job_id']}\t{job['state']}\t{done_mib:,.1f}/{total_mib:,.1f} MiB\t{job['dst']}"
+        if job["state"] == "retrying":
+            line += (
+                f"\tattempt {job['attempts']} failed; retried until "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(job['retry_until']))}"
+            )
         click.echo(line + (f"\terror: {job['error']}" if job["error"] else ""))
 
 

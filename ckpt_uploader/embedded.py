@@ -81,6 +81,8 @@ def start_private_uploader(
         str(workers),
         "--parent-pid",
         str(os.getpid()),
+        "--stop-wait",  # the trainer does its own bounded wait (uploader.exit_wait_s) before it stops us
+        "0",
         *(arg for prefix in allow_dst for arg in ("--allow-dst", prefix)),
         *extra_args,
     ]

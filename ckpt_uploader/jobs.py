@@ -5,6 +5,11 @@ parallel.
 A job: check the spool files -> check the destination is reachable -> remove stale `*.step`
 markers from the destination folder -> upload and verify every file -> write the marker LAST ->
 journal "done" -> delete the spool copy.
+
+An outage (a TransientStoreError: S3 unreachable, failing or throttling through every botocore
+retry) does not fail the job: it goes to state "retrying", keeps its spool copy and is tried again,
+with growing pauses, until `outage_deadline_s` after the outage began; only then it fails. Jobs
+behind it wait: they go to the same store, and the order is the trainer's contract.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import queue
 import re
 import shutil
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +29,20 @@ from ckpt_uploader.allowed import AllowedDestinations
 from ckpt_uploader.journal import Journal
 from ckpt_uploader.protocol import JobSpec, ProtocolError
 from ckpt_uploader.spool import Spool
-from ckpt_uploader.stores import DEFAULT_PART_SIZE_BYTES, Store, StoreError, open_store
+from ckpt_uploader.stores import (
+    DEFAULT_PART_SIZE_BYTES,
+    RetryPolicy,
+    Store,
+    StoreError,
+    TransientStoreError,
+    open_store,
+)
 from ckpt_uploader.uri import StorageURIError
 
 log = logging.getLogger(__name__)
 _STEP_MARKER = re.compile(r"\d+\.step")
+MAX_UNFINISHED_JOBS = 1000  # a submit past this is answered "busy": a runaway client cannot fill memory
+KEEP_FINISHED_JOBS = 200  # done / failed jobs kept for `status` (and in the journal) after compaction
 
 
 class JobFailed(RuntimeError):
@@ -41,7 +56,10 @@ class Job:
     bytes_done: int = 0
     error: str | None = None
     files_done: set[str] = field(default_factory=set)
-    resumed: bool = False  # replayed from the journal after a restart
+    resumed: bool = False  # replayed from the journal after a restart (or retried): clean up first
+    attempts: int = 0
+    retry_until: float | None = None  # unix time: an outage began; the job fails if it lasts past this
+    next_attempt_at: float | None = None
 
     def status(self) -> dict:
         return {
@@ -52,6 +70,9 @@ class Job:
             "error": self.error,
             "dst": self.spec.dst,
             "marker": self.spec.marker,
+            "attempts": self.attempts,
+            "retry_until": self.retry_until,
+            "next_attempt_at": self.next_attempt_at,
         }
 
 
@@ -61,6 +82,9 @@ class TransferOptions:
     part_size_bytes: int = DEFAULT_PART_SIZE_BYTES
     checksum_algorithm: str = "CRC32"  # S3 per-part checksum, read back after the upload
     part_delay_s: float = 0.0  # tests only: slows every part down
+    retry: RetryPolicy = field(default_factory=RetryPolicy)  # botocore's, for every S3 call
+    outage_deadline_s: float = 24 * 3600.0  # how long a job outlives an outage before it fails
+    outage_pause_s: tuple[float, float] = (2.0, 60.0)  # first and longest pause between job attempts
 
 
 class JobRunner:
@@ -69,6 +93,10 @@ class JobRunner:
     ) -> None:
         self.spool, self.journal, self.options, self.allowed = spool, journal, options, allowed
         self.jobs: dict[str, Job] = {}
+        self._held: list = []  # journal records of jobs outside --allow-dst: kept, never run
+        self._records_since_compaction = 0
+        self.compact_every = KEEP_FINISHED_JOBS // 2  # finished jobs between two compactions
+        self._journal_lock = threading.Lock()
         self._queue: queue.Queue[Job] = queue.Queue()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="jobs", daemon=True)
@@ -77,6 +105,7 @@ class JobRunner:
         """Replays the journal: unfinished jobs go back in the queue, in their order."""
         for job_id, record in self.journal.replay().items():
             if record.state != "done" and not self._allowed_on_replay(record.spec):
+                self._held.append(record)
                 continue
             job = Job(
                 record.spec,
@@ -122,11 +151,17 @@ class JobRunner:
                 )
             if existing is not None and existing.state != "failed":
                 return
+            unfinished = sum(job.state not in ("done", "failed") for job in self.jobs.values())
+            if unfinished >= MAX_UNFINISHED_JOBS:
+                raise ProtocolError(
+                    f"busy: {unfinished} jobs are not finished (limit {MAX_UNFINISHED_JOBS}); try again later"
+                )
         self.spool.check_job(spec)
-        self.journal.append({"event": "submit", "job": spec.to_dict()})
         job = Job(spec)
-        with self._lock:
-            self.jobs[spec.job_id] = job
+        with self._journal_lock:  # a compaction sees the job in both or in neither
+            self.journal.append({"event": "submit", "job": spec.to_dict()})
+            with self._lock:
+                self.jobs[spec.job_id] = job
         self._queue.put(job)
 
     def status(self, job_id: str | None = None) -> dict | list[dict]:
@@ -142,14 +177,46 @@ class JobRunner:
     def _loop(self) -> None:
         while True:
             job = self._queue.get()
-            job.state, job.error, job.bytes_done = "uploading", None, 0
-            try:
-                self._run(job)
-            except (JobFailed, StoreError, StorageURIError, ProtocolError, OSError) as error:
-                self._fail(job, str(error))
-            except Exception as error:  # a bug: the job fails, the service stays up
-                log.exception("job %s: unexpected error", job.spec.job_id)
-                self._fail(job, f"internal error: {type(error).__name__}: {error}")
+            while not self._attempt(job):
+                self._pause(job)
+
+    def _attempt(self, job: Job) -> bool:
+        """One try of the job; False when it met an outage and is to be tried again."""
+        job.state, job.bytes_done, job.next_attempt_at = "uploading", 0, None
+        job.attempts += 1
+        try:
+            self._run(job)
+        except TransientStoreError as error:
+            now = time.time()
+            if job.retry_until is None:
+                job.retry_until = now + self.options.outage_deadline_s
+            if now >= job.retry_until:
+                self._fail(job, f"gave up after an outage of {self.options.outage_deadline_s:.0f} s: {error}")
+                return True
+            job.state, job.error = "retrying", str(error)
+            job.resumed = True  # the next try aborts this one's multipart uploads, keeps its files
+            return False
+        except (JobFailed, StoreError, StorageURIError, ProtocolError, OSError) as error:
+            self._fail(job, str(error))
+        except Exception as error:  # a bug: the job fails, the service stays up
+            log.exception("job %s: unexpected error", job.spec.job_id)
+            self._fail(job, f"internal error: {type(error).__name__}: {error}")
+        return True
+
+    def _pause(self, job: Job) -> None:
+        first, longest = self.options.outage_pause_s
+        pause = min(longest, first * 2 ** min(job.attempts - 1, 16))
+        pause = max(0.0, min(pause, job.retry_until - time.time()))
+        job.next_attempt_at = time.time() + pause
+        log.warning(
+            "job %s: store unavailable (%s); attempt %d failed, next in %.1f s, giving up at %s",
+            job.spec.job_id,
+            job.error,
+            job.attempts,
+            pause,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.retry_until)),
+        )
+        time.sleep(pause)
 
     def _fail(self, job: Job, error: str) -> None:
         log.error("job %s failed: %s", job.spec.job_id, error)
@@ -157,7 +224,29 @@ class JobRunner:
             self.journal.append({"event": "failed", "job_id": job.spec.job_id, "error": error})
         except OSError as journal_error:  # the job thread must survive a full disk
             log.error("job %s: could not journal the failure: %s", job.spec.job_id, journal_error)
-        job.error, job.state = error, "failed"
+        job.error, job.state, job.next_attempt_at = error, "failed", None
+        self._after_finish()
+
+    def _after_finish(self) -> None:
+        """Forgets the oldest finished jobs past KEEP_FINISHED_JOBS and, every so often, rewrites
+        the journal with only what a restart needs, so neither grows for the life of the service."""
+        self._records_since_compaction += 1
+        with self._lock:
+            finished = [job_id for job_id, job in self.jobs.items() if job.state in ("done", "failed")]
+            for job_id in finished[: max(0, len(finished) - KEEP_FINISHED_JOBS)]:
+                del self.jobs[job_id]
+        if self._records_since_compaction < self.compact_every:
+            return
+        with self._journal_lock:  # no submit or file_done record lands between snapshot and rewrite
+            with self._lock:
+                records = [record for held in self._held for record in _records_of(held.spec, held)]
+                for job in self.jobs.values():
+                    records.extend(_records_of(job.spec, job))
+            try:
+                self.journal.rewrite(records)
+                self._records_since_compaction = 0
+            except OSError as error:  # the old journal is intact: only the compaction is lost
+                log.warning("could not compact the journal %s: %s", self.journal.path, error)
 
     def _run(self, job: Job) -> None:
         spec = job.spec
@@ -169,6 +258,7 @@ class JobRunner:
             part_size_bytes=self.options.part_size_bytes,
             part_delay_s=self.options.part_delay_s,
             checksum_algorithm=self.options.checksum_algorithm,
+            retry=self.options.retry,
         )
         try:
             store.check_access()
@@ -192,7 +282,8 @@ class JobRunner:
         finally:
             store.close()
         self.journal.append({"event": "done", "job_id": spec.job_id})
-        job.state = "done"
+        job.state, job.error, job.retry_until = "done", None, None
+        self._after_finish()
         log.info(
             "job %s done: %d file(s), %d bytes -> %s",
             spec.job_id,
@@ -235,8 +326,9 @@ class JobRunner:
                 expected_sha256=entry.sha256,
                 on_progress=progress,
             )
-            self.journal.append({"event": "file_done", "job_id": job.spec.job_id, "name": entry.name})
-            job.files_done.add(entry.name)
+            with self._journal_lock:
+                self.journal.append({"event": "file_done", "job_id": job.spec.job_id, "name": entry.name})
+                job.files_done.add(entry.name)
 
         # Largest files first: they hold the most parts, the small ones fill in around them.
         entries = sorted(job.spec.files, key=lambda e: -e.size)
@@ -266,3 +358,17 @@ class JobRunner:
             return
         if folder.is_dir() and not folder.is_symlink():
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _records_of(spec: JobSpec, job) -> list[dict]:
+    """The journal records that restore `job` (a Job or a replayed JournaledJob) on replay."""
+    records: list[dict] = [{"event": "submit", "job": spec.to_dict()}]
+    if job.state == "done":
+        records.append({"event": "done", "job_id": spec.job_id})
+    elif job.state == "failed":
+        records.append({"event": "failed", "job_id": spec.job_id, "error": job.error or ""})
+    else:
+        records.extend(
+            {"event": "file_done", "job_id": spec.job_id, "name": name} for name in sorted(job.files_done)
+        )
+    return records

@@ -107,6 +107,26 @@ class Journal:
             self._handle.flush()
             os.fsync(self._handle.fileno())
 
+    def rewrite(self, records: list[dict]) -> None:
+        """Replaces the journal by `records` atomically (a new file, fsynced, renamed over it, the
+        folder fsynced): a crash at any moment leaves the old journal or the new one, whole."""
+        temp = self.path.with_name(f".{self.path.name}.compact")
+        data = b"".join(
+            json.dumps({**record, "t": round(time.time(), 3)}, separators=(",", ":")).encode("utf-8") + b"\n"
+            for record in records
+        )
+        with self._lock:
+            descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, self.path)
+            fsync_folder(self.path.parent)
+            if self._handle is not None:  # appends go to the new file from now on
+                self._handle.close()
+                self._handle = None
+
     def close(self) -> None:
         with self._lock:
             if self._handle is not None:

@@ -5,7 +5,9 @@ Reply:    {"v": 1, "ok": true, ...}  or  {"v": 1, "ok": false, "error": "<what i
 
 - submit{job_id, src, dst, files: [{name, size, sha256}], marker} -> {ok, op: "accepted", job_id},
   sent only once the job is in the journal (fsynced).
-- status{job_id} -> {ok, job: {job_id, state, bytes_done, bytes_total, error, dst}};
+- status{job_id} -> {ok, job: {job_id, state, bytes_done, bytes_total, error, dst, marker, attempts,
+  retry_until, next_attempt_at}} (state "retrying": the store is out, the job is tried again until
+  retry_until, unix time);
   status{} -> {ok, jobs: [...]}.
 - wait{job_id, timeout} -> the status reply plus "timed_out", once the job is done or failed or
   ``timeout`` seconds have passed.
@@ -19,7 +21,7 @@ import re
 from dataclasses import asdict, dataclass
 
 PROTOCOL_VERSION = 1
-STATES = ("queued", "uploading", "done", "failed")
+STATES = ("queued", "uploading", "retrying", "done", "failed")
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 

@@ -1,12 +1,17 @@
 """S3 (or any S3-compatible endpoint) through boto3: multipart uploads with parallel parts, SHA256
-(or CRC32) checksums on every part, retries with backoff, and a read-back of size and checksum."""
+(or CRC32) checksums on every part, and a read-back of size and checksum.
+
+Every call (HEAD, LIST, PUT, parts, completion) is retried by botocore's own retry modes
+(RetryPolicy: standard or adaptive, attempts configurable), the only retry layer: an error that
+survives them is a TransientStoreError when S3 may answer later (5xx, SlowDown and throttling,
+timeouts, dropped connections), which the uploader's job loop treats as an outage, or a
+StoreError when retrying cannot help (no bucket, access denied, a wrong checksum)."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-import random
 import threading
 import time
 import zlib
@@ -15,7 +20,13 @@ from pathlib import Path
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ParamValidationError,
+)
 
 from ckpt_uploader.stores import (
     DEFAULT_PART_SIZE_BYTES,
@@ -24,8 +35,10 @@ from ckpt_uploader.stores import (
     ContentMismatch,
     PartPool,
     PutResult,
+    RetryPolicy,
     Store,
     StoreError,
+    TransientStoreError,
     b64_digest,
     check_content,
     check_key,
@@ -34,7 +47,6 @@ from ckpt_uploader.uri import StorageURI
 
 log = logging.getLogger(__name__)
 
-_MAX_ATTEMPTS = 5
 _TRANSIENT_CODES = {
     "500",
     "502",
@@ -45,6 +57,10 @@ _TRANSIENT_CODES = {
     "InternalError",
     "ServiceUnavailable",
     "Throttling",
+    "ThrottlingException",
+    "RequestTimeTooSkewed",
+    "SlowDownRead",
+    "SlowDownWrite",
 }
 _DENIED_CODES = {
     "403",
@@ -81,19 +97,17 @@ _client_cache: dict[tuple, tuple] = {}
 _client_cache_lock = threading.Lock()
 
 
-def _clients(endpoint_url: str | None, concurrency: int) -> tuple:
-    """(transfer client, fast-failing client) for an endpoint. Cached per endpoint, concurrency and
-    credential variables: creating a boto3 session and client costs ~0.1 s of CPU, which every
-    job would pay otherwise. boto3 clients are thread-safe."""
-    key = (endpoint_url, concurrency, *(os.environ.get(name) for name in _ENV_KEYS))
+def _clients(endpoint_url: str | None, concurrency: int, retry: RetryPolicy) -> tuple:
+    """(transfer client, fast-failing client) for an endpoint. Cached per endpoint, concurrency,
+    retry policy and credential variables: creating a boto3 session and client costs ~0.1 s of
+    CPU, which every job would pay otherwise. boto3 clients are thread-safe."""
+    key = (endpoint_url, concurrency, retry, *(os.environ.get(name) for name in _ENV_KEYS))
     with _client_cache_lock:
         if key not in _client_cache:
             session = boto3.session.Session(**_credentials())
-            # NOTE: botocore retries little; part uploads retry in _with_retries with backoff,
-            # which also covers errors botocore does not retry (and keeps check_access fast).
             config = Config(
                 max_pool_connections=2 * concurrency + 4,
-                retries={"mode": "standard", "max_attempts": 2},
+                retries={"mode": retry.mode, "total_max_attempts": retry.attempts},
                 connect_timeout=5,
                 read_timeout=120,
                 request_checksum_calculation="when_required",
@@ -102,7 +116,13 @@ def _clients(endpoint_url: str | None, concurrency: int) -> tuple:
                 # does over plain http, e.g. a MinIO / Ceph endpoint inside the cluster).
                 s3={"payload_signing_enabled": False},
             )
-            fast = Config(retries={"mode": "standard", "max_attempts": 1}, connect_timeout=2, read_timeout=5)
+            # check_access: a typo in an endpoint or bucket must fail a trainer's start in seconds,
+            # yet one 503 must not; a few attempts (backoff up to ~3 s) do both.
+            fast = Config(
+                retries={"mode": retry.mode, "total_max_attempts": min(retry.attempts, 3)},
+                connect_timeout=2,
+                read_timeout=5,
+            )
             _client_cache[key] = (
                 session.client("s3", endpoint_url=endpoint_url, config=config),
                 session.client("s3", endpoint_url=endpoint_url, config=fast),
@@ -128,6 +148,7 @@ class S3Store(Store):
         part_size_bytes: int = DEFAULT_PART_SIZE_BYTES,
         part_delay_s: float = 0.0,
         checksum_algorithm: str = "CRC32",
+        retry: RetryPolicy | None = None,
     ) -> None:
         """``checksum_algorithm``: the S3 checksum sent with every part and read back after the
         upload (SHA256, or CRC32 as boto3 uses by default: cheaper for the endpoint to compute).
@@ -147,7 +168,8 @@ class S3Store(Store):
         self.root = uri.prefix
         self.part_size_bytes = part_size_bytes
         self.part_delay_s = part_delay_s
-        self.client, self._fast_client = _clients(uri.endpoint_url, concurrency)
+        self.retry = retry or RetryPolicy()
+        self.client, self._fast_client = _clients(uri.endpoint_url, concurrency, self.retry)
         self.endpoint_url = self.client.meta.endpoint_url
         self._pool = PartPool(concurrency)
 
@@ -165,6 +187,11 @@ class S3Store(Store):
     # ---- errors -------------------------------------------------------------------------
     def _error(self, error: Exception, what: str) -> StoreError:
         where = f"s3://{self.bucket}/{self.root} at {self.endpoint_url}"
+        if self._transient(error):
+            return TransientStoreError(
+                f"{what} ({where}): {self._describe_error(error)} (still failing after botocore's "
+                f"retries, mode {self.retry.mode})"
+            )
         if isinstance(error, ClientError):
             code = str(error.response.get("Error", {}).get("Code", ""))
             if code in _MISSING_BUCKET_CODES or (
@@ -189,24 +216,37 @@ class S3Store(Store):
             return StoreError(f"{what}: cannot reach the S3 endpoint {self.endpoint_url} ({error})")
         return StoreError(f"{what} ({where}): {type(error).__name__}: {error}")
 
+    def _describe_error(self, error: Exception) -> str:
+        if isinstance(error, ClientError):
+            details = error.response.get("Error", {})
+            return f"{details.get('Code', '')}: {details.get('Message', '')}".strip(": ")
+        if isinstance(error, EndpointConnectionError):
+            return f"cannot reach the S3 endpoint {self.endpoint_url} ({error})"
+        return f"{type(error).__name__}: {error}"
+
     @staticmethod
     def _transient(error: Exception) -> bool:
         if isinstance(error, ClientError):
             code = str(error.response.get("Error", {}).get("Code", ""))
             status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            return code in _TRANSIENT_CODES or status >= 500
-        return isinstance(error, BotoCoreError) and not isinstance(error, NoCredentialsError)
+            return code in _TRANSIENT_CODES or status >= 500 or status == 429
+        # Connection errors, timeouts, dropped connections; not a missing credential or a bad call.
+        return isinstance(error, BotoCoreError) and not isinstance(
+            error, (NoCredentialsError, ParamValidationError)
+        )
 
-    def _with_retries(self, what: str, fn, *args, **kwargs):
-        for attempt in range(1, _MAX_ATTEMPTS + 1):
-            try:
-                return fn(*args, **kwargs)
-            except (ClientError, BotoCoreError) as error:
-                if attempt == _MAX_ATTEMPTS or not self._transient(error):
-                    raise self._error(error, what) from None
-                delay = min(8.0, 0.25 * 2**attempt) * (0.5 + random.random())
-                log.warning("%s: %s; retry %d/%d in %.1f s", what, error, attempt, _MAX_ATTEMPTS - 1, delay)
-                time.sleep(delay)
+    def _call(self, what: str, fn, **kwargs):
+        """One S3 call; botocore has retried it as the policy says. Errors become StoreErrors
+        naming `what`; calls that needed retries are logged (botocore itself logs them at DEBUG)."""
+        try:
+            response = fn(**kwargs)
+        except (ClientError, BotoCoreError) as error:
+            raise self._error(error, what) from None
+        metadata = response.get("ResponseMetadata", {}) if isinstance(response, dict) else {}
+        retries = metadata.get("RetryAttempts", 0)
+        if retries:
+            log.info("%s: succeeded after %d retr%s", what, retries, "y" if retries == 1 else "ies")
+        return response
 
     # ---- uploads ------------------------------------------------------------------------
     def put_file(
@@ -244,7 +284,7 @@ class S3Store(Store):
         self, path: Path, full_key: str, size: int, expected_size, expected_sha256, on_progress
     ):
         what = f"uploading {path} to {full_key}"
-        upload_id = self._with_retries(
+        upload_id = self._call(
             what,
             self.client.create_multipart_upload,
             Bucket=self.bucket,
@@ -277,14 +317,7 @@ class S3Store(Store):
                     futures.append(self._pool.submit(send, number, data))
             parts = [future.result() for future in futures]  # raises the first part's error
             check_content(path, read_bytes, whole.hexdigest(), expected_size, expected_sha256)
-            self._with_retries(
-                what,
-                self.client.complete_multipart_upload,
-                Bucket=self.bucket,
-                Key=full_key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": [{k: v for k, v in p.items() if k != "digest"} for p in parts]},
-            )
+            self._complete(what, full_key, upload_id, parts, read_bytes)
         except BaseException:
             for future in futures:
                 future.cancel()
@@ -297,11 +330,31 @@ class S3Store(Store):
         composite = b64_digest(_checksum(self.checksum_algorithm, b"".join(p["digest"] for p in parts)))
         return PutResult(read_bytes, whole.hexdigest()), composite
 
+    def _complete(self, what: str, full_key: str, upload_id: str, parts: list[dict], size: int) -> None:
+        try:
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=full_key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": [{k: v for k, v in p.items() if k != "digest"} for p in parts]},
+            )
+        except ClientError as error:
+            # A completion whose reply was lost is retried by botocore and then finds its upload
+            # gone (NoSuchUpload): the object is there if the first call went through. Its size
+            # here and its checksum in _verify_remote tell whether it is ours.
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            key = full_key[len(self.root) + 1 :] if self.root else full_key
+            if code != "NoSuchUpload" or self.size(key) != size:
+                raise self._error(error, what) from None
+            log.info("%s: the completion's first reply was lost; the object is complete", what)
+        except BotoCoreError as error:
+            raise self._error(error, what) from None
+
     def _upload_part(self, full_key: str, upload_id: str, number: int, data: bytes, on_progress) -> dict:
         if self.part_delay_s:
             time.sleep(self.part_delay_s)
         digest = _checksum(self.checksum_algorithm, data)
-        response = self._with_retries(
+        response = self._call(
             f"uploading part {number} of {full_key}",
             self.client.upload_part,
             Bucket=self.bucket,
@@ -321,7 +374,7 @@ class S3Store(Store):
         }
 
     def _verify_remote(self, full_key: str, size: int, checksum: str) -> None:
-        head = self._with_retries(
+        head = self._call(
             f"checking {full_key}",
             self.client.head_object,
             Bucket=self.bucket,
@@ -351,7 +404,7 @@ class S3Store(Store):
         """One PUT with its checksum header (S3 rejects a body that does not match), retried;
         returns that checksum (base64) for the read-back."""
         checksum = b64_digest(_checksum(self.checksum_algorithm, data))
-        self._with_retries(
+        self._call(
             what,
             self.client.put_object,
             Bucket=self.bucket,
@@ -364,9 +417,7 @@ class S3Store(Store):
     # ---- reads and the rest ---------------------------------------------------------------
     def get_bytes(self, key: str) -> bytes:
         full_key = self._key(key)
-        response = self._with_retries(
-            f"reading {full_key}", self.client.get_object, Bucket=self.bucket, Key=full_key
-        )
+        response = self._call(f"reading {full_key}", self.client.get_object, Bucket=self.bucket, Key=full_key)
         return response["Body"].read()
 
     def download_file(self, key: str, local_path) -> None:
@@ -408,9 +459,7 @@ class S3Store(Store):
 
     def delete(self, key: str) -> None:
         full_key = self._key(key)
-        self._with_retries(
-            f"deleting {full_key}", self.client.delete_object, Bucket=self.bucket, Key=full_key
-        )
+        self._call(f"deleting {full_key}", self.client.delete_object, Bucket=self.bucket, Key=full_key)
 
     def abort_incomplete_uploads(self, keys: Iterable[str] | None = None) -> int:
         """Aborts the multipart uploads left under the root by a killed uploader, only those of

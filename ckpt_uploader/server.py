@@ -32,6 +32,7 @@ from ckpt_uploader.spool import Spool
 log = logging.getLogger(__name__)
 
 _POLL_MS = 50
+MAX_PARKED_WAITS = 10_000  # `wait` requests held at once; past it a wait is answered "busy"
 LISTENING = "ckpt-uploader listening on "  # the line embedded.py reads to learn the port
 
 
@@ -51,6 +52,7 @@ class ServeOptions:
     curve_keys: Path | None = None
     transfer: TransferOptions = field(default_factory=TransferOptions)
     parent_pid: int | None = None  # exit when this process is gone (embedded uploaders)
+    stop_wait_s: float = 0.0  # on SIGTERM / SIGINT: how long unfinished jobs may still run
 
 
 def serve(options: ServeOptions) -> None:
@@ -81,11 +83,22 @@ def serve(options: ServeOptions) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
     waiters: list[_Waiter] = []
+    stop_by: float | None = None  # set at the first signal: the end of the drain
     try:
-        while not stopping:
+        while True:
+            if stopping and stop_by is None:
+                stop_by = time.monotonic() + options.stop_wait_s
+                if _unfinished(runner) and options.stop_wait_s > 0:
+                    log.info(
+                        "stopping: new jobs are refused; waiting up to %.0f s for %d unfinished job(s)",
+                        options.stop_wait_s,
+                        len(_unfinished(runner)),
+                    )
+            if stop_by is not None and (time.monotonic() >= stop_by or not _unfinished(runner)):
+                break
             if socket.poll(_POLL_MS):
                 frames = socket.recv_multipart()
-                reply = _handle(frames, runner, waiters)
+                reply = _handle(frames, runner, waiters, accepting=stop_by is None)
                 if reply is not None:
                     socket.send_multipart([*_envelope(frames), reply])
             waiters[:] = [w for w in waiters if not _answer_if_ready(socket, runner, w)]
@@ -95,6 +108,7 @@ def serve(options: ServeOptions) -> None:
                     options.parent_pid,
                 )
                 break
+        _report_unfinished(runner, journal)
     finally:
         log.info("stopping")
         socket.close(0)
@@ -111,7 +125,32 @@ def _envelope(frames: list[bytes]) -> list[bytes]:
     return frames[:1]
 
 
-def _handle(frames: list[bytes], runner: JobRunner, waiters: list[_Waiter]) -> bytes | None:
+def _unfinished(runner: JobRunner) -> list[dict]:
+    return [job for job in runner.status() if job["state"] not in ("done", "failed")]
+
+
+def _report_unfinished(runner: JobRunner, journal: Journal) -> None:
+    """What a stop leaves behind: every job still queued, uploading or retrying. Nothing is lost:
+    each stays in the journal (and its files in the spool) for the next start on this journal."""
+    left = _unfinished(runner)
+    if not left:
+        return
+    log.warning("%d job(s) unfinished; they resume when an uploader starts on %s:", len(left), journal.path)
+    for job in left:
+        log.warning(
+            "  %s -> %s: %s, %.1f of %.1f MB%s",
+            job["job_id"],
+            job["dst"],
+            job["state"],
+            job["bytes_done"] / 1e6,
+            job["bytes_total"] / 1e6,
+            f" ({job['error']})" if job["error"] else "",
+        )
+
+
+def _handle(
+    frames: list[bytes], runner: JobRunner, waiters: list[_Waiter], accepting: bool = True
+) -> bytes | None:
     body = frames[len(_envelope(frames)) :]
     if len(body) != 1:
         return error_reply(f"malformed request: expected one frame holding a JSON object, got {len(body)}")
@@ -122,6 +161,8 @@ def _handle(frames: list[bytes], runner: JobRunner, waiters: list[_Waiter]) -> b
             return encode({"ok": True, "op": "pong", "pid": os.getpid()})
         if op == "submit":
             spec = parse_job_spec(message)
+            if not accepting:
+                raise ProtocolError("the uploader is stopping: it takes no new jobs")
             runner.submit(spec)
             return encode({"ok": True, "op": "accepted", "job_id": spec.job_id})
         if op == "status":
@@ -134,6 +175,10 @@ def _handle(frames: list[bytes], runner: JobRunner, waiters: list[_Waiter]) -> b
         timeout = message.get("timeout", 0)
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
             raise ProtocolError(f"timeout: expected seconds >= 0, got {timeout!r}")
+        if len(waiters) >= MAX_PARKED_WAITS:
+            raise ProtocolError(
+                f"busy: {len(waiters)} waits are parked (limit {MAX_PARKED_WAITS}); try again later"
+            )
         waiters.append(_Waiter(_envelope(frames), job_id, time.monotonic() + timeout))
         return None
     except (ProtocolError, ValueError) as error:

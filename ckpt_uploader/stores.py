@@ -38,6 +38,34 @@ class StoreError(RuntimeError):
     """A store operation that failed; the message says which object, where, and why."""
 
 
+class TransientStoreError(StoreError):
+    """The store was unreachable, busy or failing (5xx, SlowDown, timeouts, dropped connections)
+    through every retry botocore made: the same operation may well succeed later."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """botocore's retry mode for every S3 call: "standard" (exponential backoff with jitter, up to
+    20 s between attempts, a retry quota that refills on success) or "adaptive" (standard plus
+    client-side rate limiting when S3 throttles). `attempts` counts the first call too."""
+
+    mode: str = "standard"
+    attempts: int = 10
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        """botocore's own variables, AWS_RETRY_MODE and AWS_MAX_ATTEMPTS, when set."""
+        mode = os.environ.get("AWS_RETRY_MODE") or cls.mode
+        attempts = os.environ.get("AWS_MAX_ATTEMPTS")
+        return cls(mode, int(attempts) if attempts and attempts.isdigit() else cls.attempts)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("standard", "adaptive"):
+            raise StoreError(f"retry mode {self.mode!r}: expected standard or adaptive")
+        if self.attempts < 1:
+            raise StoreError(f"retry attempts {self.attempts}: expected at least 1")
+
+
 class ContentMismatch(StoreError):
     """The bytes read from the spool do not match the manifest (short, changed or missing file)."""
 
@@ -107,10 +135,12 @@ def open_store(
     part_size_bytes: int = DEFAULT_PART_SIZE_BYTES,
     part_delay_s: float = 0.0,
     checksum_algorithm: str = "CRC32",
+    retry: RetryPolicy | None = None,
 ) -> Store:
     """The store for a storage URI (see ckpt_uploader.uri for the forms). ``concurrency``: S3 parts
-    in flight; ``checksum_algorithm``: S3 per-part checksum (SHA256 or CRC32); ``part_delay_s``
-    slows every part / chunk down, for tests that need an upload caught in the middle."""
+    in flight; ``checksum_algorithm``: S3 per-part checksum (SHA256 or CRC32); ``retry``: botocore's
+    retry mode for every S3 call (default: RetryPolicy.from_env()); ``part_delay_s`` slows every
+    part / chunk down, for tests that need an upload caught in the middle."""
     parsed = uri if isinstance(uri, StorageURI) else parse_storage_uri(uri)
     if parsed.scheme == "local":
         return LocalStore(parsed.path, part_delay_s=part_delay_s)
@@ -122,6 +152,7 @@ def open_store(
         part_size_bytes=part_size_bytes,
         part_delay_s=part_delay_s,
         checksum_algorithm=checksum_algorithm,
+        retry=retry or RetryPolicy.from_env(),
     )
 
 

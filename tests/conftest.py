@@ -232,6 +232,64 @@ def s3_server():
     server.stop()
 
 
+class FaultProxy:
+    """tests/fault_proxy.py in its own process in front of an S3 server: ``.url`` is the endpoint
+    to give boto3 (``.env`` holds the AWS_* variables for it), ``.set(**settings)`` changes what it
+    fails (see that module), ``.stats()`` counts what it forwarded and failed."""
+
+    def __init__(self, target: S3Server, folder: Path) -> None:
+        self.control = folder / "faults.json"
+        self.set()
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.fault_proxy",
+                "--target",
+                target.endpoint_url,
+                "--control",
+                str(self.control),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        line = self.process.stdout.readline()
+        if not line.startswith("listening on "):
+            self.stop()
+            raise RuntimeError(f"the fault proxy did not start: {line!r}")
+        self.url = line.split()[-1]
+        self.env = {**target.env, "AWS_ENDPOINT_URL": self.url}
+
+    def set(self, **settings) -> None:
+        """Replaces the settings at once (written aside, then renamed over the old file)."""
+        temp = self.control.with_suffix(".tmp")
+        temp.write_text(json.dumps(settings))
+        temp.replace(self.control)
+
+    def stats(self) -> dict:
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.url}/__proxy__/stats", timeout=5) as response:
+            return json.loads(response.read())
+
+    def failed(self, op: str) -> int:
+        return sum(self.stats()["failed"].get(op, {}).values())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def fault_proxy(s3_server, tmp_path):
+    """A fault-injecting proxy in front of the moto server (forwarding everything until told)."""
+    proxy = FaultProxy(s3_server, tmp_path)
+    yield proxy
+    proxy.stop()
+
+
 # ---- markers: `make test-fast` leaves out the tests marked server, distributed or process ----
 
 # Fixtures that start a server process (a test's fixturenames include the fixtures its fixtures use).

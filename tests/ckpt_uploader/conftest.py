@@ -40,14 +40,16 @@ def start_uploader(s3_server):
         *extra_args: str,
         allow_dst: list[str | Path],
         workers: int = 2,
+        env: dict | None = None,
     ) -> PrivateUploader:
+        """``env``: variables over the moto server's (a fault proxy's endpoint, say)."""
         uploader = start_private_uploader(
             spool,
             allow_dst=[str(prefix) for prefix in allow_dst],
             journal=journal,
             workers=workers,
             extra_args=extra_args,
-            env={**os.environ, **s3_server.env},
+            env={**os.environ, **s3_server.env, **(env or {})},
         )
         started.append(uploader)
         return uploader

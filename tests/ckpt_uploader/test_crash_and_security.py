@@ -224,3 +224,33 @@ def test_a_new_spool_and_journal_are_private(tmp_path):
     assert (tmp_path / "a" / "spool").stat().st_mode & 0o777 == 0o700
     assert (tmp_path / "b").stat().st_mode & 0o777 == 0o700
     assert (tmp_path / "b" / "journal.jsonl").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.server
+def test_sigterm_lets_jobs_in_flight_finish_within_the_stop_wait_then_reports_the_rest(
+    s3_server, start_uploader, tmp_path, capfd
+):
+    spool, journal, out = tmp_path / "spool", tmp_path / "journal.jsonl", tmp_path / "out"
+    quick = write_checkpoint(spool, "quick", {"a": 10, "b": 10})
+    slow = write_checkpoint(spool, "slow", {name: 10 for name in "abcdef"})
+    uploader = start_uploader(
+        spool, journal, "--part-delay", "1", "--stop-wait", "4s", workers=1, allow_dst=[out]
+    )
+    with uploader.client() as client:
+        client.submit("quick", "quick", f"local:{out / 'quick'}", quick, "1.step")
+        client.submit("slow", "slow", f"local:{out / 'slow'}", slow, "2.step")
+        uploader.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(UploaderError, match="stopping"):
+            client.submit("late", "quick", f"local:{out / 'late'}", quick, "3.step")
+    started = time.monotonic()
+    assert uploader.process.wait(timeout=30) == 0
+    assert 3 < time.monotonic() - started < 15
+    assert (out / "quick" / "1.step").exists()  # finished during the stop wait
+    assert not (out / "slow" / "2.step").exists()
+    err = capfd.readouterr().err
+    assert "1 job(s) unfinished" in err and "slow -> local:" in err, err
+    again = start_uploader(spool, journal, allow_dst=[out])
+    with again.client() as client:
+        assert client.wait("slow", timeout_s=30)["state"] == "done"
+    assert (out / "slow" / "2.step").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import zmq
@@ -12,7 +13,7 @@ from ckpt_uploader.client import UploaderClient, UploaderError
 from ckpt_uploader.embedded import start_private_uploader
 from ckpt_uploader.stores import open_store
 from tests.ckpt_uploader.conftest import sha256_of, write_checkpoint
-from tests.conftest import free_port
+from tests.conftest import free_port, run_cli
 
 # A port nothing listens on, for the unreachable-endpoint test (fixed here: --allow-dst names it).
 UNREACHABLE_PORT = free_port()
@@ -187,14 +188,34 @@ def test_wrong_credentials_fail_the_job_clearly(service, s3_server_with_auth):
     )
 
 
-def test_unreachable_endpoint_fails_the_job_clearly(service):
-    spool, client, _ = service
+def test_an_unreachable_endpoint_is_an_outage_retried_until_the_deadline(start_uploader, tmp_path):
+    spool = tmp_path / "spool"
     files = write_checkpoint(spool, "noendpoint", {"model.pt": 100})
-    client.submit(
-        "noendpoint", "noendpoint", f"boto3:s3://ckpts.127.0.0.1:{UNREACHABLE_PORT}/run/1", files, "1.step"
+    dst = f"boto3:s3://ckpts.127.0.0.1:{UNREACHABLE_PORT}/run/1"
+    uploader = start_uploader(
+        spool,
+        None,
+        "--outage-deadline",
+        "4s",
+        "--outage-pause",
+        "0.2,0.5",
+        "--retry-attempts",
+        "2",
+        allow_dst=[dst],
     )
-    status = client.wait("noendpoint", timeout_s=30)
-    assert status["state"] == "failed" and "cannot reach the S3 endpoint" in status["error"]
+    with uploader.client() as client:
+        client.submit("noendpoint", "noendpoint", dst, files, "1.step")
+        deadline = time.monotonic() + 10
+        while (status := client.status("noendpoint"))["state"] != "retrying" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert status["state"] == "retrying" and "cannot reach the S3 endpoint" in status["error"], status
+        assert status["retry_until"] > time.time() and status["attempts"] >= 1
+        listed = run_cli("ckpt_uploader", "status", "--address", uploader.address).stdout
+        assert "noendpoint\tretrying" in listed and "retried until" in listed, listed
+        status = client.wait("noendpoint", timeout_s=30)
+    assert status["state"] == "failed" and "gave up after an outage of 4 s" in status["error"], status
+    assert status["attempts"] >= 3
+    assert (spool / "noendpoint" / "model.pt").exists()  # kept for a retry
 
 
 @pytest.mark.parametrize("damage", ["missing", "short", "changed"])
@@ -244,7 +265,6 @@ def test_client_times_out_instead_of_hanging(tmp_path):
 
 def test_status_cli_lists_jobs(service, tmp_path):
     spool, client, uploader = service
-    from tests.conftest import run_cli
 
     files = write_checkpoint(spool, "cli-listed", {"a": 10})
     client.submit("cli-listed", "cli-listed", f"local:{tmp_path / 'out'}", files, "1.step")

@@ -1,5 +1,6 @@
 """Transient failures between the uploader and S3 (connections dropped by a flaky network or a
-load balancer) are retried with backoff until the upload completes; the object is then whole."""
+load balancer) are retried by botocore's retry mode until the upload completes; the object is
+then whole."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ class FlakyProxy:
 def test_dropped_connections_are_retried_and_the_objects_arrive_whole(
     s3_server, tmp_path, monkeypatch, caplog
 ):
-    caplog.set_level(logging.WARNING)
+    caplog.set_level(logging.INFO, logger="ckpt_uploader")
     bucket = s3_server.make_bucket(f"flaky-{uuid.uuid4().hex[:8]}")
     proxy = FlakyProxy(s3_server.endpoint_url, drops=3)
     try:
@@ -73,7 +74,7 @@ def test_dropped_connections_are_retried_and_the_objects_arrive_whole(
         for path in (small, large):
             store.put_file(path, path.name)
         assert proxy.dropped == 3
-        assert "retry 1/" in caplog.text  # past botocore's own single retry: the store's backoff
+        assert "succeeded after" in caplog.text  # the store reports calls that needed retries
         client = s3_server.client()
         for path in (small, large):
             body = client.get_object(Bucket=bucket, Key=f"run/{path.name}")["Body"].read()

@@ -143,9 +143,10 @@ class StoreLocation:
         self.store.check_access()
 
 
-def open_location(uri: str) -> Location:
+def open_location(uri: str, retry=None) -> Location:
+    """`retry`: a ckpt_uploader.stores.RetryPolicy for S3 calls (default: botocore's variables)."""
     if is_local(uri):
         return LocalLocation(_local_root(uri), uri)
     from ckpt_uploader.stores import open_store  # boto3 only when an S3 folder is used
 
-    return StoreLocation(open_store(uri), uri)
+    return StoreLocation(open_store(uri, retry=retry), uri)

@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from train_kernel.config.errors import ConfigError
@@ -60,11 +61,15 @@ class CheckpointManager:
         self.every = ckpt.checkpoint_every or total
         snapshot_every = ckpt.oss_snapshot_freq if ckpt.oss_snapshot_freq is not None else self.every // 2
         self.snapshot_every = snapshot_every if snapshot_every and snapshot_every < self.every else 0
+        from ckpt_uploader.stores import RetryPolicy
+
+        uploader = config.uploader
+        self.retry = RetryPolicy(uploader.retry_mode, uploader.retry_attempts)
         self.save_root: Location | None = (
-            open_location(ckpt.save_ckpt_folder) if ckpt.save_ckpt_folder else None
+            open_location(ckpt.save_ckpt_folder, self.retry) if ckpt.save_ckpt_folder else None
         )
         self.snapshot_root: Location | None = (
-            open_location(ckpt.snapshot_ckpt_folder) if ckpt.snapshot_ckpt_folder else None
+            open_location(ckpt.snapshot_ckpt_folder, self.retry) if ckpt.snapshot_ckpt_folder else None
         )
         self.private_uploader = None
         self.saver = self._make_saver()
@@ -103,8 +108,6 @@ class CheckpointManager:
         )
 
     def _connect_uploader(self, spool: Path):
-        from ckpt_uploader.client import UploaderClient
-
         address = self.config.uploader.address
         if address is None:
             from ckpt_uploader.embedded import start_private_uploader
@@ -115,15 +118,63 @@ class CheckpointManager:
             except OwnershipError as error:
                 raise ConfigError(str(error), key="ckpt.async_upload_tmp_folder") from None
             self.private_uploader = start_private_uploader(
-                spool, allow_dst=upload_destinations(self.config.ckpt), journal=self._journal
+                spool,
+                allow_dst=upload_destinations(self.config.ckpt),
+                journal=self._journal,
+                extra_args=self._uploader_args(),
             )
             address = self.private_uploader.address
             log.info("started a private checkpoint uploader at %s (spool %s)", address, spool)
         if "://" not in address:
             address = f"tcp://{address}"
-        client = UploaderClient(address)
-        client.ping()
+        return self._connect(address)
+
+    def _connect(self, address: str):
+        from ckpt_uploader.client import UploaderClient, UploaderError
+        from ckpt_uploader.curve import CurveError, load_key_pair, load_public_key
+
+        settings = self.config.uploader
+        server_key = None
+        for key, load, value in (
+            ("server_public_key", load_public_key, settings.server_public_key),
+            ("client_secret_key_file", load_key_pair, settings.client_secret_key_file),
+        ):
+            try:
+                loaded = load(value) if value else None
+            except CurveError as error:
+                raise ConfigError(str(error), key=f"uploader.{key}") from None
+            if key == "server_public_key":
+                server_key = loaded
+        client = UploaderClient(
+            address, curve_server_key=server_key, curve_client_key=settings.client_secret_key_file
+        )
+        try:
+            client.ping()
+        except UploaderError as error:
+            if settings.server_public_key:
+                hint = (
+                    "; with CURVE, check uploader.server_public_key, and that the uploader's authorized/ "
+                    "folder holds the public key of uploader.client_secret_key_file"
+                )
+            else:
+                hint = (
+                    ""
+                    if self.private_uploader
+                    else "; a CURVE-protected uploader needs uploader.server_public_key"
+                )
+            raise ConfigError(f"{error}{hint}", key="uploader.address") from None
         return client
+
+    def _uploader_args(self) -> tuple[str, ...]:
+        uploader = self.config.uploader
+        return (
+            "--retry-mode",
+            uploader.retry_mode,
+            "--retry-attempts",
+            str(uploader.retry_attempts),
+            "--outage-deadline",
+            f"{uploader.outage_deadline_s}s",
+        )
 
     def _revive_uploader(self) -> None:
         """A private uploader that died (OOM killer, a stray signal) is started again on the same
@@ -142,7 +193,10 @@ class CheckpointManager:
         self.saver.join_handoff()
         self.saver.uploader.close()
         self.private_uploader = start_private_uploader(
-            self._spool, allow_dst=upload_destinations(self.config.ckpt), journal=self._journal
+            self._spool,
+            allow_dst=upload_destinations(self.config.ckpt),
+            journal=self._journal,
+            extra_args=self._uploader_args(),
         )
         self.saver.uploader = UploaderClient(self.private_uploader.address)
         self.saver.uploader.ping()
@@ -202,15 +256,56 @@ class CheckpointManager:
         return result
 
     def close(self) -> None:
+        """Waits (at most uploader.exit_wait_s) for the uploads still in flight, then reports what
+        is left and where it waits."""
+        wait_s = self.config.uploader.exit_wait_s
+        deadline = time.monotonic() + wait_s
+        left: list[dict] = []
         try:
-            if self.parallel.rank == 0 and self.saver.pending:
-                log.info("waiting for %d checkpoint upload(s) to finish", len(self.saver.pending))
+            if self.saver.pending:
+                log.info(
+                    "waiting up to %.0f s (uploader.exit_wait_s) for %d checkpoint upload(s): %s",
+                    wait_s,
+                    len(self.saver.pending),
+                    ", ".join(self.saver.pending),
+                )
             self._revive_uploader()
-            self.saver.close(wait=True)
+            left = self.saver.close(wait=True, timeout_s=wait_s)
+            if left:
+                self._report_unfinished(left, wait_s)
         finally:
             if self.private_uploader is not None:
-                self.private_uploader.stop(drain=True, timeout_s=3600)
+                remaining = max(0.0, deadline - time.monotonic())
+                self.private_uploader.stop(drain=not left, timeout_s=remaining)
             shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def _report_unfinished(self, jobs: list[dict], wait_s: float) -> None:
+        spool, journal = self._spool, self._journal or self._spool / ".ckpt-uploader-journal.jsonl"
+        log.error("%d checkpoint upload(s) not finished after %.0f s:", len(jobs), wait_s)
+        for job in jobs:
+            done, total = job.get("bytes_done", 0), job.get("bytes_total", 0)
+            log.error(
+                "  %s -> %s: %s, %.1f of %.1f MB%s; its files wait in %s",
+                job.get("job_id"),
+                job.get("dst"),
+                job.get("state"),
+                done / 1e6,
+                total / 1e6,
+                f" ({job['error']})" if job.get("error") else "",
+                spool / str(job.get("job_id")),
+            )
+        if self.config.uploader.address is None:
+            log.error(
+                "they are finished by the next uploader started on %s with journal %s: the next run "
+                "of this job does that (or `ckpt-uploader serve --spool %s --journal %s --allow-dst "
+                "<save folder>`); until then that checkpoint has no marker and no resume takes it",
+                spool,
+                journal,
+                spool,
+                journal,
+            )
+        else:
+            log.error("the uploader at %s goes on with them", self.config.uploader.address)
 
     # -- resuming ------------------------------------------------------------------------------
 
@@ -244,7 +339,7 @@ class CheckpointManager:
     ) -> str | None:
         wanted = expand_content(content)
         for uri in uris:
-            location = open_location(uri)
+            location = open_location(uri, self.retry)
             error, payload = None, None
             try:
                 if (

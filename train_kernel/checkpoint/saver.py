@@ -11,6 +11,12 @@
   uploader writes the step marker after verifying the upload.
 
 In every case the marker is the last thing written, so a reader never trusts a partial folder.
+
+An upload never stops training: a failed job is reported (its checkpoint has no marker, so no
+reader takes it) and the run goes on; while the store is out (the uploader reports the job as
+"retrying"), a save that would have to wait for that upload (a snapshot slot still being uploaded,
+a full spool) is skipped with an error in the log instead, and the uploader keeps the earlier ones
+in its spool until the store is back. Every such decision is rank 0's, broadcast to all ranks.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from ckpt_uploader.stores import StoreError
+
 from . import layout, world
 from .capture import RunState, estimate_rank_bytes, layout_of, write_rank_files
 from .locations import Location
@@ -41,7 +49,7 @@ class SaveResult:
     step: int
     stall_seconds: float  # how long training waited for this save on this rank
     bytes_written: int  # this rank's files
-    mode: str  # local | store | async | store (spool full)
+    mode: str  # local | store | async | store (spool full) | skipped
 
 
 def invalidate(target: Location) -> None:
@@ -77,14 +85,23 @@ class CheckpointSaver:
         self._handoff: threading.Thread | None = None  # checksums, manifest and submit of the last save
         self._handoff_error: BaseException | None = None
 
-    def close(self, wait: bool = True, timeout_s: float = 3600.0) -> None:
-        """Waits for this node's uploads still running (its first rank): the end of a run is not
-        the end of its last checkpoint."""
+    def close(self, wait: bool = True, timeout_s: float = 3600.0) -> list[dict]:
+        """Waits up to `timeout_s` for this node's uploads still running (its first rank): the end
+        of a run is not the end of its last checkpoint. Returns the status of the jobs still
+        unfinished then (they stay in the uploader's journal)."""
         self.join_handoff()
         if self.uploader is None or not wait:
-            return
+            return []
+        deadline = time.monotonic() + timeout_s
         for job_id in list(self.pending):
-            self._wait_job(job_id, timeout_s)
+            self._wait_job(job_id, max(0.0, deadline - time.monotonic()), through_outage=True)
+        left = []
+        for job_id in self.pending:
+            try:
+                left.append(self.uploader.status(job_id))
+            except Exception as error:  # noqa: BLE001 - the report must not fail the exit
+                left.append({"job_id": job_id, "state": "unknown", "error": str(error)})
+        return left
 
     def wait_all_uploads(self, timeout_s: float = 3600.0) -> None:
         """Waits for every job this node's uploader knows, also those of an earlier trainer that a
@@ -94,13 +111,12 @@ class CheckpointSaver:
             return
         for job in self.uploader.status().get("jobs", []):
             if job.get("state") not in ("done", "failed"):
-                state = self.uploader.wait(job["job_id"], timeout_s)
-                if state.get("state") != "done":
+                if self._wait_job(job["job_id"], timeout_s) != "done":
                     log.warning(
-                        "upload %s of an earlier run ended %s: %s",
+                        "upload %s to %s is not done (%s); resuming without it",
                         job["job_id"],
-                        state.get("state"),
-                        state.get("error"),
+                        job.get("dst"),
+                        self._state(job["job_id"]).get("state"),
                     )
         self.pending.clear()
 
@@ -111,29 +127,26 @@ class CheckpointSaver:
         rank0 = run.parallel.rank == 0
         self.join_handoff()  # the previous save's hand-off (long done, normally)
         asynchronous = self.spool is not None
-        room = True
+        plan = "write"
         if asynchronous:  # the room rank 0's node needs; the other nodes are alike
             need = sum(world.gather_to_all(estimate_rank_bytes(run) if self.node == 0 else 0))
-        if rank0:
-            # A snapshot slot is rewritten every other snapshot: its previous upload must be over
-            # before the old marker goes, or the two would interleave in the same folder.
-            for job_id in [j for j in self.pending if self._job_targets.get(j) == target.uri]:
-                self._wait_job(job_id, 3600.0)
-            invalidate(target)
-            if asynchronous:
-                room = self._make_room(need)
-        if asynchronous:
-            room = world.broadcast_from_zero(room)
-        world.barrier()  # no rank writes before the old marker is gone
+            plan = self._plan_async(target, step, need) if rank0 else None
+        if rank0 and plan != "skip":
+            plan = self._invalidate(target, step, plan)
+        # Every rank follows rank 0's plan, which also orders the old marker's removal before any
+        # rank writes.
+        plan = world.broadcast_from_zero(plan)
+        if plan == "skip":
+            return SaveResult(target.uri, step, time.perf_counter() - started, 0, "skipped")
         if target.local_path is not None and not asynchronous:
             mode, entries = "local", write_rank_files(target.local_path, run)
-        elif asynchronous and room:
+        elif plan == "async":
             mode, entries = self._write_async(run, target, step)
         else:
-            mode, entries = (
-                "store (spool full)" if asynchronous else "store",
-                self._write_and_upload(run, target),
-            )
+            mode = "store (spool full)" if asynchronous else "store"
+            entries = self._write_to_store(run, target, step)
+            if entries is None:
+                return SaveResult(target.uri, step, time.perf_counter() - started, 0, "skipped")
         everyone = world.gather_to_all((mode, self.node, [e.__dict__ for e in entries]))
         if mode == "async" and self.uploader is not None:  # the first rank of each node
             mine = [FileEntry(**e) for _, node, part in everyone if node == self.node for e in part]
@@ -151,6 +164,80 @@ class CheckpointSaver:
             target.write_bytes(layout.marker_name(step), b"")
         stall = time.perf_counter() - started
         return SaveResult(target.uri, step, stall, sum(e.size for e in entries), mode)
+
+    @staticmethod
+    def _invalidate(target: Location, step: int, plan: str) -> str:
+        """Rank 0 removes the target's old markers. When the store cannot be reached, an async
+        save goes on (the uploader removes stale markers itself before its first file); a save
+        straight to the store is skipped (it could not be written either)."""
+        try:
+            invalidate(target)
+        except (StoreError, OSError) as error:
+            if plan == "async":
+                log.warning(
+                    "checkpoint %d: could not clear %s yet (%s); the uploader will", step, target.uri, error
+                )
+                return plan
+            log.error(
+                "checkpoint %d skipped: %s cannot be written now (%s); training goes on",
+                step,
+                target.uri,
+                error,
+            )
+            return "skip"
+        return plan
+
+    def _write_to_store(self, run: RunState, target: Location, step: int) -> list[FileEntry] | None:
+        """Every rank uploads its own files; None (on every rank) when one of them could not, so
+        the checkpoint gets no marker and training goes on."""
+        try:
+            entries, failed = self._write_and_upload(run, target), False
+        except (StoreError, OSError) as error:
+            log.error("checkpoint %d: writing to %s failed (%s)", step, target.uri, error)
+            entries, failed = [], True
+        if world.any_rank(failed):
+            if run.parallel.rank == 0:
+                log.error("checkpoint %d skipped: not every rank could write it; training goes on", step)
+            return None
+        return entries
+
+    def _plan_async(self, target: Location, step: int, need: int) -> str:
+        """Rank 0: "async" (into the spool), "sync" (straight to the store: the spool is too small)
+        or "skip" (an upload this save must wait for is held up by a store outage)."""
+        # A snapshot slot is rewritten every other snapshot: its previous upload must be over
+        # before the old marker goes, or the two would interleave in the same folder.
+        for job_id in [j for j in self.pending if self._job_targets.get(j) == target.uri]:
+            if self._wait_job(job_id, 3600.0) not in ("done", "failed"):
+                log.error(
+                    "checkpoint %d skipped: the previous upload to %s (job %s) is held up by a store "
+                    "outage; training goes on and the next save tries again",
+                    step,
+                    target.uri,
+                    job_id,
+                )
+                return "skip"
+        room = self._make_room(need)
+        if room:
+            return "async"
+        if self._store_out():
+            log.error(
+                "checkpoint %d skipped: the spool is full of uploads held up by a store outage, and "
+                "the store would not take it directly either; the next save tries again",
+                step,
+            )
+            return "skip"
+        return "sync"
+
+    def _store_out(self) -> bool:
+        """True while one of this node's uploads is being retried through a store outage."""
+        return any(self._state(job_id).get("state") == "retrying" for job_id in self.pending)
+
+    def _state(self, job_id: str) -> dict:
+        try:
+            return self.uploader.status(job_id)
+        except Exception as error:  # noqa: BLE001 - an unreachable uploader: treat the job as unknown
+            log.warning("upload %s: no status from the uploader (%s)", job_id, error)
+            return {"job_id": job_id, "state": "unknown", "error": str(error)}
 
     def _write_and_upload(self, run: RunState, target: Location) -> list[FileEntry]:
         staging = Path(tempfile.mkdtemp(prefix="ckpt-stage-", dir=self._staging_root()))
@@ -201,12 +288,13 @@ class CheckpointSaver:
         return "async", entries
 
     def join_handoff(self) -> None:
+        """Waits for the last save's hand-off. Its failure was logged where it happened; it is not
+        raised here: this runs on one rank only, and the others would wait in the next collective
+        until it timed out. That checkpoint has no marker, so no reader takes it."""
         if self._handoff is not None:
             self._handoff.join()
             self._handoff = None
-        if self._handoff_error is not None:
-            error, self._handoff_error = self._handoff_error, None
-            raise RuntimeError(f"handing the last checkpoint to the uploader failed: {error}") from error
+        self._handoff_error = None
 
     def _run_handoff(self, target: Location, step: int, mine: list[FileEntry], template: Manifest) -> None:
         """Off the training path, on the first rank of each node: the checksums of the node's files,
@@ -283,12 +371,14 @@ class CheckpointSaver:
     def _make_room(self, need: int) -> bool:
         """Waits for the oldest uploads until the spool has room for this checkpoint (`need`
         bytes, estimated from the state sizes); the common case (room for two) waits for nothing.
-        False when even an empty spool is too small: the caller then saves synchronously."""
+        False when even an empty spool is too small, or when the upload it waits for is held up
+        by a store outage."""
         self._forget_finished()
         while self.pending and self._free_bytes() < need:
             job_id = self.pending[0]
             log.info("spool %s needs room for the next checkpoint: waiting for upload %s", self.spool, job_id)
-            self._wait_job(job_id, 3600.0)
+            if self._wait_job(job_id, 3600.0) not in ("done", "failed"):
+                return False
         free = self._free_bytes()
         if free < need:
             log.warning(
@@ -312,18 +402,41 @@ class CheckpointSaver:
     def _forget_finished(self) -> None:
         still = []
         for job_id in self.pending:
-            state = self.uploader.status(job_id)
+            state = self._state(job_id)
             if state.get("state") == "failed":
-                raise RuntimeError(f"upload {job_id} failed: {state.get('error')}")
-            if state.get("state") != "done":
+                self._report_failed(state)
+            elif state.get("state") != "done":
                 still.append(job_id)
         self.pending = still
 
-    def _wait_job(self, job_id: str, timeout_s: float) -> None:
-        state = self.uploader.wait(job_id, timeout_s)
-        if state.get("state") == "failed":
-            raise RuntimeError(f"upload {job_id} failed: {state.get('error')}")
-        if state.get("state") != "done":
-            raise TimeoutError(f"upload {job_id} not finished after {timeout_s:.0f} s: {state}")
-        if job_id in self.pending:
-            self.pending.remove(job_id)
+    def _report_failed(self, state: dict) -> None:
+        log.error(
+            "upload %s to %s FAILED: %s. That checkpoint is incomplete (no marker): resuming never "
+            "takes it. Its files stay in the spool; training goes on.",
+            state.get("job_id"),
+            state.get("dst"),
+            state.get("error"),
+        )
+
+    def _wait_job(self, job_id: str, timeout_s: float, through_outage: bool = False) -> str:
+        """Waits until the job is done or failed (a failure is reported, never raised: this runs on
+        rank 0 alone), at most `timeout_s`; unless `through_outage`, it stops waiting as soon as
+        the uploader reports the job retrying through a store outage. Returns the last state:
+        done, failed, retrying, or the state it was in when the time ran out."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                # Short slices: an outage that starts during the wait is seen within seconds.
+                state = self.uploader.wait(job_id, min(5.0, max(0.0, deadline - time.monotonic())))
+            except Exception as error:  # noqa: BLE001 - a dead uploader must not stop training here
+                log.error("upload %s: the uploader did not answer (%s)", job_id, error)
+                return "unknown"
+            name = state.get("state")
+            if name in ("done", "failed"):
+                if name == "failed":
+                    self._report_failed(state)
+                if job_id in self.pending:
+                    self.pending.remove(job_id)
+                return name
+            if (name == "retrying" and not through_outage) or time.monotonic() >= deadline:
+                return name

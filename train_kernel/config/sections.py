@@ -569,9 +569,55 @@ class UploaderConfig(Section):
     address: str | None = None
     """ZeroMQ endpoint of a running ckpt-uploader ("tcp://host:port" or "host:port"); None = with
     ckpt.async_upload the trainer starts a private uploader itself."""
+    server_public_key: str | None = None
+    """CURVE: the uploader's public key (its server.key file from `ckpt-uploader keygen`, or the
+    40-character Z85 key itself); switches encryption and authentication on. Needs address."""
+    client_secret_key_file: str | None = None
+    """CURVE: this trainer's key pair file (client.key_secret from keygen; never the key itself in
+    the config, which is copied into every checkpoint). Default: a fresh key pair per start, which an
+    uploader accepts only when its authorized/ folder is empty."""
     spool: str | None = None
     """The uploader's spool folder, where the trainer writes checkpoints for it; default:
     ckpt.async_upload_tmp_folder. A standalone uploader must be serving this same folder."""
     spool_quota_gb: float | None = None
     """Room the trainer may use in the spool; default: the free space of its file system. When the
     next checkpoint does not fit, the trainer waits for the oldest upload to finish."""
+    exit_wait_s: float = 3600.0
+    """How long the end of a run (also a stop by SIGTERM / SIGINT, after its last checkpoint) waits
+    for checkpoint uploads still in flight. What is unfinished then is reported in the log and is
+    not lost: it stays in the spool and the uploader's journal, and the next uploader started on
+    them (the next run's own, or a standalone one) finishes it."""
+
+    retry_mode: str = "standard"
+    """botocore's retry mode for every S3 call of the trainer and its private uploader: "standard"
+    (exponential backoff with jitter) or "adaptive" (also slows down when S3 throttles)."""
+    retry_attempts: int = 10
+    """Attempts per S3 call, the first included (botocore backs off up to 20 s between them)."""
+    outage_deadline_s: float = 86400.0
+    """How long the private uploader keeps retrying a checkpoint while S3 stays unreachable or
+    failing; the checkpoint waits in the spool meanwhile, training goes on. After it the upload is
+    reported failed (the files stay in the spool)."""
+
+    def check(self) -> None:
+        _require(
+            self.server_public_key is None or self.address is not None,
+            "server_public_key",
+            "needs uploader.address (CURVE protects a standalone uploader; the private one is on loopback)",
+        )
+        _require(
+            self.client_secret_key_file is None or self.server_public_key is not None,
+            "client_secret_key_file",
+            "needs uploader.server_public_key",
+        )
+        _require(self.exit_wait_s >= 0, "exit_wait_s", f"must be >= 0 seconds, got {self.exit_wait_s}")
+        _require(
+            self.retry_mode in ("standard", "adaptive"),
+            "retry_mode",
+            f"must be 'standard' or 'adaptive', got {self.retry_mode!r}",
+        )
+        _require(self.retry_attempts >= 1, "retry_attempts", f"must be >= 1, got {self.retry_attempts}")
+        _require(
+            self.outage_deadline_s >= 0,
+            "outage_deadline_s",
+            f"must be >= 0 seconds, got {self.outage_deadline_s}",
+        )
