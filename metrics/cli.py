@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from metrics.mlflow_run import Aborted
+from metrics.redact import TrackingUri, scrub_output
 from metrics.sidecar import RunDirMissing, Sidecar
 from metrics.supervisor import STOP_SIGNALS
 
@@ -34,7 +36,13 @@ def main(verbose: bool) -> None:
 @click.option(
     "--tracking-uri",
     required=True,
-    help="MLflow tracking URI: http://host:port, or sqlite:///path/mlflow.db (no server).",
+    envvar="MLFLOW_TRACKING_URI",
+    help=(
+        "MLflow tracking URI: http://host:port, or sqlite:///path/mlflow.db (no server). Default: "
+        "$MLFLOW_TRACKING_URI. A URI with credentials belongs in that variable, not on the "
+        "command line (which every user of the host can read); so do MLFLOW_TRACKING_USERNAME, "
+        "MLFLOW_TRACKING_PASSWORD and MLFLOW_TRACKING_TOKEN, which MLflow reads itself."
+    ),
 )
 @click.option(
     "--experiment",
@@ -78,6 +86,14 @@ def run(
 ) -> None:
     """Forward RUN_DIR/metrics.jsonl to MLflow, each step exactly once, across restarts of this
     process, of MLflow and of the training run. SIGTERM: forward what the file holds, exit 0."""
+    uri = TrackingUri.parse(tracking_uri)
+    scrub_output(uri.scrub)  # before anything could print the URI
+    source = click.get_current_context().get_parameter_source("tracking_uri")
+    if uri.secrets and source is ParameterSource.COMMANDLINE:
+        logging.getLogger(__name__).warning(
+            "the tracking URI on the command line carries credentials, which any user of this host "
+            "can read (ps): pass it in MLFLOW_TRACKING_URI instead"
+        )
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     sidecar = Sidecar(

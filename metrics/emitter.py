@@ -4,7 +4,10 @@ Rank 0 appends one JSON object per line to ``<run_dir>/metrics.jsonl`` and flush
 sidecar (another process, maybe another host) can tail the file; the trainer never waits on the
 network. Record kinds (the ``kind`` field):
 
-- ``params``: once per (re)start, ``params`` holds the flattened config, ``tags`` run tags;
+- ``params``: once per (re)start, ``params`` holds the flattened config, ``tags`` run tags,
+  ``step`` the first step this start trains (0: a fresh start, nothing resumed; the sidecar then
+  opens a new MLflow run) and ``start_id``, a key the emitter makes per trainer start (it names
+  that start's segment of the file in the sidecar's mlflow_run.json);
 - ``train``: one per step: ``step``, ``time`` (unix seconds) and every field of the log line;
 - ``valid``: ``step``, ``time`` and ``val/...`` fields after a validation pass.
 """
@@ -14,8 +17,11 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
+
+from metrics.redact import redact_values
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -23,6 +29,7 @@ METRICS_FILE = "metrics.jsonl"
 class MetricsEmitter:
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.path = Path(run_dir) / METRICS_FILE
+        self.start_id = uuid.uuid4().hex  # one emitter per trainer start: names that start
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
         if self._ends_mid_line():
@@ -40,7 +47,11 @@ class MetricsEmitter:
 
     def emit(self, kind: str, record: dict[str, Any]) -> None:
         """One record as one line, flushed (about 10 us for a 30-field step record; see
-        BENCHMARKS.md). NaN and infinities are written as JSON's NaN / Infinity (Python's json)."""
+        BENCHMARKS.md). NaN and infinities are written as JSON's NaN / Infinity (Python's json).
+        A params record's URIs with credentials (the config's tracking URI) are written redacted."""
+        if kind == "params":
+            redacted = {k: redact_values(record[k]) for k in ("params", "tags") if k in record}
+            record = {"start_id": self.start_id, **record, **redacted}
         line = json.dumps({"kind": kind, "time": round(time.time(), 3), **record}, separators=(",", ":"))
         self._file.write(line + "\n")
         self._file.flush()

@@ -2,11 +2,11 @@
 holds (the last step forwarded per record kind), and retrying calls with backoff while MLflow is
 down.
 
-Run identity: `<run_dir>/mlflow_run.json` holds a key made once per run folder (written durably
-before any MLflow run exists), the MLflow run id and the tracking URI it belongs to. The MLflow run
-carries the key as the tag `sidecar_run_key`, so a sidecar killed between creating the run and
-writing its id finds that run again instead of making a second one; a resumed training run (same
-folder) continues the same MLflow run.
+Run identity: `<run_dir>/mlflow_run.json` (metrics.run_file) names the MLflow run of each segment
+of the file (one per fresh trainer start; a resumed start continues its segment's run) by a key
+written durably before the run exists. The MLflow run carries the key as the tag
+`sidecar_run_key`, so a sidecar killed between creating the run and writing its id finds that run
+again instead of making a second one.
 
 Progress: every forwarded train/valid record also logs `sidecar/train_step` (or
 `sidecar/valid_step`) with the step as its value, in the same log_batch request as the record's
@@ -17,19 +17,22 @@ it, after any restart of itself or of the MLflow server.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
+import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from metrics.redact import TrackingUri, redact_uri
+from metrics.run_file import RUN_FILE, RunEntry, RunFile
+
 log = logging.getLogger(__name__)
 
-RUN_FILE = "mlflow_run.json"
+__all__ = ["RUN_FILE", "MlflowRun", "Backoff", "Aborted", "make_client", "is_refused"]
+
 RUN_KEY_TAG = "sidecar_run_key"
 STEP_KEYS = {"train": "sidecar/train_step", "valid": "sidecar/valid_step"}
 DEFAULT_EXPERIMENT = "llm-pretrain"
@@ -59,14 +62,34 @@ def is_transient(exc: BaseException) -> bool:
     ):
         return True
     if isinstance(exc, MlflowException):
+        # 401/403: credentials or permissions, not the request: waited on (someone fixes them;
+        # nothing is skipped meanwhile). 408/429: the server is busy.
         status = exc.get_http_status_code()
-        return status >= 500 or status == 429
+        return status >= 500 or status in (401, 403, 408, 429)
     try:
         import sqlalchemy.exc
 
         return isinstance(exc, sqlalchemy.exc.OperationalError)
     except ImportError:  # pragma: no cover
         return False
+
+
+def is_refused(exc: BaseException) -> bool:
+    """MLflow refused the request itself (a 4xx that retrying cannot change): its data is skipped."""
+    from mlflow.exceptions import MlflowException
+
+    return (
+        isinstance(exc, MlflowException) and 400 <= exc.get_http_status_code() < 500 and not is_transient(exc)
+    )
+
+
+def describe(exc: BaseException) -> str:
+    """One line for the log: the HTTP status, MLflow's error code and the message's start."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return f"{exc.get_http_status_code()} {exc.error_code}: {str(exc.message)[:300]}"
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
 class Backoff:
@@ -110,20 +133,6 @@ class Backoff:
             return result
 
 
-def _write_durably(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def sqlite_artifact_root(tracking_uri: str) -> str | None:
     """For a `sqlite:///path/mlflow.db` tracking URI (no server), artifacts go to
     `path/artifacts`, where `make mlflow-ui`'s server also finds them."""
@@ -145,6 +154,18 @@ def project_git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
+def make_client(uri: TrackingUri):
+    """An MLflow client for `uri`; an http(s) URI's credentials reach MLflow through its own
+    environment variables (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN), not the URL."""
+    configure_http()
+    os.environ.update(uri.env)
+    # MLflow also reads this variable itself (for artifact URLs): it gets the URI without secrets.
+    os.environ["MLFLOW_TRACKING_URI"] = uri.client_uri
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri.client_uri)
+
+
 class MlflowRun:
     """One MLflow run, as the sidecar uses it."""
 
@@ -154,53 +175,54 @@ class MlflowRun:
         self.backoff = backoff
 
     @classmethod
-    def open(cls, run_dir: Path, tracking_uri: str, experiment: str | None, backoff: Backoff) -> MlflowRun:
-        """The MLflow run of this run folder, created on first use; waits (with backoff) while
-        MLflow is unreachable."""
-        configure_http()
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri)
-        path = run_dir / RUN_FILE
-        info = json.loads(path.read_text()) if path.is_file() else {}
-        if not info.get("run_key"):
-            info = {"run_key": uuid.uuid4().hex}
-            _write_durably(path, info)
-        run_id = backoff.call("finding the run", lambda: cls._find_run(client, info, tracking_uri))
+    def open(
+        cls,
+        client,
+        run_file: RunFile,
+        entry: RunEntry,
+        run_dir: Path,
+        uri: TrackingUri,
+        experiment: str | None,
+        backoff: Backoff,
+    ) -> MlflowRun:
+        """The MLflow run of one segment of the file (`entry` of mlflow_run.json, saved before
+        this is called), created on first use; waits (with backoff) while MLflow is unreachable."""
+        run_id = backoff.call("finding the run", lambda: cls._find_run(client, run_file, entry, uri.display))
         if run_id is None:
-            name = experiment or info.get("experiment") or DEFAULT_EXPERIMENT
+            name = experiment or run_file.experiment or DEFAULT_EXPERIMENT
             run_id = backoff.call(
                 "creating the run",
-                lambda: cls._create_run(client, run_dir, info["run_key"], name, tracking_uri),
+                lambda: cls._create_run(client, run_dir, entry.run_key, name, uri.client_uri),
             )
-            info = {**info, "run_id": run_id, "tracking_uri": tracking_uri, "experiment": name}
-            _write_durably(path, info)
-            log.info("MLflow: created run %s in experiment %r at %s", run_id, name, tracking_uri)
+            log.info("MLflow: created run %s in experiment %r at %s", run_id, name, uri.display)
         else:
-            log.info("MLflow: continuing run %s at %s", run_id, tracking_uri)
+            name = None
+            log.info("MLflow: continuing run %s at %s", run_id, uri.display)
+        run_file.set_run(entry, run_id, uri.display, name)
         return cls(client, run_id, backoff)
 
     @staticmethod
-    def _find_run(client, info: dict, tracking_uri: str) -> str | None:
+    def _find_run(client, run_file: RunFile, entry: RunEntry, display_uri: str) -> str | None:
         from mlflow.exceptions import MlflowException
 
-        if info.get("run_id") and info.get("tracking_uri") == tracking_uri:
+        # Compared redacted: older files hold the URI as given, credentials rotate.
+        if entry.run_id and redact_uri(run_file.tracking_uri or "") == display_uri:
             try:
-                client.get_run(info["run_id"])
-                return info["run_id"]
+                client.get_run(entry.run_id)
+                return entry.run_id
             except MlflowException as exc:
                 if exc.get_http_status_code() != 404:
                     raise
                 log.warning(
                     "MLflow: run %s (from %s) is not at %s; looking it up by its key",
-                    info["run_id"],
+                    entry.run_id,
                     RUN_FILE,
-                    tracking_uri,
+                    display_uri,
                 )
         experiments = [e.experiment_id for e in client.search_experiments()]
         found = (
             client.search_runs(
-                experiments, filter_string=f"tags.{RUN_KEY_TAG} = '{info['run_key']}'", max_results=1
+                experiments, filter_string=f"tags.{RUN_KEY_TAG} = '{entry.run_key}'", max_results=1
             )
             if experiments
             else []
@@ -249,11 +271,23 @@ class MlflowRun:
             ),
         )
 
-    def log_artifact(self, path: Path) -> None:
+    def has_artifact(self, name: str) -> bool:
+        files = self.backoff.call("listing artifacts", lambda: self.client.list_artifacts(self.run_id))
+        return any(f.path == name for f in files)
+
+    def log_artifact(self, path: Path, scrub: Callable[[str], str] = lambda text: text) -> None:
+        """Uploads the file; a text file with credentials in it goes as a redacted copy."""
         try:
-            self.backoff.call(
-                f"uploading {path.name}", lambda: self.client.log_artifact(self.run_id, str(path))
-            )
+            text = path.read_text(encoding="utf-8", errors="replace")
+            clean = scrub(text)
+            with tempfile.TemporaryDirectory() as tmp:
+                upload = path
+                if clean != text:
+                    upload = Path(tmp) / path.name
+                    upload.write_text(clean, encoding="utf-8")
+                self.backoff.call(
+                    f"uploading {path.name}", lambda: self.client.log_artifact(self.run_id, str(upload))
+                )
         except Aborted:
             raise
         except Exception as exc:  # an artifact store we cannot write to must not stop the metrics
@@ -265,6 +299,11 @@ class MlflowRun:
             )
 
     def set_status(self, status: str) -> None:
-        self.backoff.call(
-            f"setting status {status}", lambda: self.client.update_run(self.run_id, status=status)
-        )
+        try:
+            self.backoff.call(
+                f"setting status {status}", lambda: self.client.update_run(self.run_id, status=status)
+            )
+        except Exception as exc:  # a status MLflow refuses (a deleted run) must not stop the metrics
+            if not is_refused(exc):
+                raise
+            log.warning("MLflow: could not set run %s to %s (%s)", self.run_id, status, describe(exc))

@@ -7,6 +7,7 @@ A line that is not a JSON object with a known `kind` is reported with its line n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ KINDS = ("params", "train", "valid")
 MAX_RECORD_BYTES = 16 << 20
 # Fields of a step record that are not metrics.
 NOT_METRICS = frozenset({"kind", "time", "step"})
+# MLflow's steps and timestamps are 64-bit: a larger one fails in its client (not a 4xx).
+MAX_INT64 = (1 << 63) - 1
 
 
 @dataclass
@@ -37,6 +40,21 @@ class Record:
     @property
     def timestamp_ms(self) -> int:
         return int(round(float(self.data.get("time", 0.0)) * 1000))
+
+    @property
+    def fresh_start(self) -> str | None:
+        """For a params record of a trainer start that loaded nothing (`"step": 0`): the key of
+        that start (its `start_id`, or for trainers that wrote none a hash of the record), which
+        names the MLflow run it opens. None for any other record: a resumed start (step > 0) or a
+        params record without a step (older trainers) continues the MLflow run before it."""
+        step = self.data.get("step")
+        if self.kind != "params" or isinstance(step, bool) or step != 0:
+            return None
+        start_id = self.data.get("start_id")
+        if isinstance(start_id, str) and start_id:
+            return start_id
+        text = json.dumps(self.data, sort_keys=True, default=str)
+        return "sha1:" + hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:20]
 
 
 def flatten(value: Any, prefix: str, out: dict[str, Any], sep: str) -> dict[str, Any]:
@@ -98,10 +116,13 @@ def _poison(record: Record) -> str | None:
     if isinstance(time, bool) or not isinstance(time, (int, float)):
         return f"time is {type(time).__name__}, not a number"
     try:
-        record.timestamp_ms  # noqa: B018 - evaluated for its errors
+        if abs(record.timestamp_ms) > MAX_INT64:
+            return f"time {time} is beyond MLflow's 64-bit timestamps"
         metrics_of(record)
     except (OverflowError, ValueError, RecursionError) as error:
         return f"not forwardable ({type(error).__name__}: {str(error)[:80]})"
+    if record.kind != "params" and record.step > MAX_INT64:
+        return f"step {record.step} is beyond MLflow's 64-bit steps"
     return None
 
 

@@ -4,8 +4,14 @@ requests, exactly once per step (see metrics.mlflow_run for how it knows where M
 `python -m metrics.sidecar run --run-dir DIR --tracking-uri URI` is the same as
 `metrics-sidecar run ...` (what metrics.supervisor starts beside the trainer).
 
-`<run_dir>/mlflow_offset.json` records how far the file has been forwarded; it is only a hint that
-saves re-reading the file: it is used only when MLflow holds at least the steps it names.
+The file is read as segments, one per trainer start that loaded nothing (metrics.run_file): each
+goes to an MLflow run of its own, named in `<run_dir>/mlflow_run.json`; a resumed start's records
+continue the segment before them.
+
+`<run_dir>/mlflow_offset.json` records how far the file has been forwarded and in which segment
+(its run key and run id); it is only a hint that saves re-reading the file: it is used only when
+MLflow holds at least the steps it names. Read from the start, every segment finds its own run
+again and sends only the steps that run lacks.
 """
 
 from __future__ import annotations
@@ -15,12 +21,15 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from metrics.batches import Batcher, send
 from metrics.emitter import METRICS_FILE
-from metrics.mlflow_run import STEP_KEYS, Aborted, Backoff, MlflowRun, project_git_commit
+from metrics.mlflow_run import STEP_KEYS, Aborted, Backoff, MlflowRun, make_client, project_git_commit
+from metrics.names import Names
 from metrics.records import JsonlReader, Record, flatten, metrics_of, param_value
+from metrics.redact import TrackingUri, redact_values
+from metrics.run_file import RunEntry, RunFile
 
 log = logging.getLogger(__name__)
 
@@ -34,59 +43,10 @@ class RunDirMissing(Exception):
     pass
 
 
-@dataclass
-class _Request:
-    """One log_batch request, within MLflow's limits (1000 entities, 100 params + tags)."""
-
-    metrics: list = field(default_factory=list)
-    params: list = field(default_factory=list)
-    tags: list = field(default_factory=list)
-
-    def size(self) -> int:
-        return len(self.metrics) + len(self.params) + len(self.tags)
-
-
-class _Batcher:
-    def __init__(self) -> None:
-        from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
-
-        self.max_entities = MAX_ENTITIES_PER_BATCH
-        self.max_params_tags = MAX_PARAMS_TAGS_PER_BATCH
-        self.requests: list[_Request] = [_Request()]
-
-    def _room(self, metrics: int = 0, params_tags: int = 0) -> _Request:
-        current = self.requests[-1]
-        if current.size() + metrics + params_tags > self.max_entities or (
-            params_tags and len(current.params) + len(current.tags) + params_tags > self.max_params_tags
-        ):
-            current = _Request()
-            self.requests.append(current)
-        return current
-
-    def add_metrics(self, metrics: list) -> None:
-        """A record's metrics (its step sentinel last) go into one request when they fit in one,
-        so that the sentinel is committed together with them."""
-        if len(metrics) > self.max_entities:  # more fields than one request holds: split, sentinel last
-            for start in range(0, len(metrics), self.max_entities):
-                self._room(metrics=self.max_entities).metrics.extend(
-                    metrics[start : start + self.max_entities]
-                )
-            return
-        self._room(metrics=len(metrics)).metrics.extend(metrics)
-
-    def add_param(self, param) -> None:
-        self._room(params_tags=1).params.append(param)
-
-    def add_tag(self, tag) -> None:
-        self._room(params_tags=1).tags.append(tag)
-
-    def nonempty(self) -> list[_Request]:
-        return [r for r in self.requests if r.size()]
-
-
 class Sidecar:
-    """Forwards one run folder's records to one MLflow run. `run()` returns when the file is
-    drained and (follow mode) a stop was requested or the parent process is gone."""
+    """Forwards one run folder's records, each segment (trainer start) of the file to its own
+    MLflow run. `run()` returns when the file is drained and (follow mode) a stop was requested
+    or the parent process is gone."""
 
     def __init__(
         self,
@@ -98,7 +58,7 @@ class Sidecar:
         drain_timeout_s: float = 120.0,
     ) -> None:
         self.run_dir = Path(run_dir)
-        self.tracking_uri = tracking_uri
+        self.uri = TrackingUri.parse(tracking_uri)
         self.experiment = experiment
         self.poll_s = poll_s
         self.parent_pid = parent_pid
@@ -109,8 +69,19 @@ class Sidecar:
         self.backoff = Backoff(abort=self._should_abort)
         self.forwarded_steps = 0
         self.redone_steps = 0
+        self.refused_records = 0
+        self.names = Names(reserved=frozenset(STEP_KEYS.values()))
+        self.client = None
+        self.runs: RunFile | None = None
+        # The segment being read: its start key, mlflow_run.json entry and MLflow run (None
+        # until it has something to forward), and that run's last steps and params.
+        self._start = ""
+        self._first_of_file = False  # reading from the file's start, no segment entered yet
+        self._entry: RunEntry | None = None
+        self._current: MlflowRun | None = None
         self._params: dict[str, str] = {}
         self._last: dict[str, int] = {}
+        self._config_due = self._config_changed = False
 
     def request_stop(self) -> None:
         """Drain what is in the file now, then return. A second request, or MLflow unreachable for
@@ -170,18 +141,10 @@ class Sidecar:
                 log.info("%s does not exist yet: nothing to forward", path)
                 return
             time.sleep(self.poll_s)
-        mlflow_run = MlflowRun.open(self.run_dir, self.tracking_uri, self.experiment, self.backoff)
-        self._last, self._params = mlflow_run.state()
-        reader = self._reader(path, mlflow_run.run_id)
-        mlflow_run.set_status("RUNNING")
-        log.info(
-            "forwarding %s from line %d to MLflow run %s (steps after train %d, valid %d)",
-            path,
-            reader.line + 1,
-            mlflow_run.run_id,
-            self._last["train"],
-            self._last["valid"],
-        )
+        self.client = make_client(self.uri)
+        self.runs = RunFile.load(self.run_dir)
+        reader = self._reader(path)
+        log.info("forwarding %s from line %d to MLflow at %s", path, reader.line + 1, self.uri.display)
         while True:
             if self._parent_gone() and not self.stop_requested:
                 log.info("the trainer (pid %d) is gone: draining and stopping", self.parent_pid)
@@ -189,8 +152,8 @@ class Sidecar:
             stopping = self.stop_requested or not follow
             records = reader.read(MAX_RECORDS_PER_READ)
             if records:
-                self._forward(mlflow_run, records)
-                self._save_hint(reader, mlflow_run.run_id)
+                self._forward(records)
+                self._save_hint(reader)
                 continue
             if stopping:
                 break
@@ -199,15 +162,17 @@ class Sidecar:
             log.warning(
                 "%s: line %d has no newline yet (still being written?): not forwarded", path, reader.line + 1
             )
-        mlflow_run.set_status(self._final_status())
+        if self._current is not None:
+            self._current.set_status(self._final_status())
         log.info(
             "drained %s up to line %d: %d steps forwarded, %d redone steps not forwarded again, "
-            "%d lines skipped",
+            "%d lines skipped, %d records refused by MLflow",
             path,
             reader.line,
             self.forwarded_steps,
             self.redone_steps,
             len(reader.skipped),
+            self.refused_records,
         )
 
     def _final_status(self) -> str:
@@ -215,78 +180,149 @@ class Sidecar:
         done = total is not None and total.isdigit() and self._last["train"] + 1 >= int(total)
         return "FINISHED" if done else "KILLED"
 
-    def _reader(self, path: Path, run_id: str) -> JsonlReader:
-        """Starts at the hint's offset when MLflow holds everything the hint says was forwarded."""
+    # ---- segments: each fresh trainer start is an MLflow run of its own (metrics.run_file) ----
+
+    def _open(self, entry: RunEntry) -> MlflowRun:
+        return MlflowRun.open(
+            self.client, self.runs, entry, self.run_dir, self.uri, self.experiment, self.backoff
+        )
+
+    def _enter(self, entry: RunEntry, run: MlflowRun | None = None) -> None:
+        """Forward what follows to this segment's run (opened, created if need be)."""
+        run = run or self._open(entry)
+        self._entry, self._current = entry, run
+        self._last, self._params = run.state()
+        self._first_of_file = False
+        run.set_status("RUNNING")
+        log.info(
+            "segment %s: MLflow run %s (forwarding steps after train %d, valid %d)",
+            entry.start or "(file start)",
+            run.run_id,
+            self._last["train"],
+            self._last["valid"],
+        )
+
+    def _leave(self) -> None:
+        if self._current is not None:
+            self._current.set_status(self._final_status())
+        self._entry = self._current = None
+
+    def _reader(self, path: Path) -> JsonlReader:
+        """Starts at the hint's offset, in the hint's segment, when MLflow holds everything the
+        hint says was forwarded; else at the file's start."""
         hint_path = self.run_dir / OFFSET_FILE
         try:
             hint = json.loads(hint_path.read_text())
-            usable = (
-                hint["run_id"] == run_id
-                and all(hint["last_step"][kind] <= self._last[kind] for kind in STEP_KEYS)
-                and path.stat().st_size >= hint["offset"]
-            )
-        except (OSError, ValueError, KeyError, TypeError):
-            return JsonlReader(path)
-        if not usable:
-            log.info("%s does not match MLflow's data: reading %s from the start", hint_path, path)
-            return JsonlReader(path)
-        return JsonlReader(path, offset=int(hint["offset"]), line=int(hint["line"]))
+            key = hint.get("run_key")  # absent in hints of sidecars before segments
+            entry = self.runs.by_key(key) if key else self.runs.by_run_id(hint["run_id"])
+            offset, line = int(hint["offset"]), int(hint["line"])
+            hinted = {kind: int(hint["last_step"][kind]) for kind in STEP_KEYS}
+            usable = entry is not None and entry.run_id == hint["run_id"] and path.stat().st_size >= offset
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return self._from_start(path)
+        if usable:
+            run = self._open(entry)
+            last, _ = run.state()
+            if run.run_id == hint["run_id"] and all(hinted[k] <= last[k] for k in STEP_KEYS):
+                self._enter(entry, run)
+                return JsonlReader(path, offset=offset, line=line)
+        log.info("%s does not match MLflow's data: reading %s from the start", hint_path, path)
+        return self._from_start(path)
 
-    def _save_hint(self, reader: JsonlReader, run_id: str) -> None:
-        hint = {"run_id": run_id, "offset": reader.offset, "line": reader.line, "last_step": self._last}
+    def _from_start(self, path: Path) -> JsonlReader:
+        self._start, self._first_of_file = "", True
+        return JsonlReader(path)
+
+    def _save_hint(self, reader: JsonlReader) -> None:
+        if self._current is None:
+            return
+        hint = {
+            "run_key": self._entry.run_key,
+            "run_id": self._current.run_id,
+            "offset": reader.offset,
+            "line": reader.line,
+            "last_step": self._last,
+        }
         tmp = self.run_dir / (OFFSET_FILE + ".tmp")
         tmp.write_text(json.dumps(hint))
         os.replace(tmp, self.run_dir / OFFSET_FILE)
 
-    def _forward(self, mlflow_run: MlflowRun, records: list[Record]) -> None:
-        from mlflow.entities import Metric
-
-        batcher = _Batcher()
-        artifact = False
+    def _forward(self, records: list[Record]) -> None:
+        batcher = Batcher()
         for record in records:
+            start = record.fresh_start
+            if start is not None and (self._entry is None or start != self._entry.start):
+                # A new trainer start that loaded nothing: its records go to a new MLflow run.
+                self._flush(batcher)
+                batcher = Batcher()
+                self._leave()
+                self._start = start
+            if self._current is None:
+                self._enter(self.runs.entry_for(self._start, first_of_file=self._first_of_file))
             if record.kind == "params":
                 self._add_params(batcher, record)
-                artifact = True
                 continue
-            step = record.step
-            if step <= self._last[record.kind]:
-                self.redone_steps += 1
-                continue
-            ts = record.timestamp_ms
-            metrics = [Metric(key, value, ts, step) for key, value in metrics_of(record).items()]
-            metrics.append(Metric(STEP_KEYS[record.kind], float(step), ts, step))
-            batcher.add_metrics(metrics)
-            self._last[record.kind] = step
-            self.forwarded_steps += 1
-        for request in batcher.nonempty():
-            mlflow_run.log_batch(request.metrics, request.params, request.tags)
-        config = self.run_dir / CONFIG_FILE
-        if artifact and config.is_file():
-            mlflow_run.log_artifact(config)
+            self._add_step(batcher, record)
+        self._flush(batcher)
 
-    def _add_params(self, batcher: _Batcher, record: Record) -> None:
+    def _flush(self, batcher: Batcher) -> None:
+        if self._current is None:
+            return
+        send(self._current, batcher, self._on_refused)
+        config = self.run_dir / CONFIG_FILE
+        if self._config_due and config.is_file():
+            if self._config_changed or not self._current.has_artifact(CONFIG_FILE):
+                self._current.log_artifact(config, scrub=self.uri.scrub)
+        self._config_due = self._config_changed = False
+
+    def _on_refused(self, record: Record) -> None:
+        self.refused_records += 1
+
+    def _add_step(self, batcher: Batcher, record: Record) -> None:
+        from mlflow.entities import Metric
+
+        step = record.step
+        if step <= self._last[record.kind]:
+            self.redone_steps += 1
+            return
+        ts = record.timestamp_ms
+        where = f"{METRICS_FILE}:{record.line}"
+        metrics = [Metric(k, v, ts, step) for k, v in self.names.mapped(metrics_of(record), where).items()]
+        batcher.add_metrics(record, metrics, Metric(STEP_KEYS[record.kind], float(step), ts, step))
+        self._last[record.kind] = step
+        self.forwarded_steps += 1
+
+    def _text(self, value, limit: int) -> str:
+        """A param or tag value as logged: credentials masked, then cut to MLflow's limit."""
+        return param_value(self.uri.scrub(param_value(redact_values(value), 1 << 30)), limit)
+
+    def _add_params(self, batcher: Batcher, record: Record) -> None:
         from mlflow.entities import Param, RunTag
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
-        params = flatten(record.data.get("params") or {}, "", {}, ".")
+        where = f"{METRICS_FILE}:{record.line}"
+        raw = flatten(record.data.get("params") or {}, "", {}, ".")
+        params = self.names.mapped(raw, where)
         changed = []
         for key, value in params.items():
-            text = param_value(value, MAX_PARAM_VAL_LENGTH)
+            text = self._text(value, MAX_PARAM_VAL_LENGTH)
             if key not in self._params:
-                batcher.add_param(Param(key, text))
+                batcher.add_param(record, Param(key, text))
                 self._params[key] = text
+                self._config_changed = True
             elif self._params[key] != text:
                 changed.append(f"{key}: {self._params[key]!r} -> {text!r}")
+                self._config_changed = True
+        self._config_due = True
         if changed:
             log.warning(
-                "%s:%d: the restarted run changed params that MLflow keeps immutable "
+                "%s: the restarted run changed params that MLflow keeps immutable "
                 "(kept the first values): %s",
-                METRICS_FILE,
-                record.line,
-                "; ".join(changed[:20]),
+                where,
+                self.uri.scrub("; ".join(changed[:20])),
             )
-        for key, value in _tags(record.data.get("tags") or {}, params).items():
-            batcher.add_tag(RunTag(key, param_value(value, MAX_TAG_VAL_LENGTH)))
+        for key, value in self.names.mapped(_tags(record.data.get("tags") or {}, raw), where).items():
+            batcher.add_tag(record, RunTag(key, self._text(value, MAX_TAG_VAL_LENGTH)))
 
 
 def _tags(tags: dict, params: dict) -> dict[str, str]:

@@ -26,10 +26,17 @@ SIDECAR_LOG = "sidecar.log"
 class SidecarProcess:
     """A running sidecar."""
 
-    def __init__(self, process: subprocess.Popen, log_file: Path, args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        process: subprocess.Popen,
+        log_file: Path,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.process = process
         self.log_file = log_file
         self.args = args  # how to start it again
+        self.env = env
         self.restarts = 0
         self._last_restart = float("-inf")  # the first restart may come at once
 
@@ -41,7 +48,7 @@ class SidecarProcess:
             return False
         if time.monotonic() - self._last_restart < min_interval_s:
             return False
-        self.process = _spawn(self.args, self.log_file)
+        self.process = _spawn(self.args, self.log_file, self.env)
         self._last_restart = time.monotonic()
         self.restarts += 1
         return True
@@ -71,7 +78,9 @@ def start_sidecar(
     run_dir: Path, tracking_uri: str, experiment: str | None = None, log_file: Path | None = None
 ) -> SidecarProcess:
     """Starts a sidecar forwarding `run_dir/metrics.jsonl` to MLflow at `tracking_uri`; its output
-    is appended to `log_file` (default: `run_dir/sidecar.log`)."""
+    is appended to `log_file` (default: `run_dir/sidecar.log`). The URI goes to the sidecar in
+    its environment (MLFLOW_TRACKING_URI), not on its command line, which any user of the host
+    can read: it may hold credentials."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(
@@ -89,15 +98,14 @@ def start_sidecar(
         "run",
         "--run-dir",
         str(run_dir),
-        "--tracking-uri",
-        tracking_uri,
         "--follow",
         "--parent-pid",
         str(os.getpid()),
     ]
     if experiment is not None:
         args += ["--experiment", experiment]
-    return SidecarProcess(_spawn(args, log_file), log_file, args)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    return SidecarProcess(_spawn(args, log_file, env), log_file, args, env)
 
 
 # Blocked across the spawn: the child inherits the mask and unblocks these once its handler (forward
@@ -106,13 +114,18 @@ def start_sidecar(
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _spawn(args: list[str], log_file: Path) -> subprocess.Popen:
+def _spawn(args: list[str], log_file: Path, env: dict[str, str] | None) -> subprocess.Popen:
     masking = hasattr(signal, "pthread_sigmask")
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if masking else None
     try:
         with open(log_file, "ab") as log:
             return subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=env,
             )
     finally:
         if masking:

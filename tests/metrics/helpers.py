@@ -157,3 +157,28 @@ def wait_for(predicate, timeout_s: float = 30, what: str = "condition"):
             return result
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def start_record(step: int, start_id: str | None = None, **extra) -> dict:
+    """The params record of a trainer start: `step` 0 when it loaded nothing (a fresh run), the
+    checkpoint's step when it resumed; `start_id` as the emitter writes it (None: an older trainer)."""
+    record = {**params_record(**extra), "step": step}
+    if start_id is not None:
+        record["start_id"] = start_id
+    return record
+
+
+def folder_runs(uri: str, run_dir: Path) -> list:
+    """Every MLflow run the sidecar made for this run folder (tag `run_dir`), oldest first."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.run_dir = '{run_dir.resolve()}'")
+    return sorted(runs, key=lambda run: run.info.start_time)
+
+
+def run_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))

@@ -7,9 +7,9 @@ import json
 import logging
 import math
 
+from metrics.batches import Batcher
 from metrics.emitter import METRICS_FILE, MetricsEmitter
-from metrics.records import JsonlReader, metrics_of, param_value
-from metrics.sidecar import _Batcher
+from metrics.records import JsonlReader, Record, metrics_of, param_value
 from tests.metrics.helpers import append, train_record
 
 
@@ -62,15 +62,24 @@ def test_numeric_fields_become_metrics_dicts_flattened(tmp_path):
 def test_batches_respect_mlflow_limits():
     from mlflow.entities import Metric, Param
 
-    batcher = _Batcher()
+    batcher = Batcher()
+    params = Record("params", 1, 0, {})
     for i in range(250):
-        batcher.add_param(Param(f"p{i}", "v"))
+        batcher.add_param(params, Param(f"p{i}", "v"))
     for step in range(100):  # 31 metrics per record: a record never straddles two requests
-        batcher.add_metrics([Metric(f"m{i}", 1.0, 0, step) for i in range(31)])
+        record = Record("train", step + 2, 0, {"step": step})
+        metrics = [Metric(f"m{i}", 1.0, 0, step) for i in range(30)]
+        batcher.add_metrics(record, metrics, Metric("sidecar/train_step", step, 0, step))
     requests = batcher.nonempty()
-    assert all(len(r.params) + len(r.tags) <= 100 and r.size() <= 1000 for r in requests)
-    assert sum(len(r.params) for r in requests) == 250 and sum(len(r.metrics) for r in requests) == 3100
-    assert all(len(r.metrics) % 31 == 0 for r in requests)
+    assert all(len(r.entities("params")) + len(r.entities("tags")) <= 100 for r in requests)
+    assert all(r.size() <= 1000 for r in requests)
+    assert sum(len(r.entities("params")) for r in requests) == 250
+    assert sum(len(r.entities("metrics")) for r in requests) == 3100
+    # Each part is one record's (the refused-record fallback resends parts), sentinel last.
+    for request in requests:
+        for part in request.parts:
+            if part.record.kind == "train":
+                assert len(part.metrics) == 31 and part.metrics[-1] is part.sentinel
     assert len(param_value("x" * 7000, 6000)) == 6000
 
 
@@ -89,6 +98,10 @@ def test_poison_records_are_skipped_by_line_and_the_reader_goes_on(tmp_path, cap
         text='{"kind":"valid","step":6,"val/loss":{"a":' * 2000 + "1" + "}" * 2000 + "}\n",
     )
     append(tmp_path, [train_record(7)])
+    # Beyond MLflow's 64-bit steps and timestamps (its client fails on them, no 4xx to skip by).
+    append(
+        tmp_path, [{**train_record(8), "step": 1 << 63}, {**train_record(9), "time": 1e20}, train_record(10)]
+    )
     caplog.set_level(logging.WARNING)
     records_module.MAX_RECORD_BYTES, saved = 1 << 20, records_module.MAX_RECORD_BYTES
     try:
@@ -96,8 +109,10 @@ def test_poison_records_are_skipped_by_line_and_the_reader_goes_on(tmp_path, cap
         got = reader.read(100)
     finally:
         records_module.MAX_RECORD_BYTES = saved
-    assert [r.step for r in got] == [0, 5, 7]
-    assert reader.skipped == [2, 3, 4, 5, 7]
+    assert [r.step for r in got] == [0, 5, 7, 10]
+    assert reader.skipped == [2, 3, 4, 5, 7, 9, 10]
+    assert f"{METRICS_FILE}:9: step {1 << 63} is beyond MLflow's 64-bit steps" in caplog.text
+    assert f"{METRICS_FILE}:10: time 1e+20 is beyond MLflow's 64-bit timestamps" in caplog.text
     assert f"{METRICS_FILE}:2: not forwardable (OverflowError" in caplog.text
     assert f"{METRICS_FILE}:3: time is str, not a number" in caplog.text
     assert f"{METRICS_FILE}:5: a line of {len(giant.encode())} bytes; skipped" in caplog.text
