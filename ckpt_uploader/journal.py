@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckpt_uploader.durable import AtomicWriter, fsync_folder
 from ckpt_uploader.ownership import check_private, private_folder
 from ckpt_uploader.protocol import JobSpec, job_spec_from_dict
-from ckpt_uploader.stores import fsync_folder
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +116,8 @@ class Journal:
             for record in records
         )
         with self._lock:
-            descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(descriptor, "wb") as handle:
+            with AtomicWriter(self.path, temp=temp, mode=0o600) as handle:  # 0600, as append creates it
                 handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, self.path)
-            fsync_folder(self.path.parent)
             if self._handle is not None:  # appends go to the new file from now on
                 self._handle.close()
                 self._handle = None

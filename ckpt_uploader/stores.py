@@ -15,13 +15,13 @@ import os
 import shutil
 import threading
 import time
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from ckpt_uploader.durable import AtomicWriter
 from ckpt_uploader.uri import StorageURI, parse_storage_uri
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def check_content(
 
 class LocalStore(Store):
     """A folder. Every write goes to a temporary name in the target folder, is fsynced, then renamed
-    into place (and the folder fsynced), so a reader never sees a partial file."""
+    into place (and the folder fsynced: durable.AtomicWriter), so a reader never sees a partial file."""
 
     def __init__(self, root: Path, *, part_delay_s: float = 0.0) -> None:
         self.root = Path(root)
@@ -268,42 +268,9 @@ class LocalStore(Store):
         except FileNotFoundError:
             pass
 
-    def _atomic_writer(self, target: Path) -> _AtomicWriter:
-        return _AtomicWriter(target)
-
-
-class _AtomicWriter:
-    """temp file -> fsync -> rename -> fsync(folder); the temp file is removed on any error."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = target
-        self.temp = target.with_name(f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-    def __enter__(self):
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.temp, "wb")
-        return self.handle
-
-    def __exit__(self, kind, value, traceback) -> None:
-        try:
-            if kind is None:
-                self.handle.flush()
-                os.fsync(self.handle.fileno())
-            self.handle.close()
-            if kind is None:
-                os.replace(self.temp, self.target)
-                fsync_folder(self.target.parent)
-        finally:
-            if self.temp.exists():
-                self.temp.unlink()
-
-
-def fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    def _atomic_writer(self, target: Path) -> AtomicWriter:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return AtomicWriter(target)
 
 
 class PartPool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pack_stage.durable import durable_replace
 from pack_stage.schema import (
     DOCUMENTS_NAME,
     DOCUMENTS_SCHEMA,
@@ -23,7 +23,6 @@ from pack_stage.schema import (
     PartInfo,
     part_name,
 )
-from tokenize_stage.durable import durable_replace, fsync_folder
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +43,8 @@ def prepare_output(folder: Path, overwrite: bool) -> None:
     if entries:
         foreign = _foreign_entries(folder)
         # A pack killed before its manifest leaves only its own files, none of them usable: the same
-        # command run again must finish the job, not ask for --overwrite (issue 13: every moment of
-        # a run must be safe to interrupt and rerun). --overwrite still guards a finished pack.
+        # command run again must finish the job, not ask for --overwrite (a pack may be stopped at
+        # any moment and rerun). --overwrite still guards a finished pack.
         unfinished = not foreign and not (folder / MANIFEST_NAME).exists()
         if not overwrite and not unfinished:
             raise OutputError(
@@ -149,7 +148,4 @@ def write_json_atomic(path: Path, data: dict) -> None:
     with open(tmp, "w") as handle:
         json.dump(data, handle, indent=2)
         handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_folder(path.parent)
+    durable_replace(tmp, path)

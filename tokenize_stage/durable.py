@@ -3,11 +3,13 @@
 A rename alone can reach the disk before the file's blocks: after a crash the shard is there under
 its final name, with a hole or nothing inside, and the next run takes it as done. So the file is
 fsynced before the rename, and its folder after it (the rename itself is an entry of the folder).
-Used by both data stages for every file that a later run or stage trusts by its name.
+Used for every file of the stage that a later run or the pack stage trusts by its name (pack_stage
+has its own copy of these few lines: a service depends on another only through its public module).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -35,3 +37,12 @@ def durable_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     fsync_file(tmp)
     os.replace(tmp, path)
     fsync_folder(Path(path).parent)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """`data` as JSON under a temporary name, then durable_replace: a reader never sees half a file."""
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=1, sort_keys=False)
+        handle.write("\n")
+    durable_replace(tmp, path)

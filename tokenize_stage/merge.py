@@ -7,9 +7,9 @@ import re
 import shutil
 from pathlib import Path
 
+from tokenize_stage.durable import write_json_atomic
 from tokenize_stage.schema import MANIFEST_NAME
 from tokenize_stage.shards import PARTS_DIR, STATE_DIR, manifest_totals
-from tokenize_stage.worker import write_json_atomic
 
 _SHARD_NAME = re.compile(r"manifest\.shard-(\d+)-of-(\d+)\.json$")
 _SHARED_KEYS = ("format", "tokenizer", "token_dtype", "types", "settings")

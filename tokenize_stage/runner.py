@@ -15,7 +15,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenize_stage.durable import durable_replace, fsync_folder
+from tokenize_stage.durable import durable_replace, fsync_folder, write_json_atomic
 from tokenize_stage.progress import StageProgress
 from tokenize_stage.readers import DEFAULT_MAX_LINE_BYTES
 from tokenize_stage.schema import FORMAT, MANIFEST_NAME, FileEntry, token_dtype_for
@@ -48,7 +48,6 @@ from tokenize_stage.worker import (
     init_pool_worker,
     init_worker,
     run_unit,
-    write_json_atomic,
 )
 
 log = logging.getLogger(__name__)

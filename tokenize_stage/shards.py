@@ -17,11 +17,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tokenize_stage.durable import durable_replace
+from tokenize_stage.durable import durable_replace, write_json_atomic
 from tokenize_stage.schema import FileEntry
 from tokenize_stage.sources import InputFile, WorkUnit
 from tokenize_stage.text_tokenizers import file_sha256
-from tokenize_stage.worker import MAX_REJECT_DETAILS, UnitStats, part_paths, write_json_atomic
+from tokenize_stage.worker import MAX_REJECT_DETAILS, UnitStats, part_paths
 
 PARTS_DIR = ".parts"
 STATE_DIR = ".state"

@@ -7,7 +7,6 @@ temporary files, which the next run ignores and overwrites.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from tokenize_stage.durable import durable_replace, fsync_folder
+from tokenize_stage.durable import durable_replace, write_json_atomic
 from tokenize_stage.readers import DEFAULT_MAX_LINE_BYTES, Blank, Rejected, UnitReader
 from tokenize_stage.schema import token_dtype_for
 from tokenize_stage.sources import WorkUnit
@@ -199,15 +198,3 @@ class _BatchEncoder:
         self.last_tokens = len(values)
         tokens = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
         return pa.record_batch([tokens, pa.array(lines, type=pa.int64())], schema=self.schema)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write-then-rename with fsync, so a reader never sees a half-written file."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=1, sort_keys=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_folder(path.parent)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from train_kernel.model.state_files import atomic_write
+from train_kernel.durable import atomic_write
 
 from . import layout
 from .manifest import FileEntry, sha256_of

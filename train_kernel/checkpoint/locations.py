@@ -9,9 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Protocol
 
-from train_kernel.model.state_files import atomic_write
-
-from .manifest import atomic_write_bytes
+from train_kernel.durable import atomic_write, atomic_write_bytes
 
 
 class Location(Protocol):

@@ -8,8 +8,6 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from train_kernel.model.state_files import atomic_write
-
 from .layout import FORMAT
 
 _CHUNK = 8 * 1024 * 1024
@@ -32,10 +30,6 @@ def sha256_of(path: Path) -> str:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def describe_file(path: Path) -> FileEntry:
-    return FileEntry(path.name, path.stat().st_size, sha256_of(path))
 
 
 @dataclass(frozen=True)
@@ -87,7 +81,3 @@ def verify_file(path: Path, entry: FileEntry, folder: str) -> None:
         raise CheckpointError(f"{folder}: {entry.name} has {size:,} bytes, the manifest says {entry.size:,}")
     if sha256_of(path) != entry.sha256:
         raise CheckpointError(f"{folder}: {entry.name} does not match its sha256 in the manifest (corrupt)")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))

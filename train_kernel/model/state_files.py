@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ckpt_uploader.stores import fsync_folder
+from train_kernel.durable import atomic_write
 
 from .config import ModelConfig
 
@@ -38,8 +37,8 @@ def save_model_checkpoint(model: nn.Module, folder: str | os.PathLike, pipeline_
 def write_model_state(
     config: ModelConfig, state: dict[str, torch.Tensor], folder: str | os.PathLike, pipeline_stage: int = 0
 ) -> Path:
-    """Same as save_model_checkpoint, from a state dict. Each file is written under a temporary
-    name and renamed, so it is never seen half written."""
+    """Same as save_model_checkpoint, from a state dict. Each file is written durably under a
+    temporary name and renamed (train_kernel.durable), so it is never seen half written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared or strided storage; detach to plain contiguous CPU copies.
@@ -95,14 +94,3 @@ def _check_keys(config: ModelConfig, state: dict[str, torch.Tensor], folder: Pat
             raise ValueError(
                 f"{folder}: {key} has shape {tuple(state[key].shape)}, {CONFIG_FILE} implies {shape}"
             )
-
-
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """`write(tmp)` to a temporary name beside `path`, fsync, rename, fsync the folder: the file is
-    whole or absent under its name, even after a crash (checkpoint files use this too)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_folder(path.parent)
