@@ -83,7 +83,7 @@ def test_batches_respect_mlflow_limits():
     assert len(param_value("x" * 7000, 6000)) == 6000
 
 
-def test_poison_records_are_skipped_by_line_and_the_reader_goes_on(tmp_path, caplog):
+def test_poison_records_are_skipped_by_line_and_the_reader_goes_on(tmp_path, caplog, monkeypatch):
     """Records the trainer would never write but a damaged or foreign file holds: each is skipped
     with its line number instead of crash-looping the sidecar."""
     from metrics import records as records_module
@@ -103,12 +103,9 @@ def test_poison_records_are_skipped_by_line_and_the_reader_goes_on(tmp_path, cap
         tmp_path, [{**train_record(8), "step": 1 << 63}, {**train_record(9), "time": 1e20}, train_record(10)]
     )
     caplog.set_level(logging.WARNING)
-    records_module.MAX_RECORD_BYTES, saved = 1 << 20, records_module.MAX_RECORD_BYTES
-    try:
-        reader = JsonlReader(tmp_path / METRICS_FILE)
-        got = reader.read(100)
-    finally:
-        records_module.MAX_RECORD_BYTES = saved
+    monkeypatch.setattr(records_module, "MAX_RECORD_BYTES", 1 << 20)
+    reader = JsonlReader(tmp_path / METRICS_FILE)
+    got = reader.read(100)
     assert [r.step for r in got] == [0, 5, 7, 10]
     assert reader.skipped == [2, 3, 4, 5, 7, 9, 10]
     assert f"{METRICS_FILE}:9: step {1 << 63} is beyond MLflow's 64-bit steps" in caplog.text

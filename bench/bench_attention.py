@@ -1,11 +1,13 @@
-"""Benchmark of packed causal attention on CPU (forward + backward), not a test:
+"""Packed causal attention on the CPU, forward + backward (train_kernel/model/attention.py):
 
-    python tests/train_kernel/model/bench_attention.py --tokens 4096 --heads 32 --head-dim 128
+    python -m bench.bench_attention [--tokens 2048 8192 --heads 32 --head-dim 128 --threads 1]
 
 Compares our bucketed SDPA (planner's choice of buckets) with the same kernel forced to one
 padded batch of all segments or to one batch per distinct length, a Python loop of one SDPA
 call per segment, and a naive SDPA under one block-diagonal causal mask over all tokens.
-Segment lengths are log-uniform in [min_len, max_len] (many short documents, a few long)."""
+Segment lengths are log-uniform in [min_len, max_len] (many short documents, a few long).
+Prints one line per dtype and row length (best of --reps runs per kernel) and saves them in
+bench/out/attention.json."""
 
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ import argparse
 import math
 import random
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
+from bench.common import save_result
 from train_kernel.model import attention
 from train_kernel.model.attention import PackedSegments, varlen_causal_attention
 
@@ -56,12 +60,8 @@ def with_call_overhead(units: float):
     segments, 0 = one batch per distinct length."""
 
     def run(q, k, v, lengths):
-        saved = attention._CALL_OVERHEAD_UNITS
-        attention._CALL_OVERHEAD_UNITS = {"cpu": units, "cuda": units}
-        try:
+        with mock.patch.object(attention, "_CALL_OVERHEAD_UNITS", {"cpu": units, "cuda": units}):
             return bucketed(q, k, v, lengths)
-        finally:
-            attention._CALL_OVERHEAD_UNITS = saved
 
     return run
 
@@ -98,6 +98,7 @@ def main() -> None:
     if not args.skip_naive:
         kernels["naive_mask"] = naive_masked
     rng = random.Random(0)
+    rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for tokens in args.tokens:
             lengths = segment_lengths(tokens, args.min_len, min(args.max_len, tokens), rng)
@@ -106,11 +107,21 @@ def main() -> None:
                 tokens, args.heads * args.head_dim, torch.device("cpu")
             )
             times = {name: time_fwd_bwd(fn, q, k, v, lengths, args.reps) for name, fn in kernels.items()}
+            rows.append(
+                {
+                    "dtype": str(dtype),
+                    "tokens": tokens,
+                    "segments": len(lengths),
+                    "buckets": len(plan.buckets),
+                    "seconds": {name: round(t, 4) for name, t in times.items()},
+                }
+            )
             shown = " ".join(f"{name}={t:.3f}s" for name, t in times.items())
             print(
                 f"{dtype!s:15} T={tokens} segments={len(lengths)} buckets={len(plan.buckets)} {shown}",
                 flush=True,
             )
+    save_result("attention", {"threads": torch.get_num_threads(), "heads": args.heads, "rows": rows})
 
 
 if __name__ == "__main__":
