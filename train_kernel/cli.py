@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import faulthandler
-import importlib
 import json
 import logging
 import os
@@ -45,20 +44,6 @@ def _load(config_path: Path, overrides: Sequence[str]) -> TrainConfig:
         return load_config(config_path, overrides)
     except ConfigError as error:
         raise click.ClickException(str(error)) from error
-
-
-def _lazy(module_name: str, attribute: str, what: str) -> Callable[..., Any]:
-    """`module_name.attribute`, imported only when the command runs; a clean error if it is not there yet."""
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name is not None and module_name.startswith(error.name):
-            raise click.ClickException(f"{what} is not available: module {module_name} is missing") from error
-        raise
-    function = getattr(module, attribute, None)
-    if function is None:
-        raise click.ClickException(f"{what} is not available: {module_name} has no {attribute}()")
-    return function
 
 
 def _call(
@@ -105,7 +90,8 @@ def run(config_path: Path, overrides: tuple[str, ...], launcher: str, port: int 
     config = _load(config_path, overrides)
     env = _call(launch_env, launcher, port, os.environ)
     os.environ.update(env)
-    train = _lazy("train_kernel.train.trainer", "train", "the trainer")
+    from train_kernel.train.trainer import train
+
     _call(train, config)
 
 
@@ -141,7 +127,8 @@ def plan(config_path: Path, overrides: tuple[str, ...], world_size: int | None, 
 )
 def export_hf(ckpt_dir: Path, out_dir: Path) -> None:
     """Convert a checkpoint into a Hugging Face model folder."""
-    function = _lazy("train_kernel.model.hf_interop", "export_hf", "Hugging Face export")
+    from train_kernel.model.hf_interop import export_hf as function
+
     _call(function, ckpt_dir, out_dir, user_errors=CONVERSION_ERRORS)
     click.echo(f"exported {ckpt_dir} -> {out_dir}")
 
@@ -155,7 +142,8 @@ def export_hf(ckpt_dir: Path, out_dir: Path) -> None:
 )
 def import_hf(hf_dir: Path, out_dir: Path) -> None:
     """Convert a Hugging Face InternLM model folder into a checkpoint to start from."""
-    function = _lazy("train_kernel.model.hf_interop", "import_hf", "Hugging Face import")
+    from train_kernel.model.hf_interop import import_hf as function
+
     _call(function, hf_dir, out_dir, user_errors=CONVERSION_ERRORS)
     click.echo(f"imported {hf_dir} -> {out_dir}")
 
@@ -168,8 +156,7 @@ def import_hf(hf_dir: Path, out_dir: Path) -> None:
 def checkpoints(folder: str, verify: bool) -> None:
     """List the checkpoints of a save folder (local:/path, boto3:s3://bucket/prefix or a path):
     step, complete / incomplete / damaged, size, and the one auto_resume would take."""
-    inventory = _lazy("train_kernel.checkpoint.inventory", "inventory", "checkpoint listing")
-    from train_kernel.checkpoint.inventory import format_inventory
+    from train_kernel.checkpoint.inventory import format_inventory, inventory
 
     entries = _call(inventory, folder, verify)
     click.echo(format_inventory(entries))

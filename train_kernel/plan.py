@@ -2,7 +2,7 @@
 memory per rank, FLOPs per step.
 
 Parameter counts are analytic per component (so that pipeline stages and tensor slices can be counted)
-and, when the model package is importable, checked against the model built on the meta device.
+and checked against the model built on the meta device.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from train_kernel.config import ConfigError, TrainConfig
 from train_kernel.device_speed import DtypeChoice, choose_dtype, default_device
 from train_kernel.flops import flops_per_step
+from train_kernel.model import build_model
 from train_kernel.model.config import ModelConfig
 from train_kernel.parallel import ParallelLayout, partition_sizes, stage_layer_ranges
 
@@ -74,17 +75,13 @@ def analytic_parameter_counts(model: ModelConfig, tensor: int = 1) -> ParameterC
     )
 
 
-def count_parameters(model: ModelConfig) -> int:
-    """All parameters of the model (analytic)."""
+def analytic_parameter_count(model: ModelConfig) -> int:
+    """All parameters of the model `model` describes, computed from its sizes (no model built)."""
     return analytic_parameter_counts(model).stage_total(model.num_layers, first=True, last=True)
 
 
-def meta_parameter_count(model: ModelConfig) -> int | None:
-    """Parameters of `train_kernel.model.build_model(model, device="meta")`; None if not importable."""
-    try:
-        from train_kernel.model import build_model  # type: ignore[attr-defined]
-    except ImportError:
-        return None
+def meta_parameter_count(model: ModelConfig) -> int:
+    """Parameters of `train_kernel.model.build_model(model, device="meta")`, counted on the built model."""
     module = build_model(model, device="meta")
     return sum(parameter.numel() for parameter in module.parameters())
 
@@ -267,7 +264,7 @@ def make_plan(config: TrainConfig, world_size: int | None = None) -> Plan:
     except ConfigError as error:
         raise error.within(source=source) from None
     model = config.model
-    analytic = count_parameters(model)
+    analytic = analytic_parameter_count(model)
     try:
         measured = meta_parameter_count(model)
     except (ValueError, TypeError, RuntimeError) as error:  # a plan is still useful without the model
@@ -419,8 +416,8 @@ __all__ = [
     "ParameterCounts",
     "Plan",
     "activation_bytes",
+    "analytic_parameter_count",
     "analytic_parameter_counts",
-    "count_parameters",
     "default_world_size",
     "make_plan",
     "memory_fit_warning",

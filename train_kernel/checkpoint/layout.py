@@ -26,7 +26,6 @@ MODEL_CONFIG = "model_config.json"
 SNAPSHOT_SLOTS = ("0", "1")
 
 _MARKER = re.compile(r"^(\d+)\.step$")
-_OPTIMIZER = re.compile(r"^optimizer_tp0_pp(\d+)_zo(\d+)\.pt$")
 
 
 def model_file(pipeline_stage: int) -> str:
@@ -55,9 +54,3 @@ def marker_step(name: str) -> int | None:
     """`120.step` -> 120; anything else -> None."""
     match = _MARKER.match(name)
     return int(match.group(1)) if match else None
-
-
-def optimizer_coords(name: str) -> tuple[int, int] | None:
-    """`optimizer_tp0_pp1_zo3.pt` -> (1, 3)."""
-    match = _OPTIMIZER.match(name)
-    return (int(match.group(1)), int(match.group(2))) if match else None

@@ -19,10 +19,6 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def model_keys(model: nn.Module) -> set[str]:
-    return set(model_state(model))
-
-
 def check_model_state(model: nn.Module, full_state: dict[str, torch.Tensor], source: str) -> None:
     """A missing key or another shape is a CheckpointError naming `source` and the weight."""
     from .manifest import CheckpointError

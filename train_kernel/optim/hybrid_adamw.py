@@ -23,8 +23,8 @@ from torch import nn
 
 from train_kernel.optim.loss_scaler import DynamicLossScaler
 
-# Reduces a squared-norm partial sum over the ranks that share the gradients (ZeRO / pipeline
-# groups in the parallel issue); identity in one process.
+# Reduces a squared-norm partial sum over the ranks that hold other parts of the gradient (the
+# ZeRO and pipeline groups, see ZeroOptimizer); identity in one process.
 NormReducer = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -228,25 +228,4 @@ class HybridAdamW:
             )
         else:
             self.optimizer.state.clear()
-        self.write_back()
-
-    def state_dict(self) -> dict:
-        return {
-            "master": self.master.detach().clone(),
-            "adam": self.optimizer.state_dict(),
-            "partition": [self.start, self.end],
-            "numel": self.numel,
-            "scaler": self.scaler.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if [self.start, self.end] != list(state["partition"]) or self.numel != state["numel"]:
-            raise ValueError(
-                f"optimizer state covers elements {state['partition']} of {state['numel']}, "
-                f"this rank owns {[self.start, self.end]} of {self.numel}"
-            )
-        with torch.no_grad():
-            self.master.copy_(state["master"])
-        self.optimizer.load_state_dict(state["adam"])
-        self.scaler.load_state_dict(state["scaler"])
         self.write_back()

@@ -42,7 +42,7 @@ def _pieces(params: Sequence[nn.Parameter], start: int, end: int) -> Iterator[tu
 
 
 class ZeroOptimizer:
-    """HybridAdamW's interface (step, scaler, state_dict) for a data-parallel rank."""
+    """HybridAdamW's interface (step, scaler, export_state / import_state) for a data-parallel rank."""
 
     def __init__(
         self,
@@ -158,9 +158,6 @@ class ZeroOptimizer:
                 for view, lo, hi in _pieces(self.params, start, end):
                     view.copy_(buffer[lo:hi])
 
-    def state_dict(self) -> dict:
-        return self.inner.state_dict()
-
     @property
     def partition(self) -> tuple[int, int]:
         return self.inner.start, self.inner.end
@@ -215,8 +212,4 @@ class ZeroOptimizer:
             joined["master"], joined["exp_avg"], joined["exp_avg_sq"], float(slices[0]["step"])
         )
         self.scaler.load_state_dict(slices[0]["scaler"])
-        self._share_slices()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state)  # writes back this rank's slice only
         self._share_slices()

@@ -31,14 +31,3 @@ def setup_logging(run_dir: Path, rank: int = 0) -> None:
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-
-
-def storage_path(uri: str) -> Path:
-    """`local:/path` or a plain path -> Path (boto3: URIs arrive with the checkpoint issue)."""
-    if uri.startswith("local:"):
-        return Path(uri[len("local:") :])
-    if uri.startswith("boto3:"):
-        raise NotImplementedError(
-            f"{uri}: saving to S3 arrives with the checkpoint service; use local: for now"
-        )
-    return Path(uri)

@@ -115,8 +115,9 @@ def overlapped_grad_reduce() -> dict:
 
 
 def zero_state_round_trip() -> dict:
-    """Each ZeRO rank saves its optimizer state after 2 steps; a fresh optimizer (fresh model weights)
-    loads it and takes the 3rd step. The weights must equal an uninterrupted 3-step run's."""
+    """Each ZeRO rank exports its optimizer state after 2 steps (the checkpoint payload); a fresh
+    optimizer (fresh model weights) imports it and takes the 3rd step. The weights must equal an
+    uninterrupted 3-step run's."""
     parallel = init_parallel(ParallelConfig(zero1=2))
 
     def build(seed: int):
@@ -148,9 +149,9 @@ def zero_state_round_trip() -> dict:
     model, optimizer = build(0)
     for k in range(2):
         step(model, optimizer, k)
-    state = optimizer.state_dict()
+    state = optimizer.export_state()
     resumed_model, resumed = build(123)  # other initial weights: everything must come from the state
-    resumed.load_state_dict(state)
+    resumed.import_state([state])
     step(resumed_model, resumed, 2)
     restored = torch.cat([p.detach().reshape(-1) for p in resumed_model.parameters()])
     parallel.close(barrier=True)
