@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from train_kernel.config import ConfigError, load_config
+from train_kernel.config import ConfigError, ParallelConfig, load_config
 from train_kernel.flops import flops_per_step, megatron_flops_per_step, tflops
 from train_kernel.model.config import ModelConfig
 from train_kernel.parallel import (
@@ -169,13 +169,20 @@ def test_internlm_rank_order():
         (dict(world_size=8, zero1=3), "parallel.zero1", "3 does not divide the data-parallel size 8"),
         (dict(world_size=8, zero1=16), "parallel.zero1", "16 does not divide"),
         (dict(world_size=0), "world_size", "must be an int >= 1"),
-        (dict(world_size=8, pipeline=0), "parallel.pipeline", "must be an int >= 1"),
     ],
 )
 def test_layout_errors(kwargs, key, words):
     with pytest.raises(LayoutError) as caught:
         ParallelLayout(**kwargs)
     assert caught.value.key == key and words in str(caught.value)
+
+
+def test_parallel_sizes_are_the_configs_rule_and_the_layout_only_asserts_them():
+    with pytest.raises(ConfigError) as caught:
+        ParallelConfig(pipeline=0)
+    assert caught.value.key == "pipeline.size" and "must be >= 1, got 0" in str(caught.value)
+    with pytest.raises(AssertionError):
+        ParallelLayout(world_size=8, pipeline=0)
 
 
 def test_stage_layer_ranges_as_internlm_partition_uniform():

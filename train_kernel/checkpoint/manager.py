@@ -57,9 +57,8 @@ class CheckpointManager:
         self.parallel = parallel
         ckpt = config.ckpt
         self.enabled = bool(ckpt.enable_save_ckpt)
-        total = config.data.total_steps
-        self.every = ckpt.checkpoint_every or total
-        snapshot_every = ckpt.oss_snapshot_freq if ckpt.oss_snapshot_freq is not None else self.every // 2
+        self.every = ckpt.checkpoint_every  # the config fills both defaults (TrainConfig.derived_fields)
+        snapshot_every = ckpt.oss_snapshot_freq
         self.snapshot_every = snapshot_every if snapshot_every and snapshot_every < self.every else 0
         from ckpt_uploader.stores import RetryPolicy
 

@@ -1,24 +1,26 @@
 """The sections of an InternLM config file (`data = dict(...)`, `adam = dict(...)`, ...) as typed records.
 
 Field names, defaults and meanings are InternLM's, so a published config maps onto them one to one.
-Defaults that depend on another field of the same section are filled on construction; those that
-depend on another section (lr_scheduler.total_steps, ckpt.checkpoint_every, ...) by TrainConfig.
+Defaults that depend on another field of the same section are computed before construction
+(`derived_fields`); those that depend on another section (lr_scheduler.total_steps,
+ckpt.checkpoint_every, ...) by TrainConfig's. Nothing is set on a section after it is made.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckpt_uploader.uri import StorageURIError, parse_storage_uri
 from train_kernel.config.errors import ConfigError, did_you_mean
-from train_kernel.config.typecheck import Section, set_field
+from train_kernel.config.typecheck import Section
 
 # Skipping more batches than this is surely a typo ("0-100000000"); it would also cost memory.
 MAX_SKIPPED_BATCHES = 1_000_000
-STORAGE_BACKENDS = ("local", "boto3")
 LOAD_CONTENTS = ("all", "model", "sampler", "optimizer", "scheduler")
 CKPT_TYPES = ("internlm",)
 
@@ -29,30 +31,14 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 
 def check_storage_folder(value: str | None, key: str) -> None:
-    """InternLM's folder strings: "local:/path", "boto3:s3://bucket[.endpoint]/prefix", or a plain path."""
+    """A checkpoint folder: exactly what the uploader accepts (ckpt_uploader.uri, the one parser):
+    "local:/path", "boto3:s3://bucket[.endpoint]/prefix", "s3://bucket/prefix" or a plain path."""
     if value is None:
         return
-    _require(value.strip() != "", key, "empty folder string")
-    match = re.match(r"^([A-Za-z][A-Za-z0-9_+.-]*):", value)
-    if match is None or len(match.group(1)) == 1:  # no scheme (a one-letter one is a Windows drive)
-        return
-    backend = match.group(1)
-    rest = value[match.end() :]
-    if backend == "local":
-        _require(rest != "", key, f"{value!r}: 'local:' needs a path after it, e.g. 'local:llm_ckpts'")
-    elif backend == "boto3":
-        _require(
-            re.match(r"^s3://[^/]+/?", rest) is not None,
-            key,
-            f"{value!r}: expected 'boto3:s3://<bucket>[.<endpoint>]/<prefix>'",
-        )
-    else:
-        hint = " (write 'boto3:s3://...')" if backend in ("s3", "s3a", "http", "https") else ""
-        raise ConfigError(
-            f"{value!r}: unsupported storage backend {backend!r}{hint}; use 'local:<path>', "
-            "'boto3:s3://<bucket>/<prefix>' or a plain path",
-            key=key,
-        )
+    try:
+        parse_storage_uri(value)
+    except StorageURIError as error:
+        raise ConfigError(str(error), key=key) from None
 
 
 def parse_skip_batches(text: str) -> tuple[int, ...]:
@@ -94,6 +80,11 @@ class BatchRampup:
         """Steps until micro_num is reached."""
         increments = -(-(micro_num - self.start_bsz) // self.bsz_incre)
         return increments * self.incre_every
+
+    def micro_nums(self, micro_num: int) -> list[int]:
+        """Every micro_num a step takes, from start_bsz up to micro_num."""
+        steps = range(0, self.ramp_steps(micro_num) + 1, self.incre_every)
+        return sorted({self.micro_num_at(step, micro_num) for step in steps})
 
 
 def parse_rampup(text: str, micro_num: int) -> BatchRampup | None:
@@ -168,27 +159,35 @@ class DataConfig(Section):
     packed_length: int | None = None
     """Derived, tokens per micro-batch = micro_bsz * seq_len; a value given in the file is ignored
     (InternLM does the same, with a warning)."""
-    skip_batch_indices: tuple[int, ...] = field(init=False, default=())
-    """skip_batches as a sorted tuple of batch indices."""
-    rampup: BatchRampup | None = field(init=False, default=None)
-    """rampup_batch_size parsed; None = constant micro_num."""
+
+    @functools.cached_property
+    def skip_batch_indices(self) -> tuple[int, ...]:
+        """skip_batches as a sorted tuple of batch indices."""
+        return parse_skip_batches(self.skip_batches)
+
+    @functools.cached_property
+    def rampup(self) -> BatchRampup | None:
+        """rampup_batch_size parsed; None = constant micro_num."""
+        return parse_rampup(self.rampup_batch_size, self.micro_num)
+
+    def derived_fields(self) -> dict[str, Any]:
+        derived: dict[str, Any] = {"packed_length": self.micro_bsz * self.seq_len}
+        if self.valid_micro_num is None:
+            derived["valid_micro_num"] = self.micro_num
+        if self.valid_folder is None:
+            derived["valid_folder"] = self.train_folder
+        return derived
 
     def check(self) -> None:
         for name in ("seq_len", "micro_num", "micro_bsz", "total_steps"):
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        if self.valid_micro_num is None:
-            set_field(self, "valid_micro_num", self.micro_num)
         _require(self.valid_micro_num >= 1, "valid_micro_num", f"must be >= 1, got {self.valid_micro_num}")
         for name in ("valid_every", "min_length", "num_worker", "empty_cache_and_diag_interval"):
             _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         _require(
             self.diag_outlier_ratio >= 1, "diag_outlier_ratio", f"must be >= 1, got {self.diag_outlier_ratio}"
         )
-        if self.valid_folder is None:
-            set_field(self, "valid_folder", self.train_folder)
-        set_field(self, "packed_length", self.micro_bsz * self.seq_len)
-        set_field(self, "skip_batch_indices", parse_skip_batches(self.skip_batches))
-        set_field(self, "rampup", parse_rampup(self.rampup_batch_size, self.micro_num))
+        _ = self.skip_batch_indices, self.rampup  # parsed now: a bad value is an error of the config
 
     def skips(self, batch_index: int) -> bool:
         """Whether the batch of this step is in skip_batches."""
@@ -269,9 +268,11 @@ class HybridZeroOptimizerConfig(Section):
     zero_overlap_communication: bool | None = None
     """Old InternLM name of overlap_sync_grad; when given it sets overlap_sync_grad."""
 
-    def normalize(self) -> None:
-        if isinstance(self.zero_overlap_communication, bool):
-            set_field(self, "overlap_sync_grad", self.zero_overlap_communication)
+    @classmethod
+    def prepare_raw(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(raw.get("zero_overlap_communication"), bool):
+            raw["overlap_sync_grad"] = raw["zero_overlap_communication"]
+        return raw
 
     def check(self) -> None:
         _require(
@@ -421,9 +422,6 @@ class ParallelConfig(Section):
             raw["zero1"] = _zero1_size(raw["zero1"])
         return raw
 
-    def normalize(self) -> None:
-        set_field(self, "zero1", _zero1_size(self.zero1))
-
 
 def _zero1_size(value: Any) -> Any:
     """InternEvo's spelling zero1=dict(size=k, fsdp=False) -> k; anything else is left to the type check."""
@@ -502,6 +500,11 @@ class CkptConfig(Section):
     """dict(path=..., content=("all",) | subset of model/sampler/optimizer/scheduler, ckpt_type="internlm");
     the newer InternLM form of load_ckpt_folder / load_model_only_folder."""
 
+    def derived_fields(self) -> dict[str, Any]:
+        if self.snapshot_ckpt_folder is None and self.save_ckpt_folder is not None:
+            return {"snapshot_ckpt_folder": self.save_ckpt_folder.rstrip("/") + "/snapshot"}
+        return {}
+
     def check(self) -> None:
         for name in (
             "save_ckpt_folder",
@@ -535,8 +538,6 @@ class CkptConfig(Section):
                 "oss_snapshot_freq",
                 f"must be >= 0, got {self.oss_snapshot_freq}",
             )
-        if self.snapshot_ckpt_folder is None and self.save_ckpt_folder is not None:
-            set_field(self, "snapshot_ckpt_folder", self.save_ckpt_folder.rstrip("/") + "/snapshot")
 
     @property
     def load_info(self) -> LoadCkptInfo | None:

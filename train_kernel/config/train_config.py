@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from collections.abc import Mapping
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from train_kernel.config.errors import ConfigError
+from train_kernel.config.rules import check_interleaved, check_model, dtype_name
 from train_kernel.config.sections import (
     AdamConfig,
     Beta2SchedulerConfig,
@@ -24,13 +24,12 @@ from train_kernel.config.sections import (
     ParallelConfig,
     UploaderConfig,
 )
-from train_kernel.config.typecheck import Section, check_fields, set_field
-from train_kernel.model.config import DTYPE_CHOICES, ModelConfig
+from train_kernel.config.typecheck import Section, replace_checked
+from train_kernel.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
 MODEL_TYPES = ("INTERNLM",)
-NORM_TYPES = ("rmsnorm", "layernorm")
 # Fields of TrainConfig that a config file does not write as lowercase top-level names.
 INTERNAL_FIELDS = ("job_name", "constants", "source_path", "source_text")
 
@@ -38,63 +37,6 @@ INTERNAL_FIELDS = ("job_name", "constants", "source_path", "source_text")
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(message, key=key)
-
-
-def _dtype_name(value: Any) -> Any:
-    """`dtype=torch.bfloat16` (a torch.dtype, with `import torch` in the file) -> "torch.bfloat16"."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return value
-    return str(value) if isinstance(value, torch.dtype) else value
-
-
-def check_model(model: ModelConfig) -> ModelConfig:
-    """Types and ranges of the model section (ModelConfig is a plain record; its checks live here)."""
-    model = (
-        dataclasses.replace(model, dtype=_dtype_name(model.dtype))
-        if not isinstance(model.dtype, str)
-        else model
-    )
-    check_fields(model)
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "num_chunks"):
-        _require(getattr(model, name) >= 1, name, f"must be >= 1, got {getattr(model, name)}")
-    _require(
-        model.hidden_size % model.num_attention_heads == 0,
-        "num_attention_heads",
-        f"{model.num_attention_heads} heads do not divide hidden_size {model.hidden_size}",
-    )
-    _require(
-        model.head_dim % 2 == 0,
-        "num_attention_heads",
-        f"head dim hidden_size / num_attention_heads = {model.head_dim} must be even (rotary embedding)",
-    )
-    _require(model.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {model.mlp_ratio}")
-    _require(
-        model.dtype in DTYPE_CHOICES,
-        "dtype",
-        f"{model.dtype!r} is not supported; use one of: " + ", ".join(DTYPE_CHOICES),
-    )
-    if not isinstance(model.checkpoint, bool):
-        _require(
-            0 <= model.checkpoint <= 1,
-            "checkpoint",
-            f"must be True/False or a fraction of layers in [0, 1], got {model.checkpoint}",
-        )
-    _require(model.norm_type in NORM_TYPES, "norm_type", f"{model.norm_type!r} is not one of {NORM_TYPES}")
-    _require(
-        model.layer_norm_epsilon > 0, "layer_norm_epsilon", f"must be > 0, got {model.layer_norm_epsilon}"
-    )
-    _require(model.embed_grad_scale > 0, "embed_grad_scale", f"must be > 0, got {model.embed_grad_scale}")
-    for name in ("drop_rate", "attn_drop_rate"):
-        _require(0 <= getattr(model, name) < 1, name, f"must be in [0, 1), got {getattr(model, name)}")
-    _require(model.rotary_base > 0, "rotary_base", f"must be > 0, got {model.rotary_base}")
-    _require(
-        model.num_layers % model.num_chunks == 0,
-        "num_chunks",
-        f"{model.num_chunks} chunks do not divide num_layers {model.num_layers}",
-    )
-    return model
 
 
 @dataclass(frozen=True)
@@ -152,8 +94,36 @@ class TrainConfig(Section):
     def prepare_raw(cls, raw: dict[str, Any]) -> dict[str, Any]:
         model = raw.get("model")
         if isinstance(model, Mapping) and "dtype" in model:
-            raw["model"] = {**model, "dtype": _dtype_name(model["dtype"])}
+            raw["model"] = {**model, "dtype": dtype_name(model["dtype"])}
         return raw
+
+    def derived_fields(self) -> dict[str, Any]:
+        """The model section checked, run_dir, and the defaults taken from another section."""
+        derived: dict[str, Any] = {}
+        model = check_model(self.model)
+        if model is not self.model:
+            derived["model"] = model
+        if self.run_dir is None:
+            derived["run_dir"] = f"runs/{self.job_name}"
+        if self.lr_scheduler.total_steps is None:
+            derived["lr_scheduler"] = dataclasses.replace(
+                self.lr_scheduler, total_steps=self.data.total_steps
+            )
+        beta2 = self.beta2_scheduler
+        if beta2.init_beta2 is None or beta2.c is None:
+            derived["beta2_scheduler"] = dataclasses.replace(
+                beta2,
+                init_beta2=self.adam.adam_beta2 if beta2.init_beta2 is None else beta2.init_beta2,
+                c=self.adam.adam_beta2_c if beta2.c is None else beta2.c,
+            )
+        ckpt = self.ckpt
+        if ckpt.checkpoint_every is None:
+            ckpt = dataclasses.replace(ckpt, checkpoint_every=self.data.total_steps)
+        if ckpt.oss_snapshot_freq is None:
+            ckpt = dataclasses.replace(ckpt, oss_snapshot_freq=ckpt.checkpoint_every // 2)
+        if ckpt is not self.ckpt:
+            derived["ckpt"] = ckpt
+        return derived
 
     def check(self) -> None:
         _require(self.job_name.strip() != "", "JOB_NAME", "must not be empty")
@@ -165,40 +135,7 @@ class TrainConfig(Section):
         _require(
             self.model_type in MODEL_TYPES, "model_type", f"{self.model_type!r} is not one of {MODEL_TYPES}"
         )
-        try:
-            set_field(self, "model", check_model(self.model))
-        except ConfigError as error:
-            raise error.within("model") from None
-        if self.run_dir is None:
-            set_field(self, "run_dir", f"runs/{self.job_name}")
-        self._fill_cross_section_defaults()
         self._check_consistency()
-
-    def _fill_cross_section_defaults(self) -> None:
-        if self.lr_scheduler.total_steps is None:
-            set_field(
-                self,
-                "lr_scheduler",
-                dataclasses.replace(self.lr_scheduler, total_steps=self.data.total_steps),
-            )
-        beta2 = self.beta2_scheduler
-        if beta2.init_beta2 is None or beta2.c is None:
-            set_field(
-                self,
-                "beta2_scheduler",
-                dataclasses.replace(
-                    beta2,
-                    init_beta2=self.adam.adam_beta2 if beta2.init_beta2 is None else beta2.init_beta2,
-                    c=self.adam.adam_beta2_c if beta2.c is None else beta2.c,
-                ),
-            )
-        ckpt = self.ckpt
-        if ckpt.checkpoint_every is None:
-            ckpt = dataclasses.replace(ckpt, checkpoint_every=self.data.total_steps)
-        if ckpt.oss_snapshot_freq is None:
-            ckpt = dataclasses.replace(ckpt, oss_snapshot_freq=ckpt.checkpoint_every // 2)
-        if ckpt is not self.ckpt:
-            set_field(self, "ckpt", ckpt)
 
     def _check_consistency(self) -> None:
         where = f"{self.source_path}: " if self.source_path else ""
@@ -210,6 +147,16 @@ class TrainConfig(Section):
                 f"must be True when model.num_chunks = {model.num_chunks} > 1 "
                 "(InternLM's interleaved schedule)",
             )
+        check_interleaved(parallel.pipeline.size, model.num_chunks, self.data.micro_num)
+        if self.data.rampup is not None:
+            try:
+                for micro_num in self.data.rampup.micro_nums(self.data.micro_num):
+                    check_interleaved(parallel.pipeline.size, model.num_chunks, micro_num)
+            except ConfigError as error:
+                raise ConfigError(
+                    f"{self.data.rampup_batch_size!r}: a ramp-up step of {error.message}",
+                    key="data.rampup_batch_size",
+                ) from None
         stages = parallel.pipeline.size * model.num_chunks
         _require(
             model.num_layers >= stages,
@@ -236,9 +183,7 @@ class TrainConfig(Section):
     def with_model_dtype(self, dtype: str) -> TrainConfig:
         """This config with model.dtype set to a concrete dtype (what "auto" resolved to on the
         run's device), without checking and warning about the rest again."""
-        resolved = copy.copy(self)
-        set_field(resolved, "model", dataclasses.replace(self.model, dtype=dtype))
-        return resolved
+        return replace_checked(self, model=dataclasses.replace(self.model, dtype=dtype))
 
     def to_json(self) -> dict[str, Any]:
         """The settings as one flat JSON-able dict with dotted keys ("data.seq_len": 2048, ...), for

@@ -3,6 +3,9 @@
 The rules: bool is not an int; an int is fine where a float is expected (stored as float); a dict is fine
 where a config dataclass is expected (built recursively, its unknown keys refused); a class may accept a
 shorthand (`parallel.pipeline=2` for `dict(size=2)`) through a `from_shorthand` classmethod.
+
+Every value is checked and every derived value computed before a (frozen) section is made (`build`,
+which `Section(...)` goes through); nothing is set on a section afterwards.
 """
 
 from __future__ import annotations
@@ -132,7 +135,10 @@ def check_value(value: Any, hint: Any) -> Any:
 def build(cls: type, raw: Any) -> Any:
     """An instance of the config dataclass `cls` from the dict `raw` (or `raw` itself if already one).
 
-    Errors carry the dotted key below `cls` (the caller adds the section name and the file).
+    The values are checked and normalised *before* the (frozen) instance is made: alternative
+    spellings (`cls.prepare_raw`), unknown keys, types, defaults that depend on other fields
+    (`cls.derived_fields`); then `check()` runs on the finished instance. Errors carry the dotted key
+    below `cls` (the caller adds the section name and the file).
     """
     if isinstance(raw, cls):
         return raw
@@ -159,16 +165,68 @@ def build(cls: type, raw: Any) -> Any:
         ):
             raise ConfigError("required, but not given", key=name)
     try:
-        return cls(**kwargs)
+        instance = type.__call__(cls, **kwargs)  # the dataclass's own __init__, not Section's checks
+        if isinstance(instance, Section):
+            derived = instance.derived_fields()
+            if derived:
+                instance = type.__call__(cls, **{**kwargs, **derived})
+            instance.check()
     except ConfigError:
         raise
     except (TypeError, ValueError) as error:  # a plain dataclass (ModelConfig) refusing a value itself
         raise ConfigError(str(error)) from None
+    return instance
 
 
-def check_fields(instance: Any) -> None:
-    """Type-checks (and normalises, e.g. int -> float) every init field of a frozen dataclass in place."""
+def replace_checked(instance: Any, **changes: Any) -> Any:
+    """`dataclasses.replace` for a value known to be valid: no second round of checks and warnings."""
+    values = {name: getattr(instance, name) for name in init_fields(type(instance))}
+    return type.__call__(type(instance), **{**values, **changes})
+
+
+class _Validated(type):
+    """Metaclass of Section: `SomeSection(**values)` (in code, and in dataclasses.replace) goes
+    through `build`, so it is held to the same rules as a section read from a file."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        names = list(init_fields(cls))
+        if len(args) > len(names):
+            raise TypeError(f"{cls.__name__} takes at most {len(names)} positional arguments")
+        for name, value in zip(names, args):
+            if name in kwargs:
+                raise TypeError(f"{cls.__name__} got {name!r} twice")
+            kwargs[name] = value
+        return build(cls, kwargs)
+
+
+class Section(metaclass=_Validated):
+    """Base of the config sections (frozen dataclasses): constructing one checks it (see `build`).
+
+    So a section built in code (a test, the trainer) is held to the same rules as one read from a file,
+    and no field is ever set after construction.
+    """
+
+    @classmethod
+    def prepare_raw(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        """Rewrites accepted alternative spellings (`zero1=dict(size=8)`) before the type check."""
+        return raw
+
+    def derived_fields(self) -> dict[str, Any]:
+        """Fields whose default depends on other fields (and normalised members): {name: value}.
+
+        Called on a first instance holding the values as given; the section is then made again
+        with these, before `check()`."""
+        return {}
+
+    def check(self) -> None:
+        """Range and consistency checks; raise ConfigError(message, key=field)."""
+
+
+def checked_fields(instance: Any) -> dict[str, Any]:
+    """The init fields of a dataclass instance whose type check changes them (an int made float, ...),
+    as {name: checked value}; raises ConfigError naming the field when one does not fit."""
     hints = type_hints(type(instance))
+    changed = {}
     for name in init_fields(type(instance)):
         value = getattr(instance, name)
         try:
@@ -176,35 +234,8 @@ def check_fields(instance: Any) -> None:
         except ConfigError as error:
             raise error.within(name) from None
         if checked is not value:
-            object.__setattr__(instance, name, checked)
-
-
-class Section:
-    """Base of the config sections: on construction every field is type-checked, then `check()` runs.
-
-    So a section built in code (a test, the trainer) is held to the same rules as one read from a file.
-    """
-
-    def __post_init__(self) -> None:
-        self.normalize()
-        check_fields(self)
-        self.check()
-
-    @classmethod
-    def prepare_raw(cls, raw: dict[str, Any]) -> dict[str, Any]:
-        """Rewrites accepted alternative spellings in a file's dict before the type check."""
-        return raw
-
-    def normalize(self) -> None:
-        """The same for a section constructed in code (fields may still hold the alternative spelling)."""
-
-    def check(self) -> None:
-        """Range and consistency checks; raise ConfigError(message, key=field)."""
-
-
-def set_field(instance: Any, name: str, value: Any) -> None:
-    """Sets a field of a frozen dataclass while it is being constructed (defaults that depend on others)."""
-    object.__setattr__(instance, name, value)
+            changed[name] = checked
+    return changed
 
 
 @functools.cache

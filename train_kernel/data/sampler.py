@@ -16,18 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from train_kernel.config.sections import BatchRampup
 
-@dataclass(frozen=True)
-class Rampup:
-    """InternLM's rampup_batch_size "start incre every": micro_num starts at ``start`` and grows by
-    ``incre`` every ``every`` steps until the configured micro_num."""
-
-    start: int
-    incre: int
-    every: int
-
-    def micro_num_at(self, step: int, final: int) -> int:
-        return min(final, self.start + self.incre * (step // self.every))
+# InternLM's rampup_batch_size "start_bsz bsz_incre incre_every" as the config parses it: one
+# implementation of the ramp, for the config (data.micro_num_at) and the sampler alike.
+Rampup = BatchRampup
 
 
 @dataclass(frozen=True)

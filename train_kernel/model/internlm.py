@@ -43,11 +43,11 @@ LINEAR_STD = 0.006
 class InternLM(nn.Module):
     def __init__(self, config: ModelConfig, device: Device = None) -> None:
         super().__init__()
-        if config.hidden_size % config.num_attention_heads or config.head_dim % 2:
-            raise ValueError(
-                f"model.hidden_size ({config.hidden_size}) must be a multiple of model.num_attention_heads "
-                f"({config.num_attention_heads}) with an even head size"
-            )
+        # The config's rules (a ConfigError naming model.<key>), also for a model built without a file.
+        # Imported here: train_kernel.config imports this package's ModelConfig.
+        from train_kernel.config.rules import check_model
+
+        check_model(config)
         self.config = config
         dtype = config.torch_dtype
         self.embedding: nn.Embedding | None = nn.Embedding(

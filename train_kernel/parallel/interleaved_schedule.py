@@ -22,21 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from train_kernel.config.rules import check_interleaved  # the config's rule, kept for each step's count
 from train_kernel.data.batches import MicroBatch
-from train_kernel.parallel.zero_partition import LayoutError
 from train_kernel.train.step import StepLoss, head_loss, micro_batch_loss
 from train_kernel.train.token_metrics import TokenMetrics
-
-
-def check_interleaved(pipeline_size: int, num_chunks: int, micro_num: int) -> None:
-    """Raises LayoutError when the interleaved schedule cannot run this step shape (before any
-    collective: called with the config)."""
-    if pipeline_size > 1 and num_chunks > 1 and micro_num % pipeline_size:
-        raise LayoutError(
-            f"{micro_num} with model.num_chunks {num_chunks}: the interleaved schedule "
-            f"needs a multiple of the pipeline size {pipeline_size}",
-            key="data.micro_num",
-        )
 
 
 @dataclass(frozen=True)

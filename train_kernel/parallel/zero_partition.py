@@ -121,13 +121,10 @@ class ParallelLayout:
     zero1: int = -1
 
     def __post_init__(self) -> None:
-        for name in ("world_size", "tensor", "pipeline"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                key = "world_size" if name == "world_size" else f"parallel.{name}"
-                raise LayoutError(f"must be an int >= 1, got {value!r}", key=key)
-        if isinstance(self.zero1, bool) or not isinstance(self.zero1, int):
-            raise LayoutError(f"must be an int, got {self.zero1!r}", key="parallel.zero1")
+        if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
+            raise LayoutError(f"must be an int >= 1, got {self.world_size!r}", key="world_size")
+        # tensor, pipeline and zero1 are the config's (parallel.*), checked there.
+        assert self.tensor >= 1 and self.pipeline >= 1, (self.tensor, self.pipeline)
         model_parallel = self.tensor * self.pipeline
         if self.world_size % model_parallel:
             raise LayoutError(

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
 
-from train_kernel.config import ConfigError, DataConfig, ParallelConfig, load_config
+from train_kernel.config import (
+    CkptConfig,
+    ConfigError,
+    DataConfig,
+    HybridZeroOptimizerConfig,
+    ModelConfig,
+    ParallelConfig,
+    TrainConfig,
+    load_config,
+)
 
+INTERLEAVED = (
+    "model = dict(num_layers=4, num_chunks=2)\n"
+    "parallel = dict(pipeline=dict(size=2, interleaved_overlap=True))"
+)
 CASES = [
     # (config text, dotted key, words of the message)
     ("dat = dict(seq_len=8)", "dat", "unknown key; did you mean data?"),
@@ -42,6 +56,16 @@ CASES = [
     ("model = dict(num_chunks=0)", "model.num_chunks", "must be >= 1"),
     ("model = dict(num_layers=6, num_chunks=4)", "model.num_chunks", "4 chunks do not divide num_layers 6"),
     ("model = dict(num_chunks=2)", "parallel.pipeline.interleaved_overlap", "must be True"),
+    (
+        f"{INTERLEAVED}\ndata = dict(micro_num=3)",
+        "data.micro_num",
+        "3 with model.num_chunks 2: the interleaved schedule needs a multiple of the pipeline size 2",
+    ),
+    (
+        f"{INTERLEAVED}\ndata = dict(micro_num=4, rampup_batch_size='1 1 2')",
+        "data.rampup_batch_size",
+        "'1 1 2': a ramp-up step of 1 with model.num_chunks 2: the interleaved schedule needs a multiple",
+    ),
     ("lr_scheduler = dict(warmup_ratio=1.5)", "lr_scheduler.warmup_ratio", "must be in [0, 1]"),
     ("adam = dict(adam_beta2=1.0)", "adam.adam_beta2", "must be in [0, 1)"),
     ("beta2_scheduler = dict(init_beta2=-0.1)", "beta2_scheduler.init_beta2", "must be in [0, 1)"),
@@ -77,14 +101,29 @@ CASES = [
         "data.rampup_batch_size",
         "not a multiple of bsz_incre 3",
     ),
-    ("ckpt = dict(save_ckpt_folder='s3://bucket/x')", "ckpt.save_ckpt_folder", "write 'boto3:s3://...'"),
+    # Storage URIs: the uploader's parser (ckpt_uploader.uri) and its words, under the config's key.
     (
         "ckpt = dict(load_ckpt_folder='oss2:bucket/x')",
         "ckpt.load_ckpt_folder",
-        "unsupported storage backend 'oss2'",
+        "'oss2:bucket/x': unknown scheme",
     ),
-    ("ckpt = dict(save_ckpt_folder='boto3:bucket/x')", "ckpt.save_ckpt_folder", "expected 'boto3:s3://"),
-    ("ckpt = dict(save_ckpt_folder='local:')", "ckpt.save_ckpt_folder", "needs a path"),
+    (
+        "ckpt = dict(save_ckpt_folder='boto3:bucket/x')",
+        "ckpt.save_ckpt_folder",
+        "expected 's3://bucket/prefix'",
+    ),
+    ("ckpt = dict(save_ckpt_folder='local:')", "ckpt.save_ckpt_folder", "no folder after 'local:'"),
+    (
+        "ckpt = dict(save_ckpt_folder='s3://bk/x/../y')",
+        "ckpt.save_ckpt_folder",
+        "may not hold empty, '.' or '..'",
+    ),
+    ("ckpt = dict(snapshot_ckpt_folder='')", "ckpt.snapshot_ckpt_folder", "empty storage URI"),
+    (
+        "ckpt = dict(load_ckpt_info=dict(path='boto3:s3://Bad_Bucket!/x'))",
+        "ckpt.load_ckpt_info.path",
+        "is not a valid bucket name",
+    ),
     ("ckpt = dict(enable_save_ckpt=True)", "ckpt.save_ckpt_folder", "required when enable_save_ckpt=True"),
     (
         "ckpt = dict(load_ckpt_folder='a', load_model_only_folder='b')",
@@ -166,12 +205,65 @@ def test_sections_built_in_code_are_checked_too():
     assert DataConfig(diag_outlier_ratio=2).diag_outlier_ratio == 2.0
 
 
+def test_sections_built_in_code_are_made_with_their_derived_values():
+    # Alternative spellings and defaults that depend on other fields are computed before the frozen
+    # section is made, in code and in dataclasses.replace as from a file.
+    assert ParallelConfig(zero1=dict(size=2)).zero1 == 2
+    assert HybridZeroOptimizerConfig(zero_overlap_communication=False).overlap_sync_grad is False
+    data = DataConfig(seq_len=8, micro_bsz=2, micro_num=3, train_folder="packed")
+    assert (data.packed_length, data.valid_micro_num, data.valid_folder) == (16, 3, "packed")
+    assert dataclasses.replace(data, micro_bsz=4).packed_length == 32
+    ckpt = CkptConfig(save_ckpt_folder="local:/c/")
+    assert ckpt.snapshot_ckpt_folder == "local:/c/snapshot"
+    with pytest.raises(ConfigError, match=r"^skip_batches: '3-1': range '3-1' ends before it starts"):
+        DataConfig(skip_batches="3-1")
+    with pytest.raises(ConfigError, match=r"^sq_len: unknown key; did you mean seq_len\?"):
+        DataConfig(sq_len=8)
+    with pytest.raises(ConfigError, match="^model.num_attention_heads: 3 heads do not divide hidden_size 64"):
+        TrainConfig(model=ModelConfig(hidden_size=64, num_attention_heads=3))
+
+
+def test_the_model_and_the_schedule_use_the_configs_rules():
+    from train_kernel.model import InternLM
+    from train_kernel.parallel.interleaved_schedule import check_interleaved
+
+    with pytest.raises(ConfigError) as caught:
+        InternLM(ModelConfig(hidden_size=64, num_attention_heads=3, vocab_size=16), device="meta")
+    assert caught.value.key == "model.num_attention_heads" and "do not divide hidden_size 64" in str(
+        caught.value
+    )
+    with pytest.raises(ConfigError) as caught:
+        InternLM(ModelConfig(hidden_size=64, num_attention_heads=4, norm_type="batchnorm"), device="meta")
+    assert caught.value.key == "model.norm_type"
+    with pytest.raises(ConfigError) as caught:
+        check_interleaved(2, 2, 3)
+    assert caught.value.key == "data.micro_num"
+
+
 def test_lr_schedule_shorter_than_the_run_is_allowed_with_a_warning(write_config, caplog):
     path = write_config("data = dict(total_steps=100)\nlr_scheduler = dict(total_steps=80)\n", name="warn.py")
     with caplog.at_level(logging.WARNING, logger="train_kernel.config.train_config"):
         config = load_config(path)
     assert config.lr_scheduler.total_steps == 80
     assert "warn.py: lr_scheduler.total_steps = 80 differs from data.total_steps = 100" in caplog.text
+
+
+def test_every_storage_uri_the_uploader_accepts_is_a_valid_folder(write_config):
+    from ckpt_uploader.uri import parse_storage_uri
+
+    for uri in (
+        "s3://bucket/prefix",
+        "boto3:s3://bucket/prefix",
+        "boto3:s3://ckpts.10.1.2.3:9000/p",
+        "local:x",
+        "/x",
+    ):
+        parse_storage_uri(uri)  # the uploader takes it...
+        path = write_config(
+            f"ckpt = dict(enable_save_ckpt=True, save_ckpt_folder={uri!r}, async_upload=True)\n"
+        )
+        assert load_config(path).ckpt.save_ckpt_folder == uri  # ...and so does the config
+    assert load_config(path).ckpt.snapshot_ckpt_folder == "/x/snapshot"
 
 
 def test_async_upload_to_a_local_folder_is_accepted_quietly(write_config, caplog):

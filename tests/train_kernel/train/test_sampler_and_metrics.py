@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from train_kernel.config import DataConfig
 from train_kernel.data.sampler import BatchSampler, Rampup
 from train_kernel.train.log_line import format_log_line
 from train_kernel.train.token_metrics import TokenMetrics
@@ -40,6 +41,13 @@ def test_state_restores_the_exact_sequence_and_rampup_and_skips():
     resumed.load_state_dict(state)
     assert [resumed.next_batch(s).rows.tolist() for s in range(3, 10)] == expected
     assert resumed.skipped == 1
+
+
+def test_the_sampler_ramps_up_as_the_config_says():
+    data = DataConfig(micro_num=7, rampup_batch_size="1 2 10")
+    sampler = BatchSampler(num_rows=50, micro_num=7, seed=3, rampup=data.rampup)
+    assert [sampler.micro_num_at(s) for s in range(45)] == [data.micro_num_at(s) for s in range(45)]
+    assert data.rampup.micro_nums(7) == [1, 3, 5, 7]
 
 
 def test_token_metrics_per_type():
