@@ -373,6 +373,11 @@ class PipelineConfig(Section):
     add pipeline bubbles (idle time) unless micro_num is much larger than size."""
     interleaved_overlap: bool = False
     """Overlap communication in the interleaved schedule (InternLM requires it when model.num_chunks > 1)."""
+    schedule: str | None = None
+    """The schedule of a training step: None runs the project's own (1F1B, or interleaved 1F1B when
+    model.num_chunks > 1); "1F1B", "Interleaved1F1B" or "InterleavedZeroBubble" run PyTorch's
+    pipelining engine (torch.distributed.pipelining) with that schedule. The interleaved ones need
+    model.num_chunks > 1; the zero-bubble one computes weight gradients apart to fill the bubble."""
 
     @classmethod
     def from_shorthand(cls, value: Any) -> PipelineConfig | None:
@@ -382,6 +387,12 @@ class PipelineConfig(Section):
 
     def check(self) -> None:
         _require(self.size >= 1, "size", f"must be >= 1, got {self.size}")
+        choices = ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble")
+        _require(
+            self.schedule is None or self.schedule in choices,
+            "schedule",
+            f"must be one of {', '.join(choices)} (or None: the project's own), got {self.schedule!r}",
+        )
 
 
 @dataclass(frozen=True)

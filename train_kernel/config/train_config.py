@@ -147,6 +147,15 @@ class TrainConfig(Section):
                 f"must be True when model.num_chunks = {model.num_chunks} > 1 "
                 "(InternLM's interleaved schedule)",
             )
+        schedule = parallel.pipeline.schedule
+        if schedule is not None:
+            interleaved = schedule.startswith("Interleaved")
+            _require(
+                interleaved == (model.num_chunks > 1),
+                "parallel.pipeline.schedule",
+                f"{schedule} needs model.num_chunks {'> 1' if interleaved else '= 1'}, "
+                f"got {model.num_chunks}",
+            )
         check_interleaved(parallel.pipeline.size, model.num_chunks, self.data.micro_num)
         if self.data.rampup is not None:
             try:

@@ -31,6 +31,7 @@ class OverlappedGradReducer:
         self.buckets: list[list[nn.Parameter]] = list(_buckets(list(reversed(list(params))), bucket_elements))
         self._bucket_of = {id(p): index for index, bucket in enumerate(self.buckets) for p in bucket}
         self._armed = False
+        self._armed_ids: set[int] = set()  # parameters armed one model piece at a time
         self._reset()
         self.started_during_backward = 0  # buckets started from a hook in the last step (for tests)
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
@@ -42,6 +43,15 @@ class OverlappedGradReducer:
         self._armed = True
         self.started_during_backward = 0
 
+    def arm_parameters(self, params) -> None:
+        """Arms only `params` (one model piece), right before that piece's last backward of the step:
+        under an interleaved pipeline schedule the pieces of a rank end their backwards at different
+        times, and a piece armed early would count an earlier micro-batch's accumulation as final."""
+        if not self._armed and not self._armed_ids:
+            self._reset()
+            self.started_during_backward = 0
+        self._armed_ids.update(id(p) for p in params)
+
     def _reset(self) -> None:
         self._ready: list[int] = [0] * len(self.buckets)
         self._seen: set[int] = set()
@@ -49,7 +59,7 @@ class OverlappedGradReducer:
         self._pending: list[tuple[torch.Tensor, dist.Work]] = []
 
     def _on_grad_ready(self, param: nn.Parameter) -> None:
-        if not self._armed or id(param) in self._seen:
+        if not (self._armed or id(param) in self._armed_ids) or id(param) in self._seen:
             return
         self._seen.add(id(param))
         index = self._bucket_of[id(param)]
@@ -79,6 +89,7 @@ class OverlappedGradReducer:
         for index in range(self._next, len(self.buckets)):
             self._start(index)
         self._armed = False
+        self._armed_ids = set()
         for (flat, work), bucket in zip(self._pending, self.buckets):
             # NOTE: sync point before the optimizer step: the step reads every averaged gradient,
             # so each bucket's all-reduce must have completed before its values are copied back.

@@ -1,6 +1,12 @@
 """torch.distributed setup and teardown for one training process: the default group from the
-env:// variables the CLI's launcher set, then the data-parallel, ZeRO-1 and pipeline groups of
-ParallelLayout.
+env:// variables the CLI's launcher set, then one DeviceMesh (`torch.distributed.device_mesh`) over
+the job with named dimensions, from which the data-parallel, ZeRO-1, pipeline and tensor groups of
+ParallelLayout are taken.
+
+Mesh dimensions, outermost first, in InternLM's rank order (tensor ranks adjacent, then data, then
+pipeline): ("pipeline", "data_replicate", "zero", "tensor"). A ZeRO-1 group is a slice of `zero`
+consecutive data-parallel ranks, so data parallel is "data_replicate" x "zero", flattened into the
+dimension "data" (torchtitan builds its data-parallel mesh the same way).
 
 Every check that can fail on a user's config runs before the first collective, so a misconfigured
 job stops on every rank with the same message instead of hanging in a rendezvous.
@@ -17,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from train_kernel.parallel.zero_partition import LayoutError, ParallelLayout
 
@@ -28,6 +35,7 @@ log = logging.getLogger(__name__)
 # Seconds a collective may wait for its peers before the job fails (the watchdog): a rank that died
 # without closing its connections shows up as a timeout on the others instead of a hang.
 DEFAULT_TIMEOUT_S = 600.0
+MESH_DIMS = ("pipeline", "data_replicate", "zero", "tensor")
 TIMEOUT_ENV = "TRAIN_KERNEL_DIST_TIMEOUT_S"
 
 
@@ -35,7 +43,7 @@ def check_supported(parallel: ParallelConfig) -> None:
     """Raises LayoutError for the parallel modes this trainer does not run yet."""
     if parallel.tensor.size > 1:
         raise LayoutError(
-            f"tensor size {parallel.tensor.size}: tensor parallelism arrives in a later change; use tensor=1",
+            f"tensor size {parallel.tensor.size}: this trainer does not run tensor parallelism; use tensor=1",
             key="parallel.tensor.size",
         )
 
@@ -64,6 +72,7 @@ class ParallelContext:
     zero_ranks: list[int] = field(default_factory=lambda: [0])
     pipeline_group: dist.ProcessGroup | None = None  # None without pipeline parallelism
     pipeline_ranks: list[int] = field(default_factory=lambda: [0])  # global ranks, stage 0 first
+    mesh: DeviceMesh | None = None  # the job's mesh (None in one process); groups for later dims
 
     @property
     def distributed(self) -> bool:
@@ -166,38 +175,28 @@ def init_parallel(parallel: ParallelConfig, environ: Mapping[str, str] | None = 
     dist.init_process_group(
         backend=backend, init_method="env://", rank=rank, world_size=world_size, timeout=_timeout(environ)
     )
-    data_group = zero_group = None
-    zero_ranks = layout.zero_group(rank)
-    # NOTE: new_group is collective over the whole world: every rank creates every group, in the
-    # same order, and keeps the ones it belongs to.
-    for first in range(0, world_size, layout.data):
-        ranks = layout.data_group(first)
-        group = dist.new_group(ranks)
-        if rank in ranks:
-            data_group = group
-    for stage in range(layout.pipeline):
-        for dp_first in range(0, layout.data, layout.zero):
-            ranks = layout.zero_group(layout.rank_of(data=dp_first, pipeline=stage))
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                zero_group = group
-    pipeline_group = None
-    pipeline_ranks = layout.pipeline_group(rank)
-    if layout.pipeline > 1:
-        for dp in range(layout.data):
-            ranks = layout.pipeline_group(layout.rank_of(data=dp))
-            # NOTE: collective over the world like the groups above; the pipeline group carries the
-            # sums of the per-step statistics (only the last stage has the loss) and of the norm.
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                pipeline_group = group
+    # NOTE: collective over the whole world: every rank builds the same mesh, and with it every
+    # group of every dimension, and keeps the ones it belongs to.
+    mesh = init_device_mesh(
+        "cuda" if backend == "nccl" else "cpu",
+        (layout.pipeline, layout.num_zero_groups, layout.zero, layout.tensor),
+        mesh_dim_names=MESH_DIMS,
+    )
+    data_mesh = mesh["data_replicate", "zero"]._flatten("data")
+    zero_ranks = mesh["zero"].mesh.flatten().tolist()
+    pipeline_ranks = mesh["pipeline"].mesh.flatten().tolist()
+    if zero_ranks != layout.zero_group(rank) or pipeline_ranks != layout.pipeline_group(rank):
+        raise RuntimeError(f"the device mesh disagrees with the layout's rank order at rank {rank}")
     log.info("process group: rank %d of %d (%s), backend %s", rank, world_size, layout.describe(), backend)
     return ParallelContext(
         layout=layout,
         rank=rank,
-        data_group=data_group,
-        zero_group=zero_group,
+        data_group=data_mesh.get_group(),
+        zero_group=mesh["zero"].get_group(),
         zero_ranks=zero_ranks,
-        pipeline_group=pipeline_group,
+        # The pipeline group carries the sums of the per-step statistics (only the last stage has
+        # the loss) and of the gradient norm.
+        pipeline_group=mesh["pipeline"].get_group() if layout.pipeline > 1 else None,
         pipeline_ranks=pipeline_ranks,
+        mesh=mesh,
     )

@@ -36,6 +36,7 @@ class _HostBuffers:
     def __init__(self, keep: int = 6) -> None:
         self.keep = keep
         self.free: list[torch.Tensor] = []
+        self.pooling = True  # False: the gradient buffer is not pooled (see backward_more_than_once)
 
     def take(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         for index, buffer in enumerate(self.free):
@@ -53,13 +54,31 @@ class _HostBuffers:
 _HOST_BUFFERS = _HostBuffers()
 
 
+class backward_more_than_once:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Within it, the loss's gradient buffer is its own tensor, not the pool's: a schedule that
+    runs the loss's backward twice (zero-bubble: input gradients, later weight gradients) reads it
+    in both."""
+
+    def __enter__(self) -> None:
+        self._before = _HOST_BUFFERS.pooling
+        _HOST_BUFFERS.pooling = False
+
+    def __exit__(self, *exc) -> None:
+        _HOST_BUFFERS.pooling = self._before
+
+
 class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, label_smoothing, token_losses_out, correct_out):
         tokens, vocab = hidden.shape[0], weight.shape[0]
         valid = labels != IGNORE_INDEX
         count = int(valid.sum())
-        grad_logits = _HOST_BUFFERS.take((tokens, vocab), hidden.dtype, hidden.device)
+        ctx.pooled = _HOST_BUFFERS.pooling
+        grad_logits = (
+            _HOST_BUFFERS.take((tokens, vocab), hidden.dtype, hidden.device)
+            if ctx.pooled
+            else torch.empty((tokens, vocab), dtype=hidden.dtype, device=hidden.device)
+        )
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         safe_labels = labels.clamp(min=0)
         rows = min(CHUNK_TOKENS, tokens)
@@ -123,7 +142,8 @@ class _HeadCrossEntropy(torch.autograd.Function):
         # Scaling the [T, h] input rather than the [V, h] product: one rounding either way, and
         # T/V of the work (1/16 at T = 2048, V = 32k).
         grad_weight = grad_logits.t() @ (hidden * scale) if ctx.needs_input_grad[1] else None
-        _HOST_BUFFERS.give_back(grad_logits)
+        if ctx.pooled:
+            _HOST_BUFFERS.give_back(grad_logits)
         return grad_hidden, grad_weight, None, None, None, None
 
 

@@ -24,9 +24,9 @@ from train_kernel.optim.loss_scaler import DynamicLossScaler
 from train_kernel.optim.schedules import Beta2Schedule, WarmupCosineLR
 from train_kernel.optim.zero import ZeroOptimizer
 from train_kernel.parallel.collectives import sum_over
+from train_kernel.parallel.engine_schedule import EngineSchedule
 from train_kernel.parallel.interleaved_schedule import (
     ChunkRing,
-    check_interleaved,
     interleaved_forward_backward,
     interleaved_forward_only,
 )
@@ -136,7 +136,6 @@ def build_row_sources(config: TrainConfig, dp_size: int = 1) -> tuple[RowSource,
 def train(config: TrainConfig) -> None:
     """Trains `config` as this process's rank (RANK / WORLD_SIZE from the launcher; one process
     without them). Process groups are torn down however the run ends."""
-    check_interleaved(config.parallel.pipeline.size, config.model.num_chunks, config.data.micro_num)
     parallel = init_parallel(config.parallel)
     finished = False
     try:
@@ -330,23 +329,25 @@ def _start_metrics_sidecar(config: TrainConfig, run_dir):
     uri = config.metrics.mlflow_tracking_uri
     if not uri:
         return None
+    from metrics.redact import redact_uri
     from metrics.supervisor import start_sidecar
 
+    shown = redact_uri(uri)  # a password or token in the URI never reaches the log
     try:
         sidecar = start_sidecar(run_dir, uri, config.metrics.experiment)
     except (ModuleNotFoundError, OSError) as error:
         # Monitoring must not stop a training run: every record is still in metrics.jsonl.
         log.warning(
             "metrics: no MLflow sidecar (%s); the records stay in %s, forward them later with "
-            "`metrics-sidecar run --run-dir %s --tracking-uri %s --once`",
+            "`MLFLOW_TRACKING_URI=%s metrics-sidecar run --run-dir %s --once`",
             error,
             run_dir / "metrics.jsonl",
+            shown,
             run_dir,
-            uri,
         )
         return None
     log.info(
-        "metrics: sidecar pid %d forwards %s to MLflow at %s", sidecar.pid, run_dir / "metrics.jsonl", uri
+        "metrics: sidecar pid %d forwards %s to MLflow at %s", sidecar.pid, run_dir / "metrics.jsonl", shown
     )
     return sidecar
 
@@ -391,6 +392,7 @@ class _Loop:
         self.started = time.perf_counter()
         self.links: StageLinks | None = None  # this pipeline stage's neighbours (1F1B)
         self.ring: ChunkRing | None = None  # this stage's place among the pieces (interleaved)
+        self.engine: EngineSchedule | None = None  # PyTorch's pipelining engine (pipeline.schedule)
         self.checkpoints = checkpoints
         self.sidecar = sidecar  # rank 0's metrics sidecar, kept running
         self.run_state = run_state
@@ -412,6 +414,22 @@ class _Loop:
                 config.model.hidden_size,
                 activation_dtype(config.model),
                 device,
+            )
+        if parallel.pp_size > 1 and config.parallel.pipeline.schedule is not None:
+            reducer = optimizer.grad_reducer
+            self.engine = EngineSchedule(
+                config.parallel.pipeline.schedule,
+                list(model.chunks) if isinstance(model, StageChunks) else [model],
+                parallel.pp_rank,
+                parallel.pp_size,
+                config.data.micro_num,
+                parallel.pipeline_group,
+                device,
+                config.loss.label_smoothing,
+                tokens=config.data.seq_len * config.data.micro_bsz,
+                hidden_size=config.model.hidden_size,
+                activation_dtype=activation_dtype(config.model),
+                arm_for=(lambda part: reducer.arm_parameters(part.parameters())) if reducer else None,
             )
 
     def run(self, stop: StopRequest) -> None:
@@ -498,7 +516,9 @@ class _Loop:
         self.data_wait_seconds += data_ready - started
         self.model.train()
         self.metrics.reset()
-        if self.ring is not None:
+        if self.engine is not None:
+            step_loss = self.engine.forward_backward(micro_batches, self.optimizer.scaler.scale, self.metrics)
+        elif self.ring is not None:
             step_loss = interleaved_forward_backward(
                 list(self.model.chunks),
                 micro_batches,

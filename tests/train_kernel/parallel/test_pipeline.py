@@ -68,6 +68,22 @@ INTERLEAVED = "pipeline=dict(size=2, interleaved_overlap=True)"
         # 4 layers in 2 x 2 pieces of one layer: stage 0 holds layers 0 and 2, stage 1 layers 1 and 3.
         (2, 4, f"dict(zero1=1, {INTERLEAVED})", 2),
         (4, 2, f"dict(zero1=2, {INTERLEAVED})", 2),  # micro_num == pipeline size: all warm-up
+        # PyTorch's pipelining engine (pipeline.schedule): the same runs, the same results.
+        (2, 4, "dict(zero1=1, pipeline=dict(size=2, schedule='1F1B'))", 1),
+        (4, 2, "dict(zero1=2, pipeline=dict(size=2, schedule='1F1B'))", 1),  # with the overlapped reduction
+        (
+            4,
+            2,
+            "dict(zero1=2, pipeline=dict(size=2, schedule='Interleaved1F1B', interleaved_overlap=True))",
+            2,
+        ),
+        (
+            2,
+            4,
+            "dict(zero1=1, pipeline=dict(size=2, schedule='InterleavedZeroBubble', "
+            "interleaved_overlap=True))",
+            2,
+        ),
     ],
     ids=[
         "pipeline2",
@@ -75,6 +91,10 @@ INTERLEAVED = "pipeline=dict(size=2, interleaved_overlap=True)"
         "pipeline4",
         "interleaved-pipeline2",
         "interleaved-data2xpipeline2-zero2",
+        "engine-1f1b-pipeline2",
+        "engine-1f1b-data2xpipeline2-zero2",
+        "engine-interleaved-data2xpipeline2-zero2",
+        "engine-zero-bubble-pipeline2",
     ],
 )
 def test_pipeline_matches_one_process(single, tmp_path, world, micro_num, parallel, num_chunks):
