@@ -4,7 +4,7 @@ Real gloo processes (pipeline size = processes = 2, data 1, one thread each on t
 a small fp32 InternLM (hidden 256, 8 layers, seq 512, micro_num 8), the same config but for
 `parallel.pipeline.schedule`:
 
-- 1F1B: the project's (schedule None, num_chunks 1) and PyTorch's Schedule1F1B;
+- 1F1B: the project's (schedule "InternLM", num_chunks 1) and PyTorch's Schedule1F1B;
 - interleaved (num_chunks 2): the project's and PyTorch's ScheduleInterleaved1F1B, and PyTorch's
   ScheduleInterleavedZeroBubble.
 
@@ -33,9 +33,9 @@ WARMUP, STEPS = 2, int(os.environ.get("BENCH_ENGINES_STEPS", "6"))
 ROUNDS = int(os.environ.get("BENCH_ENGINES_ROUNDS", "2"))
 PROCESSES = 2
 VARIANTS = [  # (name, num_chunks, pipeline.schedule)
-    ("project 1F1B", 1, None),
+    ("project 1F1B", 1, "InternLM"),
     ("PyTorch Schedule1F1B", 1, "1F1B"),
-    ("project interleaved", 2, None),
+    ("project interleaved", 2, "InternLM"),
     ("PyTorch ScheduleInterleaved1F1B", 2, "Interleaved1F1B"),
     ("PyTorch ScheduleInterleavedZeroBubble", 2, "InterleavedZeroBubble"),
 ]

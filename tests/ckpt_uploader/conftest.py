@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from ckpt_uploader.embedded import PrivateUploader, start_private_uploader
+from ckpt_uploader.embedded import PrivateUploader, _read_address, start_private_uploader
 from tests.conftest import S3Server
 
 
@@ -22,6 +24,26 @@ def write_checkpoint(spool: Path, job_id: str, sizes: dict[str, int], seed: int 
         path.write_bytes(data)
         entries.append({"name": name, "size": size, "sha256": hashlib.sha256(data).hexdigest()})
     return entries
+
+
+def serve(spool: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """`ckpt-uploader serve` on a free loopback port, as an operator starts it (a standalone
+    service, not a trainer's private one): (process, address). The caller stops it."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ckpt_uploader",
+            "serve",
+            "--bind",
+            "tcp://127.0.0.1:*",
+            "--spool",
+            str(spool),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+    )
+    return process, _read_address(process, 20)
 
 
 def sha256_of(data: bytes) -> str:

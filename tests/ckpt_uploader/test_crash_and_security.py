@@ -11,9 +11,8 @@ import time
 import pytest
 
 from ckpt_uploader.client import UploaderClient, UploaderError
-from ckpt_uploader.embedded import _read_address
 from ckpt_uploader.stores import open_store
-from tests.ckpt_uploader.conftest import sha256_of, write_checkpoint
+from tests.ckpt_uploader.conftest import serve, sha256_of, write_checkpoint
 from tests.conftest import run_cli
 
 
@@ -71,32 +70,12 @@ def test_journal_with_a_torn_last_line_still_resumes(start_uploader, tmp_path):
     assert (tmp_path / "out" / "1.step").exists()
 
 
-def _serve_with_curve(spool, keys) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ckpt_uploader",
-            "serve",
-            "--bind",
-            "tcp://127.0.0.1:*",
-            "--spool",
-            str(spool),
-            "--curve-keys",
-            str(keys),
-            "--allow-dst",
-            str(spool.parent / "out"),
-        ],
-        stdout=subprocess.PIPE,
-    )
-    return process, _read_address(process, 20)
-
-
 @pytest.mark.server
 def test_curve_needs_the_server_key_and_an_authorized_client(tmp_path):
     keys = tmp_path / "keys"
     run_cli("ckpt_uploader", "keygen", str(keys))
-    process, address = _serve_with_curve(tmp_path / "spool", keys)
+    spool = tmp_path / "spool"
+    process, address = serve(spool, "--curve-keys", str(keys), "--allow-dst", str(tmp_path / "out"))
     try:
         with UploaderClient(
             address,

@@ -374,10 +374,12 @@ class PipelineConfig(Section):
     interleaved_overlap: bool = False
     """Overlap communication in the interleaved schedule (InternLM requires it when model.num_chunks > 1)."""
     schedule: str | None = None
-    """The schedule of a training step: None runs the project's own (1F1B, or interleaved 1F1B when
-    model.num_chunks > 1); "1F1B", "Interleaved1F1B" or "InterleavedZeroBubble" run PyTorch's
-    pipelining engine (torch.distributed.pipelining) with that schedule. The interleaved ones need
-    model.num_chunks > 1; the zero-bubble one computes weight gradients apart to fill the bubble."""
+    """The schedule of a training step, run by PyTorch's pipelining engine (torch.distributed.pipelining):
+    "1F1B", "Interleaved1F1B" (needs model.num_chunks > 1) or "InterleavedZeroBubble" (needs
+    model.num_chunks > 1; computes weight gradients apart to fill the bubble); None: 1F1B, or
+    Interleaved1F1B when model.num_chunks > 1, unless micro_num is below the pipeline size or ramps
+    up (PyTorch's schedules need a fixed micro_num >= size): then the project's own. "InternLM":
+    the project's own 1F1B / interleaved schedules (InternLM's order), which run any micro_num."""
 
     @classmethod
     def from_shorthand(cls, value: Any) -> PipelineConfig | None:
@@ -387,11 +389,11 @@ class PipelineConfig(Section):
 
     def check(self) -> None:
         _require(self.size >= 1, "size", f"must be >= 1, got {self.size}")
-        choices = ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble")
+        choices = ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "InternLM")
         _require(
             self.schedule is None or self.schedule in choices,
             "schedule",
-            f"must be one of {', '.join(choices)} (or None: the project's own), got {self.schedule!r}",
+            f"must be one of {', '.join(choices)} (None: by model.num_chunks), got {self.schedule!r}",
         )
 
 

@@ -148,13 +148,20 @@ class TrainConfig(Section):
                 "(InternLM's interleaved schedule)",
             )
         schedule = parallel.pipeline.schedule
-        if schedule is not None:
+        if schedule not in (None, "InternLM"):
             interleaved = schedule.startswith("Interleaved")
             _require(
                 interleaved == (model.num_chunks > 1),
                 "parallel.pipeline.schedule",
                 f"{schedule} needs model.num_chunks {'> 1' if interleaved else '= 1'}, "
                 f"got {model.num_chunks}",
+            )
+            _require(
+                self._engine_can_run(),
+                "parallel.pipeline.schedule",
+                f"PyTorch's {schedule} needs a fixed data.micro_num >= the pipeline size "
+                f"{parallel.pipeline.size} (got {self.data.micro_num}"
+                f"{', with rampup_batch_size' if self.data.rampup else ''}); use 'InternLM'",
             )
         check_interleaved(parallel.pipeline.size, model.num_chunks, self.data.micro_num)
         if self.data.rampup is not None:
@@ -188,6 +195,18 @@ class TrainConfig(Section):
                 self.adam.lr,
                 self.lr_scheduler.eta_min,
             )
+
+    def _engine_can_run(self) -> bool:
+        return self.data.rampup is None and self.data.micro_num >= self.parallel.pipeline.size
+
+    def pipeline_engine_schedule(self) -> str | None:
+        """The PyTorch schedule a pipeline step runs (parallel.pipeline.schedule, or the default
+        for model.num_chunks), or None for the project's own: "InternLM", or by default when
+        micro_num is below the pipeline size or ramps up, which PyTorch's schedules cannot run."""
+        schedule = self.parallel.pipeline.schedule
+        if schedule == "InternLM" or (schedule is None and not self._engine_can_run()):
+            return None
+        return schedule or ("Interleaved1F1B" if self.model.num_chunks > 1 else "1F1B")
 
     def with_model_dtype(self, dtype: str) -> TrainConfig:
         """This config with model.dtype set to a concrete dtype (what "auto" resolved to on the

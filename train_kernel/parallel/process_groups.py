@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from train_kernel.parallel.zero_partition import LayoutError, ParallelLayout
+from train_kernel.parallel.layout import LayoutError, ParallelLayout
 
 if TYPE_CHECKING:
     from train_kernel.config.sections import ParallelConfig

@@ -14,7 +14,7 @@ from torch import nn
 
 from train_kernel.model.config import ModelConfig
 from train_kernel.model.internlm import InternLM
-from train_kernel.parallel.zero_partition import LayoutError, stage_layer_ranges
+from train_kernel.parallel.layout import LayoutError, stage_layer_ranges
 
 
 def stage_layers(config: ModelConfig, stage: int, num_stages: int) -> list[range]:

@@ -24,24 +24,13 @@ from train_kernel.optim.loss_scaler import DynamicLossScaler
 from train_kernel.optim.schedules import Beta2Schedule, WarmupCosineLR
 from train_kernel.optim.zero import ZeroOptimizer
 from train_kernel.parallel.collectives import sum_over
-from train_kernel.parallel.engine_schedule import EngineSchedule
-from train_kernel.parallel.interleaved_schedule import (
-    ChunkRing,
-    interleaved_forward_backward,
-    interleaved_forward_only,
-)
-from train_kernel.parallel.pipeline_schedule import (
-    StageLinks,
-    pipeline_forward_backward,
-    pipeline_forward_only,
-)
 from train_kernel.parallel.process_groups import ParallelContext, init_parallel
-from train_kernel.parallel.stage import StageChunks, activation_dtype, build_stage, build_stage_chunks
+from train_kernel.parallel.stage import StageChunks, build_stage, build_stage_chunks
 from train_kernel.plan import make_plan, memory_fit_warning
 from train_kernel.train.host_memory import keep_freed_host_memory
 from train_kernel.train.log_line import format_log_line
 from train_kernel.train.run_folder import resolve_run_dir, setup_logging
-from train_kernel.train.step import forward_backward, forward_only
+from train_kernel.train.step_schedule import build_step_schedule
 from train_kernel.train.stop_file import SAVE, STOP, StopFile
 from train_kernel.train.token_metrics import TokenMetrics
 
@@ -390,46 +379,16 @@ class _Loop:
         self.data_wait_seconds = 0.0
         self.losses: list[float] = []  # every step's loss, for the closing summary
         self.started = time.perf_counter()
-        self.links: StageLinks | None = None  # this pipeline stage's neighbours (1F1B)
-        self.ring: ChunkRing | None = None  # this stage's place among the pieces (interleaved)
-        self.engine: EngineSchedule | None = None  # PyTorch's pipelining engine (pipeline.schedule)
         self.checkpoints = checkpoints
         self.sidecar = sidecar  # rank 0's metrics sidecar, kept running
         self.run_state = run_state
         self.stop_file = StopFile(config.ckpt.stop_file_path if parallel.rank == 0 else None)
         self.save_requested = False  # the stop file asked for a checkpoint after this step
-        if isinstance(model, StageChunks):
-            self.ring = ChunkRing(
-                parallel.pp_rank,
-                parallel.pipeline_ranks,
-                config.model.num_chunks,
-                config.model.hidden_size,
-                activation_dtype(config.model),
-                device,
-            )
-        elif parallel.pp_size > 1:
-            self.links = StageLinks(
-                parallel.prev_stage_rank,
-                parallel.next_stage_rank,
-                config.model.hidden_size,
-                activation_dtype(config.model),
-                device,
-            )
-        if parallel.pp_size > 1 and config.parallel.pipeline.schedule is not None:
-            reducer = optimizer.grad_reducer
-            self.engine = EngineSchedule(
-                config.parallel.pipeline.schedule,
-                list(model.chunks) if isinstance(model, StageChunks) else [model],
-                parallel.pp_rank,
-                parallel.pp_size,
-                config.data.micro_num,
-                parallel.pipeline_group,
-                device,
-                config.loss.label_smoothing,
-                tokens=config.data.seq_len * config.data.micro_bsz,
-                hidden_size=config.model.hidden_size,
-                activation_dtype=activation_dtype(config.model),
-                arm_for=(lambda part: reducer.arm_parameters(part.parameters())) if reducer else None,
+        self.schedule = build_step_schedule(config, model, optimizer, parallel, device)
+        if parallel.pp_size > 1 and parallel.rank == 0:
+            log.info(
+                "pipeline schedule: %s",
+                config.pipeline_engine_schedule() or "the project's own (InternLM's order)",
             )
 
     def run(self, stop: StopRequest) -> None:
@@ -505,7 +464,7 @@ class _Loop:
         return total_loss / self.parallel.dp_size, int(total_tokens), stops > 0
 
     def train_step(self, stop: StopRequest) -> None:
-        config, state = self.config, self.state
+        state = self.state
         started = time.perf_counter()
         sampled = self.sampler.next_batch(state.step_count)
         while sampled.skipped:
@@ -516,38 +475,7 @@ class _Loop:
         self.data_wait_seconds += data_ready - started
         self.model.train()
         self.metrics.reset()
-        if self.engine is not None:
-            step_loss = self.engine.forward_backward(micro_batches, self.optimizer.scaler.scale, self.metrics)
-        elif self.ring is not None:
-            step_loss = interleaved_forward_backward(
-                list(self.model.chunks),
-                micro_batches,
-                self.optimizer.scaler.scale,
-                config.loss.label_smoothing,
-                self.metrics,
-                self.ring,
-            )
-        elif self.links is None:
-            step_loss = forward_backward(
-                self.model,
-                micro_batches,
-                self.optimizer.scaler.scale,
-                config.loss.label_smoothing,
-                self.metrics,
-                before_last_backward=self.optimizer.before_last_backward,
-            )
-        else:
-            step_loss = pipeline_forward_backward(
-                self.model,
-                micro_batches,
-                self.optimizer.scaler.scale,
-                config.loss.label_smoothing,
-                self.metrics,
-                self.links,
-                self.parallel.pp_rank,
-                self.parallel.pp_size,
-                before_last_backward=self.optimizer.before_last_backward,
-            )
+        step_loss = self.schedule.forward_backward(micro_batches, self.optimizer.scaler.scale, self.metrics)
         fwd_bwd_seconds = time.perf_counter() - data_ready
         result = self.optimizer.step(
             lr=self.lr_schedule.lr_at(state.step_count), beta2=self.beta2_schedule.beta2_at(state.step_count)
@@ -632,15 +560,7 @@ class _Loop:
         for start in range(dp_rank * batch_rows, len(rows), batch_rows * dp_size):
             batch = rows.batch(range(start, min(start + batch_rows, len(rows))))
             for micro in to_micro_batches(batch, self.device):
-                smoothing = self.config.loss.label_smoothing
-                if self.ring is not None:
-                    loss = interleaved_forward_only(
-                        list(self.model.chunks), micro, smoothing, metrics, self.ring
-                    )
-                elif self.links is not None:
-                    loss = pipeline_forward_only(self.model, micro, smoothing, metrics, self.links)
-                else:
-                    loss = forward_only(self.model, micro, smoothing, metrics)
+                loss = self.schedule.forward_only(micro, metrics)
                 if loss is not None:  # the last stage's
                     losses.append(loss)
         self.model.train()

@@ -3,12 +3,9 @@ uploader = dict(address=..., server_public_key=..., client_secret_key_file=...).
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from ckpt_uploader.embedded import _read_address
+from tests.ckpt_uploader.conftest import serve
 from tests.conftest import run_cli
 from tests.train_kernel.checkpoint.helpers import config_text
 from train_kernel.config import config_from_text
@@ -23,24 +20,8 @@ def curve_uploader(tmp_path):
     keys = tmp_path / "keys"
     run_cli("ckpt_uploader", "keygen", str(keys))
     spool = tmp_path / "spool"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ckpt_uploader",
-            "serve",
-            "--bind",
-            "tcp://127.0.0.1:*",
-            "--spool",
-            str(spool),
-            "--curve-keys",
-            str(keys),
-            "--allow-dst",
-            f"local:{tmp_path / 'run' / 'ckpt'}",
-        ],
-        stdout=subprocess.PIPE,
-    )
-    address = _read_address(process, 20)
+    allowed = f"local:{tmp_path / 'run' / 'ckpt'}"
+    process, address = serve(spool, "--curve-keys", str(keys), "--allow-dst", allowed)
     yield keys, spool, address
     process.terminate()
     process.wait(30)

@@ -14,9 +14,9 @@ from train_kernel.config import config_from_text
 from train_kernel.config.sections import ParallelConfig, PipelineConfig
 from train_kernel.model import build_model, load_model_state
 from train_kernel.parallel.interleaved_schedule import schedule_order
+from train_kernel.parallel.layout import LayoutError
 from train_kernel.parallel.process_groups import init_parallel
 from train_kernel.parallel.stage import build_stage, build_stage_chunks
-from train_kernel.parallel.zero_partition import LayoutError
 from train_kernel.train.trainer import train
 
 STEPS = 5
@@ -68,13 +68,18 @@ INTERLEAVED = "pipeline=dict(size=2, interleaved_overlap=True)"
         # 4 layers in 2 x 2 pieces of one layer: stage 0 holds layers 0 and 2, stage 1 layers 1 and 3.
         (2, 4, f"dict(zero1=1, {INTERLEAVED})", 2),
         (4, 2, f"dict(zero1=2, {INTERLEAVED})", 2),  # micro_num == pipeline size: all warm-up
-        # PyTorch's pipelining engine (pipeline.schedule): the same runs, the same results.
-        (2, 4, "dict(zero1=1, pipeline=dict(size=2, schedule='1F1B'))", 1),
-        (4, 2, "dict(zero1=2, pipeline=dict(size=2, schedule='1F1B'))", 1),  # with the overlapped reduction
+        # The project's own schedules (pipeline.schedule="InternLM"), and PyTorch's zero-bubble one.
+        (2, 4, "dict(zero1=1, pipeline=dict(size=2, schedule='InternLM'))", 1),
         (
             4,
             2,
-            "dict(zero1=2, pipeline=dict(size=2, schedule='Interleaved1F1B', interleaved_overlap=True))",
+            "dict(zero1=2, pipeline=dict(size=2, schedule='InternLM'))",
+            1,
+        ),  # with the overlapped reduction
+        (
+            4,
+            2,
+            "dict(zero1=2, pipeline=dict(size=2, schedule='InternLM', interleaved_overlap=True))",
             2,
         ),
         (
@@ -91,9 +96,9 @@ INTERLEAVED = "pipeline=dict(size=2, interleaved_overlap=True)"
         "pipeline4",
         "interleaved-pipeline2",
         "interleaved-data2xpipeline2-zero2",
-        "engine-1f1b-pipeline2",
-        "engine-1f1b-data2xpipeline2-zero2",
-        "engine-interleaved-data2xpipeline2-zero2",
+        "internlm-1f1b-pipeline2",
+        "internlm-1f1b-data2xpipeline2-zero2",
+        "internlm-interleaved-data2xpipeline2-zero2",
         "engine-zero-bubble-pipeline2",
     ],
 )

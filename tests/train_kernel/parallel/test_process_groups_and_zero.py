@@ -12,8 +12,8 @@ import torch.distributed as dist
 from tests.train_kernel.parallel.launch import run_ranks, train_ranks
 from tests.train_kernel.train.tiny_config import tiny_config_text
 from train_kernel.config.sections import ParallelConfig, PipelineConfig
+from train_kernel.parallel.layout import LayoutError
 from train_kernel.parallel.process_groups import init_parallel
-from train_kernel.parallel.zero_partition import LayoutError
 
 
 def _result(output: str) -> dict:
