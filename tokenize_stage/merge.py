@@ -19,10 +19,7 @@ class MergeError(RuntimeError):
     pass
 
 
-def merge_shard_manifests(output: Path) -> Path:
-    """Checks that every shard of the run finished, with the same tokenizer and settings, and that
-    together they cover their assigned inputs; then writes manifest.json and drops the shard files."""
-    output = output.resolve()
+def _shard_manifests(output: Path) -> tuple[dict[int, tuple[Path, dict]], set[int]]:
     found: dict[int, tuple[Path, dict]] = {}
     counts = set()
     for path in sorted(output.glob("manifest.shard-*-of-*.json")):
@@ -32,6 +29,44 @@ def merge_shard_manifests(output: Path) -> Path:
         index, count = int(match.group(1)), int(match.group(2))
         counts.add(count)
         found[index] = (path, json.loads(path.read_text()))
+    return found, counts
+
+
+def _drop_shard_files(output: Path, shard_manifests: list[Path]) -> None:
+    # The merged manifest is already in place: from here on every step may be cut short and redone.
+    for path in shard_manifests:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(output / STATE_DIR, ignore_errors=True)
+    shutil.rmtree(output / PARTS_DIR, ignore_errors=True)
+
+
+def _finish_interrupted_merge(output: Path, target: Path, found: dict[int, tuple[Path, dict]]) -> Path:
+    """A merge that was stopped after writing manifest.json: the shard manifests it had not yet
+    dropped must be parts of that manifest (else they belong to another run, and nothing is touched)."""
+    merged = json.loads(target.read_text())
+    for path, data in found.values():
+        same_run = all(data.get(key) == merged.get(key) for key in _SHARED_KEYS)
+        if not same_run or any(merged["files"].get(rel) != entry for rel, entry in data["files"].items()):
+            raise MergeError(
+                f"{output} holds manifest.json and {path.name}, which is not part of it: "
+                "not the same run; move one of them away"
+            )
+    _drop_shard_files(output, [path for path, _ in found.values()])
+    return target
+
+
+def merge_shard_manifests(output: Path) -> Path:
+    """Checks that every shard of the run finished, with the same tokenizer and settings, and that
+    together they cover their assigned inputs; then writes manifest.json and drops the shard files.
+    Safe to stop at any moment and run again: a rerun finishes what a stopped one left."""
+    output = output.resolve()
+    target = output / MANIFEST_NAME
+    for stale in output.glob(MANIFEST_NAME + ".tmp-*"):  # a merge killed while writing the manifest
+        if stale.name.rsplit(".tmp-", 1)[-1].isdigit():
+            stale.unlink()
+    found, counts = _shard_manifests(output)
+    if target.exists():
+        return _finish_interrupted_merge(output, target, found)
     if not found:
         raise MergeError(f"no shard manifests (manifest.shard-I-of-N.json) in {output}")
     if len(counts) != 1:
@@ -62,10 +97,6 @@ def merge_shard_manifests(output: Path) -> Path:
     manifest = {key: first[key] for key in _SHARED_KEYS}
     manifest["files"] = {rel: files[rel] for rel in sorted(files)}
     manifest["totals"] = manifest_totals(files.values())
-    target = output / MANIFEST_NAME
     write_json_atomic(target, manifest)
-    for path, _ in found.values():
-        path.unlink()
-    shutil.rmtree(output / STATE_DIR, ignore_errors=True)
-    shutil.rmtree(output / PARTS_DIR, ignore_errors=True)
+    _drop_shard_files(output, [path for path, _ in found.values()])
     return target
