@@ -39,7 +39,7 @@ class ParameterCounts:
     """Parameters of each component held by one tensor-parallel rank (all of them when tensor = 1).
 
     InternLM's layout: token embedding; per layer a fused qkv projection with bias, an output
-    projection with bias, a SwiGLU MLP (w1, w3: hidden -> mlp_hidden, w2 back) without biases and two
+    projection with bias, a SwiGLU MLP (w1 gate, w2 up: hidden -> mlp_hidden, w3 down) without biases and two
     norms; a final norm; an untied output head without bias. RMSNorm has a weight, LayerNorm also a bias.
     """
 
@@ -63,8 +63,9 @@ def analytic_parameter_counts(model: ModelConfig, tensor: int = 1) -> ParameterC
         embedding = v * _split(h, tensor)
     else:
         embedding = _split(v, tensor) * h
+    qkv = model.qkv_size  # 3h, less with grouped-query attention
     attention = (
-        _split(3 * h, tensor) * h + _split(3 * h, tensor) + _split(h, tensor) * h + h
+        _split(qkv, tensor) * h + _split(qkv, tensor) + _split(h, tensor) * h + h
     )  # row-parallel bias is whole
     mlp = 2 * _split(f, tensor) * h + h * _split(f, tensor)
     return ParameterCounts(
@@ -106,8 +107,8 @@ class MemoryEstimate:
     A, for T = packed_length = micro_bsz * seq_len tokens, hidden h, MLP hidden f, vocab V, tensor size
     t, sp = t with sequence parallel else 1:
       a layer that is not checkpointed keeps, per token, 4h/sp + 4h/t + 4f/t elements of dtype p:
-          the inputs of both norms and of the qkv / w1+w3 projections (4h/sp), q, k, v and the attention
-          output (4h/t; flash attention keeps no s^2 scores), and w1, w3, silu(w1) and their product (4f/t);
+          the inputs of both norms and of the qkv / w1+w2 projections (4h/sp), q, k, v and the attention
+          output (4h/t; flash attention keeps no s^2 scores), and w1, w2, silu(w1) and their product (4f/t);
       a checkpointed layer keeps only its input (h/sp), and while one of them is recomputed in backward its
           full activations exist once more;
       the last stage adds the final norm and head inputs (2h/sp) and the logits, T * V/t in dtype p plus

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from train_kernel.durable import atomic_write
+from train_kernel.model.config import model_config_json
 
 from . import layout
 from .manifest import FileEntry, sha256_of
@@ -85,7 +86,7 @@ def write_rank_files(folder: Path, run: RunState, checksum: bool = True) -> list
         if pp == 0:
             add(
                 layout.MODEL_CONFIG,
-                _bytes_writer(json.dumps(config.model.to_json(), indent=2, sort_keys=True).encode()),
+                _bytes_writer(json.dumps(model_config_json(config.model), indent=2, sort_keys=True).encode()),
             )
     if dp < parallel.zero_size:  # the first ZeRO group of the stage; the others hold copies
         add(layout.optimizer_file(pp, parallel.zero_rank), _torch_writer(run.optimizer.export_state()))

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from train_kernel.model.config import WEIGHTS_FORMAT, model_config_from_json, upgrade_weight_names
 from train_kernel.parallel.zero_partition import partition_ranges
 
 from . import layout
@@ -69,6 +70,19 @@ class _Reader:
         return torch.load(self.path(name), map_location="cpu", weights_only=True)
 
 
+def _weights_format(reader: _Reader, location: Location) -> int:
+    """The naming version of the checkpoint's weights (model_config.json; 1 when it predates it)."""
+    if reader.manifest.entry(layout.MODEL_CONFIG) is None:
+        return WEIGHTS_FORMAT
+    try:
+        _, weights_format = model_config_from_json(
+            reader.json(layout.MODEL_CONFIG), f"{location.uri}/{layout.MODEL_CONFIG}"
+        )
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(str(error)) from error
+    return weights_format
+
+
 def read_payload(
     location: Location, manifest: Manifest, content: set[str], run: RunState, scratch: Path
 ) -> RankPayload:
@@ -88,6 +102,7 @@ def read_payload(
         payload.model = {}
         for name in names:
             payload.model.update(load_file(str(reader.path(name))))
+        payload.model = upgrade_weight_names(payload.model, _weights_format(reader, location))
         check_model_state(run.model, payload.model, location.uri)
     if "optimizer" in content:
         if not same_stages:

@@ -76,7 +76,23 @@ def _check_model(model: ModelConfig) -> ModelConfig:
     _require(model.embed_grad_scale > 0, "embed_grad_scale", f"must be > 0, got {model.embed_grad_scale}")
     for name in ("drop_rate", "attn_drop_rate"):
         _require(0 <= getattr(model, name) < 1, name, f"must be in [0, 1), got {getattr(model, name)}")
-    _require(model.rotary_base > 0, "rotary_base", f"must be > 0, got {model.rotary_base}")
+    _require(model.rope_base > 0, "rope_base", f"must be > 0, got {model.rope_base}")
+    kv = model.kv_heads
+    _require(
+        kv >= 1 and model.num_attention_heads % kv == 0,
+        "num_kv_attention_heads",
+        f"{kv} key/value heads must be >= 1 and divide num_attention_heads {model.num_attention_heads}",
+    )
+    _require(
+        model.max_position_embeddings >= 1,
+        "max_position_embeddings",
+        f"must be >= 1, got {model.max_position_embeddings}",
+    )
+    _require(
+        not model.use_dynamic_ntk_rope,
+        "use_dynamic_ntk_rope",
+        "True is not supported (dynamic NTK RoPE scaling is not implemented); set it to False",
+    )
     _require(
         model.num_layers % model.num_chunks == 0,
         "num_chunks",

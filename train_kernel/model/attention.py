@@ -112,8 +112,14 @@ def varlen_causal_attention(
     dropout_p: float = 0.0,
     use_flash_attn: bool = True,
 ) -> torch.Tensor:
-    """Causal attention within each segment. q, k, v: [T, heads, head_dim]; returns the same shape."""
+    """Causal attention within each segment. q: [T, heads, head_dim], k and v: [T, kv_heads,
+    head_dim] with kv_heads dividing heads (grouped-query: query head j reads kv head
+    j // (heads / kv_heads)); returns q's shape."""
     kernel = attention_kernel(q, use_flash_attn, dropout_p)
+    if k.shape[1] != q.shape[1] and kernel != "flash_attn":
+        # flash-attn groups heads itself; the other kernels get each kv head repeated per group.
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     if kernel == "sdpa_buckets":
         return _bucketed_sdpa(q, k, v, segments, dropout_p)
     cu = segments.cu_seqlens_on(q.device)

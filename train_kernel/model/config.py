@@ -5,7 +5,7 @@ Field names and defaults are InternLM's, so a published config maps onto it one 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -67,8 +67,16 @@ class ModelConfig:
     """Dropout after attention / MLP."""
     attn_drop_rate: float = 0.0
     """Dropout on attention probabilities."""
-    rotary_base: float = 10000.0
-    """RoPE base."""
+    rope_base: float = 10000.0
+    """RoPE base (Hugging Face's rope_theta): 10000 for InternLM and Llama 2, 500000 for Llama 3."""
+    num_kv_attention_heads: int | None = None
+    """Key/value heads (grouped-query attention, InternLM's LLAMA2 key); None = num_attention_heads.
+    Must divide num_attention_heads: query head j reads key/value head j // (heads / kv heads)."""
+    max_position_embeddings: int = 2048
+    """Longest sequence the model is meant for; written into an exported Hugging Face config."""
+    use_dynamic_ntk_rope: bool = False
+    """InternLM's dynamic NTK RoPE scaling (an inference-time extension); not implemented: True is
+    refused with an error rather than ignored."""
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -84,9 +92,69 @@ class ModelConfig:
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def kv_heads(self) -> int:
+        kv = self.num_kv_attention_heads
+        return self.num_attention_heads if kv is None else kv
+
+    @property
+    def qkv_size(self) -> int:
+        """Rows of the fused Wqkv: q (heads) then k and v (kv_heads each), head_dim rows per head."""
+        return (self.num_attention_heads + 2 * self.kv_heads) * self.head_dim
+
+    @property
     def mlp_hidden_size(self) -> int:
         hidden = int(self.hidden_size * self.mlp_ratio)
         return MLP_MULTIPLE_OF * ((hidden + MLP_MULTIPLE_OF - 1) // MLP_MULTIPLE_OF)
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+# Version of the weights' naming in a checkpoint's model_config.json ("weights_format").
+# 1 (no key; before this field): mlp.w2 was the down and mlp.w3 the up projection.
+# 2: InternLM's meaning: w1 gate, w2 up, w3 down (tools/transformers/convert2hf.py maps them so).
+WEIGHTS_FORMAT = 2
+WEIGHTS_FORMAT_KEY = "weights_format"
+# Keys older model_config.json files wrote under another name.
+_RENAMED_KEYS = {"rotary_base": "rope_base"}
+
+
+def model_config_json(config: ModelConfig) -> dict:
+    """What a checkpoint's model_config.json holds: the config and the weights' naming version."""
+    return {**config.to_json(), WEIGHTS_FORMAT_KEY: WEIGHTS_FORMAT}
+
+
+def model_config_from_json(data: dict, source: str) -> tuple[ModelConfig, int]:
+    """(config, weights_format) of a model_config.json; older files (no weights_format, rotary_base)
+    are read as what they meant. An unknown key or a newer format is an error naming `source`."""
+    data = dict(data)
+    weights_format = data.pop(WEIGHTS_FORMAT_KEY, 1)
+    if weights_format not in (1, WEIGHTS_FORMAT):
+        raise ValueError(
+            f"{source}: {WEIGHTS_FORMAT_KEY} {weights_format!r} is unknown (this version reads 1 and "
+            f"{WEIGHTS_FORMAT}); written by a newer train-kernel?"
+        )
+    for old, new in _RENAMED_KEYS.items():
+        if old in data:
+            data[new] = data.pop(old)
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(data.keys() - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown model keys {unknown}")
+    return ModelConfig(**data), weights_format
+
+
+def upgrade_weight_names(state: dict, weights_format: int) -> dict:
+    """A state dict of `weights_format` under today's names: format 1 stored the down projection as
+    mlp.w2 and the up projection as mlp.w3, so the two swap."""
+    if weights_format == WEIGHTS_FORMAT:
+        return state
+    swap = {".mlp.w2.": ".mlp.w3.", ".mlp.w3.": ".mlp.w2."}
+    upgraded = {}
+    for key, value in state.items():
+        for old, new in swap.items():
+            if old in key:
+                key = key.replace(old, new)
+                break
+        upgraded[key] = value
+    return upgraded

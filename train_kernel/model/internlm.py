@@ -5,19 +5,22 @@ global layer index, kept when a pipeline stage drops the layers it does not own)
 
     embedding.weight                          [vocab, hidden]
     layers.{i}.attention_norm.weight          [hidden]          (+ .bias with norm_type=layernorm)
-    layers.{i}.attention.Wqkv.weight          [3*hidden, hidden] rows [q; k; v], head-major
-    layers.{i}.attention.Wqkv.bias            [3*hidden]
+    layers.{i}.attention.Wqkv.weight          [qkv, hidden]  rows [q; k; v], head-major; qkv =
+                                              (heads + 2 * kv_heads) * head_dim (3*hidden without GQA)
+    layers.{i}.attention.Wqkv.bias            [qkv]
     layers.{i}.attention.out_proj.weight      [hidden, hidden]
     layers.{i}.attention.out_proj.bias        [hidden]
     layers.{i}.mlp_norm.weight                [hidden]          (+ .bias with norm_type=layernorm)
     layers.{i}.mlp.w1.weight                  [mlp_hidden, hidden]  gate
-    layers.{i}.mlp.w3.weight                  [mlp_hidden, hidden]  up
-    layers.{i}.mlp.w2.weight                  [hidden, mlp_hidden]  down
+    layers.{i}.mlp.w2.weight                  [mlp_hidden, hidden]  up
+    layers.{i}.mlp.w3.weight                  [hidden, mlp_hidden]  down
     norm.weight                               [hidden]          (absent with apply_post_layer_norm)
     head.weight                               [vocab, hidden]   (not tied to the embedding)
 
 InternLM's own names map one to one: blocks.{i}.mixer -> layers.{i}.attention, blocks.{i}.norm1 ->
-attention_norm, blocks.{i}.norm2 -> mlp_norm; the rest are equal. There are no buffers.
+attention_norm, blocks.{i}.norm2 -> mlp_norm; the rest are equal (w1/w2/w3 included: checkpoints
+whose model_config.json has no weights_format stored down as w2 and up as w3, and are read so, see
+config.upgrade_weight_names). There are no buffers.
 
 Pipeline stages split the model by setting `embedding` / `norm` / `head` to None and deleting
 entries of `layers`; forward then takes or returns hidden states [B, L, hidden].
@@ -38,6 +41,8 @@ from .layers import Device, TransformerBlock, build_norm, rotary_cos_sin
 
 EMBEDDING_STD = 0.0052
 LINEAR_STD = 0.006
+# InternLM draws the down projection (w3) with a smaller std.
+DOWN_STD = 0.0015
 
 
 class InternLM(nn.Module):
@@ -83,7 +88,7 @@ class InternLM(nn.Module):
                 h = scale * h + (1 - scale) * h.detach()
         else:
             h = input_ids
-        rope = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rotary_base)
+        rope = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_base)
         segments = PackedSegments(cu_seqlens, max_seqlen)
         recompute = self.num_checkpointed_layers()
         for n, layer in enumerate(self.layers.values()):
@@ -127,15 +132,19 @@ class InternLM(nn.Module):
 
 
 def init_std(name: str) -> float | None:
-    """Std of the normal init of a parameter by its key; None for biases (zero) and norms (one)."""
+    """Std of the normal init of a parameter by its key, as InternLM's reset_parameters (use_scaled_init,
+    use_swiglu) draws it; None for biases (zero) and norms (one)."""
     if name.endswith(".bias") or "norm" in name:
         return None
     if name in ("embedding.weight", "head.weight"):
         return EMBEDDING_STD
     if name.endswith(("out_proj.weight", "mlp.w2.weight")):
-        # InternLM's scaled init: deeper output projections start smaller.
+        # InternLM's scaled init (sigma / sqrt(2 * (layer + 1))); it applies it to w2, the up
+        # projection, by name.
         layer_idx = int(name.split(".")[1])
         return LINEAR_STD / math.sqrt(2.0 * (layer_idx + 1))
+    if name.endswith("mlp.w3.weight"):
+        return DOWN_STD
     return LINEAR_STD
 
 

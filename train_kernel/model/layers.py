@@ -148,25 +148,27 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused Wqkv: output rows are [q; k; v], each head-major
-    ("(three heads head_dim)"), so q = rows [0, hidden), k = [hidden, 2*hidden), v = the rest."""
+    """Self-attention with a fused Wqkv whose output rows are [q; k; v]: q has num_attention_heads
+    heads, k and v have kv_heads each (grouped-query attention when fewer), every head head_dim
+    consecutive rows. With kv_heads == heads this is InternLM's "(three heads head_dim)" layout."""
 
     def __init__(self, config: ModelConfig, device: Device = None) -> None:
         super().__init__()
         hidden, dtype = config.hidden_size, config.torch_dtype
         self.num_heads = config.num_attention_heads
+        self.kv_heads = config.kv_heads
         self.head_dim = config.head_dim
         self.dropout_p = config.attn_drop_rate
         self.use_flash_attn = config.use_flash_attn
-        self.Wqkv = nn.Linear(hidden, 3 * hidden, bias=True, device=device, dtype=dtype)
+        self.Wqkv = nn.Linear(hidden, config.qkv_size, bias=True, device=device, dtype=dtype)
         self.out_proj = nn.Linear(hidden, hidden, bias=True, device=device, dtype=dtype)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: PackedSegments
     ) -> torch.Tensor:
         batch, seq, hidden = x.shape
-        qkv = self.Wqkv(x).view(batch * seq, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(dim=1)
+        qkv = self.Wqkv(x).view(batch * seq, self.num_heads + 2 * self.kv_heads, self.head_dim)
+        q, k, v = qkv.split((self.num_heads, self.kv_heads, self.kv_heads), dim=1)
         # q and k rotated apart: one call on both (viewed as [T, 2 * heads, d]) is 4x slower on
         # CPU, its working set falls out of the cache.
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
@@ -176,21 +178,22 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """w2(silu(w1(x)) * w3(x)): w1 is the gate, w3 the up projection, w2 the down projection."""
+    """w3(silu(w1(x)) * w2(x)): w1 is the gate, w2 the up and w3 the down projection, as in InternLM
+    (its FeedForward; tools/transformers/convert2hf.py maps w1/w2/w3 to gate/up/down_proj)."""
 
     def __init__(self, config: ModelConfig, device: Device = None) -> None:
         super().__init__()
         hidden, inner, dtype = config.hidden_size, config.mlp_hidden_size, config.torch_dtype
         self.w1 = nn.Linear(hidden, inner, bias=False, device=device, dtype=dtype)
-        self.w3 = nn.Linear(hidden, inner, bias=False, device=device, dtype=dtype)
-        self.w2 = nn.Linear(inner, hidden, bias=False, device=device, dtype=dtype)
+        self.w2 = nn.Linear(hidden, inner, bias=False, device=device, dtype=dtype)
+        self.w3 = nn.Linear(inner, hidden, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Gate and up projections as one GEMM (one pass over x, one input-gradient GEMM in
-        # backward: ~20% faster MLP on CPU); w1 and w3 stay separate parameters, so checkpoint and
+        # backward: ~20% faster MLP on CPU); w1 and w2 stay separate parameters, so checkpoint and
         # Hugging Face names are unchanged.
-        gate, up = F.linear(x, torch.cat((self.w1.weight, self.w3.weight))).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        gate, up = F.linear(x, torch.cat((self.w1.weight, self.w2.weight))).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

@@ -1,8 +1,10 @@
 """Model weight files of our checkpoint layout (safetensors only, never pickle).
 
 A folder holds `model_tp0_pp{p}.safetensors` per pipeline stage p (the entries of the modules that
-stage owns, under the full model's key names) and `model_config.json` (ModelConfig.to_json()).
-A single-process run writes only `model_tp0_pp0.safetensors`.
+stage owns, under the full model's key names) and `model_config.json` (config.model_config_json:
+the ModelConfig and the weights' naming version). A single-process run writes only
+`model_tp0_pp0.safetensors`. Folders written before the naming version existed are read under
+today's names (config.upgrade_weight_names).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 
 from train_kernel.durable import atomic_write
 
-from .config import ModelConfig
+from .config import ModelConfig, model_config_from_json, model_config_json, upgrade_weight_names
 
 CONFIG_FILE = "model_config.json"
 _STAGE_FILE = re.compile(r"^model_tp0_pp(\d+)\.safetensors$")
@@ -46,7 +48,7 @@ def write_model_state(
     path = folder / stage_file_name(pipeline_stage)
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     if pipeline_stage == 0:
-        text = json.dumps(config.to_json(), indent=2, sort_keys=True)
+        text = json.dumps(model_config_json(config), indent=2, sort_keys=True)
         atomic_write(folder / CONFIG_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
 
@@ -58,7 +60,7 @@ def load_model_state(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str, 
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing: not a model checkpoint folder")
-    config = ModelConfig(**json.loads(config_path.read_text(encoding="utf-8")))
+    config, weights_format = read_model_config(config_path)
     stage_files = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _STAGE_FILE.match(p.name)))
     if not stage_files:
         raise FileNotFoundError(f"{folder} holds no model_tp0_pp*.safetensors file")
@@ -68,8 +70,18 @@ def load_model_state(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str, 
             if key in state:
                 raise ValueError(f"{path.name}: key {key} also appears in another stage file")
             state[key] = value
+    state = upgrade_weight_names(state, weights_format)
     _check_keys(config, state, folder)
     return config, state
+
+
+def read_model_config(path: Path) -> tuple[ModelConfig, int]:
+    """(config, weights_format) of a model_config.json file; errors name the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    return model_config_from_json(data, str(path))
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
