@@ -8,14 +8,23 @@ from pathlib import Path
 import click
 
 from pack_stage.inspect_row import render_row, summary
+from pack_stage.internlm_folder import InternLMDataError, is_internlm_folder
 from pack_stage.pack import DEFAULT_SEED, PackConfig, PackError, pack
 from pack_stage.schema import PackedDataError, PackManifest
 from pack_stage.sources import SourceError
 from pack_stage.writer import OutputError
-from tokenize_stage.schema import ManifestError, TokenizerError
+from tokenize_stage.schema import ManifestError, TokenizerError, load_tokenizer
 
 # User errors: shown as one message, without a traceback.
-USER_ERRORS = (PackError, PackedDataError, SourceError, OutputError, ManifestError, TokenizerError)
+USER_ERRORS = (
+    PackError,
+    PackedDataError,
+    SourceError,
+    OutputError,
+    ManifestError,
+    TokenizerError,
+    InternLMDataError,
+)
 
 
 @click.group()
@@ -34,7 +43,7 @@ def main(verbose: bool) -> None:
     "input_dir",
     required=True,
     type=click.Path(path_type=Path),
-    help="Token folder (tokenize-stage output).",
+    help="Token folder (tokenize-stage output), or a folder of InternLM's *.bin / *.bin.meta files.",
 )
 @click.option(
     "--output",
@@ -81,6 +90,13 @@ def main(verbose: bool) -> None:
 @click.option(
     "--rows-per-part", default=None, type=int, help="Rows per part file [default: about 1 GiB per part]."
 )
+@click.option(
+    "--tokenizer",
+    "tokenizer_path",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="For InternLM *.bin input: the tokenizer it was made with, recorded for inspect and export.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def run(
     input_dir: Path,
@@ -94,6 +110,7 @@ def run(
     no_shuffle: bool,
     overwrite: bool,
     rows_per_part: int | None,
+    tokenizer_path: Path | None,
     no_progress: bool,
 ) -> None:
     """Pack the token folder --input into --output."""
@@ -111,7 +128,10 @@ def run(
         rows_per_part=rows_per_part,
     )
     try:
-        manifest = pack(config, progress=not no_progress)
+        tokenizer = load_tokenizer(tokenizer_path).identity if tokenizer_path else None
+        if tokenizer is not None and not is_internlm_folder(input_dir):
+            raise click.UsageError("--tokenizer is for InternLM *.bin input; token folders name their own")
+        manifest = pack(config, progress=not no_progress, tokenizer=tokenizer)
     except USER_ERRORS as error:
         raise click.ClickException(str(error)) from error
     click.echo(summary(manifest))

@@ -7,7 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pack_stage.schema import DOCUMENTS_NAME, MANIFEST_NAME, PackedDataError, PackManifest, part_name
+from pack_stage.schema import (
+    DOCUMENTS_NAME,
+    MANIFEST_NAME,
+    TOKENS_DIR,
+    PackedDataError,
+    PackManifest,
+    part_name,
+)
 
 if TYPE_CHECKING:
     from pack_stage.pack import PackConfig
@@ -61,5 +68,7 @@ def same_finished_pack(config: PackConfig, token_manifest_sha256: str) -> PackMa
             if not path.is_file() or path.stat().st_size != part.size_bytes:
                 return None
         expected |= {Path(name) / p.name for p in split.parts} | {Path(name) / DOCUMENTS_NAME}
+    # The token folder converted from InternLM *.bin input is checked by its manifest's sha256 above.
     found = {path.relative_to(folder) for path in folder.rglob("*")}
+    found = {path for path in found if path.parts[0] != TOKENS_DIR}
     return manifest if found == expected else None

@@ -5,19 +5,25 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from pack_stage.finished import same_finished_pack
+from pack_stage.internlm_folder import (
+    convert_internlm_folder,
+    discover_bin_files,
+    fingerprint,
+    is_internlm_folder,
+)
 from pack_stage.plan import SplitPlan, plan_documents
 from pack_stage.rows import RowBuilder
-from pack_stage.schema import MANIFEST_NAME, PackManifest, PartInfo, SplitInfo
+from pack_stage.schema import MANIFEST_NAME, TOKENS_DIR, PackManifest, PartInfo, SplitInfo
 from pack_stage.sources import TokenCorpus
 from pack_stage.writer import SplitWriter, open_documents, prepare_output, write_json_atomic
-from tokenize_stage.schema import TokenManifest
+from tokenize_stage.schema import ManifestError, TokenizerIdentity, TokenManifest
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +84,47 @@ class PackConfig:
         return self.rows_per_part or max(1, PART_BYTES // (9 * self.packed_length))
 
 
-def pack(config: PackConfig, progress: bool = True) -> PackManifest:
+def pack(
+    config: PackConfig, progress: bool = True, tokenizer: TokenizerIdentity | None = None
+) -> PackManifest:
+    """Packs ``config.input``: a tokenize-stage folder, or a folder of InternLM's ``*.bin`` /
+    ``*.bin.meta`` files, which is first converted into ``<output>/tokens/`` (``tokenizer``, when
+    given, is recorded for it; tokenize-stage folders name their own)."""
     config.validate()
+    if is_internlm_folder(config.input):
+        return _pack_internlm_folder(config, progress, tokenizer)
+    return _pack_token_folder(config, progress)
+
+
+def _pack_internlm_folder(
+    config: PackConfig, progress: bool, tokenizer: TokenizerIdentity | None
+) -> PackManifest:
+    tokens = config.output / TOKENS_DIR
+    if not config.overwrite and _same_source(config.input, tokens, tokenizer):
+        finished = same_finished_pack(replace(config, input=tokens), _sha256(tokens / MANIFEST_NAME))
+        if finished is not None:
+            logger.info("%s already holds this pack (same input and settings): nothing to do", config.output)
+            return finished
+    prepare_output(config.output, config.overwrite)
+    logger.info("reading the InternLM data folder %s into the token folder %s", config.input, tokens)
+    convert_internlm_folder(config.input, tokens, tokenizer)
+    return _pack_token_folder(replace(config, input=tokens), progress, output_ready=True)
+
+
+def _same_source(folder: Path, tokens: Path, tokenizer: TokenizerIdentity | None) -> bool:
+    """Whether ``tokens`` was converted from ``folder`` as it is now (names, sizes, mtimes)."""
+    try:
+        manifest = TokenManifest.load(tokens)
+    except (ManifestError, KeyError, TypeError):
+        return False
+    same_tokenizer = tokenizer is None or manifest.tokenizer == tokenizer
+    return same_tokenizer and manifest.settings.get("source_files") == fingerprint(discover_bin_files(folder))
+
+
+def _pack_token_folder(config: PackConfig, progress: bool, output_ready: bool = False) -> PackManifest:
     token_manifest = TokenManifest.load(config.input)
     token_manifest_sha256 = _sha256(config.input / MANIFEST_NAME)
-    if not config.overwrite:
+    if not config.overwrite and not output_ready:
         finished = same_finished_pack(config, token_manifest_sha256)
         if finished is not None:
             logger.info("%s already holds this pack (same input and settings): nothing to do", config.output)
@@ -105,7 +147,8 @@ def pack(config: PackConfig, progress: bool = True) -> PackManifest:
                 )
             if split.documents == 0:
                 logger.warning("the %s split is empty: raise --valid-fraction", split.name)
-        prepare_output(config.output, config.overwrite)
+        if not output_ready:
+            prepare_output(config.output, config.overwrite)
         total_rows = sum(s.rows(config.packed_length) for s in plan.splits)
         bar = tqdm(total=total_rows, unit="row", disable=not progress, dynamic_ncols=True)
         started = time.perf_counter()

@@ -65,6 +65,8 @@ class RowBuilder:
         self.pack_sample_into_one = pack_sample_into_one
         self.pad_id = pad_id
         self.rows = plan.rows(self.packed_length)
+        # Signed token shards carry InternLM's SFT convention (negative id = prompt token).
+        self.signed = corpus.dtype is not None and corpus.dtype.kind == "i"
         self.schema = row_schema(self.packed_length)
         # Where the walk through the split stands: the document holding the next block's first
         # token, and that document's stream offset.
@@ -99,6 +101,11 @@ class RowBuilder:
         n_shifted = fetch_end - begin - 1  # positions whose next stream token is real
         labels[:n_shifted] = buffer[1 : n_shifted + 1]
         labels[n_shifted:] = IGNORE_INDEX
+        if self.signed:
+            # InternLM's SFT convention (its packed_collate_fn): a negative id is a prompt token,
+            # read as abs(id) and never a target; a label <= 0 is no target.
+            labels[labels <= 0] = IGNORE_INDEX
+            np.abs(input_ids[:n_real], out=input_ids[:n_real])
         last_tokens = doc_end - 1 - begin
         labels[last_tokens[last_tokens < end - begin]] = IGNORE_INDEX
 

@@ -5,6 +5,7 @@ Layout (ARCHITECTURE.md section 3)::
     <out>/manifest.json                    written last: its presence means the pack is complete
     <out>/<split>/part-NNNNN.arrow         one row per packed row of packed_length tokens
     <out>/<split>/documents.arrow          the split's documents in packing order
+    <out>/tokens/                          only for InternLM *.bin input: the token folder made from it
 
 Part columns: ``input_ids``, ``labels`` (fixed_size_list<int32>[packed_length]), ``type_ids``
 (fixed_size_list<int8>[packed_length], -1 on padding) and ``cu_seqlens`` (list<int32>, 0 ..
@@ -31,6 +32,7 @@ __all__ = [
     "MANIFEST_NAME",
     "PAD_TYPE_ID",
     "SPLITS",
+    "TOKENS_DIR",
     "PackManifest",
     "PackedDataError",
     "PartInfo",
@@ -43,6 +45,8 @@ FORMAT = "pack_stage/v1"
 MANIFEST_NAME = "manifest.json"
 DOCUMENTS_NAME = "documents.arrow"
 SPLITS = ("train", "valid")
+# A pack made from a folder of InternLM's *.bin files keeps the token folder converted from it here.
+TOKENS_DIR = "tokens"
 # The label value torch's cross entropy ignores by default (and InternLM uses).
 IGNORE_INDEX = -100
 PAD_TYPE_ID = -1

@@ -20,6 +20,7 @@ from pack_stage.schema import (
     FORMAT,
     MANIFEST_NAME,
     SPLITS,
+    TOKENS_DIR,
     PartInfo,
     part_name,
 )
@@ -60,6 +61,7 @@ def prepare_output(folder: Path, overwrite: bool) -> None:
         (folder / MANIFEST_NAME).unlink(missing_ok=True)
         for split in SPLITS:
             shutil.rmtree(folder / split, ignore_errors=True)
+        shutil.rmtree(folder / TOKENS_DIR, ignore_errors=True)
         (folder / (MANIFEST_NAME + TMP_SUFFIX)).unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -72,8 +74,9 @@ def _foreign_entries(folder: Path) -> list[Path]:
                 return [manifest]
         except (json.JSONDecodeError, AttributeError):
             return [manifest]
-    ours = {MANIFEST_NAME, MANIFEST_NAME + TMP_SUFFIX, *SPLITS}
-    foreign = [p for p in folder.iterdir() if p.name not in ours or (p.name in SPLITS) != p.is_dir()]
+    ours = {MANIFEST_NAME, MANIFEST_NAME + TMP_SUFFIX, *SPLITS, TOKENS_DIR}
+    folders = {*SPLITS, TOKENS_DIR}
+    foreign = [p for p in folder.iterdir() if p.name not in ours or (p.name in folders) != p.is_dir()]
     for split in SPLITS:
         if (folder / split).is_dir():
             foreign += [p for p in (folder / split).iterdir() if not _is_split_file(p)]

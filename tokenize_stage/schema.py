@@ -23,6 +23,7 @@ from tokenize_stage.text_tokenizers import (
     Tokenizer,
     TokenizerError,
     TokenizerIdentity,
+    load_tokenizer,
     tokenizer_from_identity,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "TokenizerError",
     "TokenizerIdentity",
     "open_token_shard",
+    "load_tokenizer",
     "token_dtype_for",
     "tokenizer_from_identity",
 ]

@@ -194,6 +194,12 @@ def tokenizer_from_identity(identity: TokenizerIdentity) -> Tokenizer:
     """Re-opens the tokenizer a manifest names, refusing a file that changed since."""
     if identity.kind == "byte":
         return ByteTokenizer()
+    if identity.path is None:
+        # Data made elsewhere (InternLM's .bin files) does not name its tokenizer.
+        raise TokenizerError(
+            f"the data names no tokenizer (kind {identity.kind!r}); to see text, pack it with "
+            "`pack-stage run --tokenizer FILE`"
+        )
     tokenizer = load_tokenizer(identity.path)
     if tokenizer.identity.sha256 != identity.sha256:
         raise TokenizerError(
