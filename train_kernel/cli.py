@@ -20,6 +20,8 @@ from train_kernel.config.launcher import LAUNCHERS, launch_env
 USER_ERRORS = (ConfigError, PackedDataError, FileNotFoundError, NotADirectoryError, FileExistsError)
 # The Hugging Face converters report bad input folders as ValueError / KeyError.
 CONVERSION_ERRORS = USER_ERRORS + (ValueError, KeyError)
+# Reading checkpoints (also from object stores) adds damaged files and storage errors.
+CHECKPOINT_ERRORS = CONVERSION_ERRORS + (RuntimeError, OSError)
 
 config_option = click.option(
     "--config",
@@ -116,7 +118,11 @@ def plan(config_path: Path, overrides: tuple[str, ...], world_size: int | None, 
 
 @main.command("export-hf")
 @click.option(
-    "--ckpt", "ckpt_dir", required=True, type=click.Path(path_type=Path), help="Checkpoint folder (one step)."
+    "--ckpt",
+    "ckpt",
+    required=True,
+    help="Checkpoint folder (one step, or a weights-only folder): local:/path, boto3:s3://bucket/prefix "
+    "or a path.",
 )
 @click.option(
     "--out",
@@ -125,12 +131,28 @@ def plan(config_path: Path, overrides: tuple[str, ...], world_size: int | None, 
     type=click.Path(path_type=Path),
     help="Folder for the Hugging Face model.",
 )
-def export_hf(ckpt_dir: Path, out_dir: Path) -> None:
-    """Convert a checkpoint into a Hugging Face model folder."""
-    from train_kernel.model.hf_interop import export_hf as function
+@click.option(
+    "--tokenizer",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="Tokenizer file (tokenizer.json or a SentencePiece model) [default: the one the run's packed "
+    "data names].",
+)
+@click.option(
+    "--max-position-embeddings",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Written into config.json [default: model.max_position_embeddings].",
+)
+def export_hf(ckpt: str, out_dir: Path, tokenizer: Path | None, max_position_embeddings: int | None) -> None:
+    """Convert a checkpoint into a Hugging Face model folder (weights, config and tokenizer)."""
+    from train_kernel.interop.commands import export_checkpoint
 
-    _call(function, ckpt_dir, out_dir, user_errors=CONVERSION_ERRORS)
-    click.echo(f"exported {ckpt_dir} -> {out_dir}")
+    lines = _call(
+        export_checkpoint, ckpt, out_dir, tokenizer, max_position_embeddings, user_errors=CHECKPOINT_ERRORS
+    )
+    for line in lines:
+        click.echo(line)
 
 
 @main.command("import-hf")
@@ -141,11 +163,34 @@ def export_hf(ckpt_dir: Path, out_dir: Path) -> None:
     "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Checkpoint folder to write."
 )
 def import_hf(hf_dir: Path, out_dir: Path) -> None:
-    """Convert a Hugging Face InternLM model folder into a checkpoint to start from."""
+    """Convert a Hugging Face Llama / InternLM model folder (safetensors or pytorch_model*.bin,
+    grouped-query attention included) into a checkpoint to start from."""
     from train_kernel.model.hf_interop import import_hf as function
 
     _call(function, hf_dir, out_dir, user_errors=CONVERSION_ERRORS)
     click.echo(f"imported {hf_dir} -> {out_dir}")
+
+
+@main.command("import-internlm")
+@click.option(
+    "--ckpt",
+    "ckpt",
+    required=True,
+    help="InternLM checkpoint folder (model_tp*_pp*.pt): local:/path, boto3:s3://bucket/prefix or a path.",
+)
+@config_option
+@set_option
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Checkpoint folder to write."
+)
+def import_internlm(ckpt: str, config_path: Path, overrides: tuple[str, ...], out_dir: Path) -> None:
+    """Convert an InternLM checkpoint folder (any tensor and pipeline parallel size) into a checkpoint
+    to start from (load_ckpt_info=dict(path=OUT, content=("model",))); --config gives the model."""
+    from train_kernel.interop.commands import import_internlm as function
+
+    config = _load(config_path, overrides)
+    _call(function, ckpt, config.model, out_dir, user_errors=CHECKPOINT_ERRORS)
+    click.echo(f"imported {ckpt} -> {out_dir}")
 
 
 @main.command("checkpoints")

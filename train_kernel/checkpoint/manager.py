@@ -13,7 +13,10 @@ import time
 from pathlib import Path
 
 from train_kernel.config.errors import ConfigError
+from train_kernel.interop.fetch import local_folder
+from train_kernel.interop.foreign import is_foreign, read_foreign_model
 from train_kernel.model.state_files import CONFIG_FILE as MODEL_CONFIG_FILE
+from train_kernel.model.state_files import is_model_file
 from train_kernel.model.state_files import load_model_state as load_plain_model_state
 
 from . import layout, world
@@ -331,23 +334,46 @@ class CheckpointManager:
                     self.config.ckpt.save_ckpt_folder,
                 )
             return None
-        return self._load_first_good(run, [info.path], tuple(info.content), strict=True)
+        return self._load_first_good(
+            run, [info.path], tuple(info.content), strict=True, ckpt_type=info.ckpt_type
+        )
 
     def _load_first_good(
-        self, run: RunState, uris: list[str], content: tuple[str, ...], strict: bool
+        self,
+        run: RunState,
+        uris: list[str],
+        content: tuple[str, ...],
+        strict: bool,
+        ckpt_type: str = "internlm",
     ) -> str | None:
         wanted = expand_content(content)
         for uri in uris:
             location = open_location(uri, self.retry)
             error, payload = None, None
             try:
-                if (
+                if is_foreign(location, ckpt_type, layout.MANIFEST):
+                    # Weights written by InternLM, Hugging Face or Meta: they hold no optimizer,
+                    # sampler or schedule, so asking for those is an error, not a silent skip.
+                    if wanted != {"model"}:
+                        raise CheckpointError(
+                            f"{uri}: a {ckpt_type} checkpoint of another program holds model weights only; "
+                            'load it with content=("model",)'
+                        )
+                    payload = "plain-model"
+                    plain_state = read_foreign_model(
+                        location, ckpt_type, run.config.model, self.scratch / "files"
+                    )
+                    check_model_state(run.model, plain_state, uri)
+                elif (
                     wanted == {"model"}
                     and not location.exists(layout.MANIFEST)
                     and location.exists(MODEL_CONFIG_FILE)
                 ):
-                    payload = "plain-model"  # a weights-only folder (train-kernel import-hf)
-                    _, plain_state = load_plain_model_state(location.local_path)
+                    payload = (
+                        "plain-model"  # a weights-only folder (train-kernel import-hf / import-internlm)
+                    )
+                    folder = local_folder(location, is_model_file, self.scratch / "files")
+                    _, plain_state = load_plain_model_state(folder)
                     check_model_state(run.model, plain_state, uri)
                 else:
                     payload = read_payload(

@@ -22,7 +22,9 @@ from train_kernel.config.typecheck import Section
 # Skipping more batches than this is surely a typo ("0-100000000"); it would also cost memory.
 MAX_SKIPPED_BATCHES = 1_000_000
 LOAD_CONTENTS = ("all", "model", "sampler", "optimizer", "scheduler")
-CKPT_TYPES = ("internlm",)
+# "internlm": this project's checkpoints or InternLM's model_tp*_pp*.pt folders; "hf_llama": a Hugging
+# Face Llama folder; "llama": Meta's consolidated.*.pth (train_kernel.interop).
+CKPT_TYPES = ("internlm", "hf_llama", "llama")
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -460,7 +462,9 @@ class LoadCkptInfo(Section):
     content: tuple[str, ...] = ("all",)
     """What to load: ("all",) or some of "model", "sampler", "optimizer", "scheduler"."""
     ckpt_type: str = "internlm"
-    """Checkpoint format; "internlm" (this project's layout)."""
+    """Checkpoint format: "internlm" (this project's layout, or InternLM's model_tp*_pp*.pt folder),
+    "hf_llama" (Hugging Face Llama folder) or "llama" (Meta's consolidated.*.pth); the last two and
+    InternLM's folders hold weights only (content=("model",))."""
 
     def check(self) -> None:
         check_storage_folder(self.path, "path")

@@ -172,8 +172,12 @@ def ours_from_hf_state(
 
 
 def check_shapes(config: ModelConfig, state: dict[str, torch.Tensor], where: Path | str) -> None:
-    """Every weight of the model `config` describes is present with its shape."""
-    for key, shape in expected_shapes(config).items():
+    """Every weight of the model `config` describes is present with its shape, and nothing else."""
+    expected = expected_shapes(config)
+    unexpected = sorted(state.keys() - expected.keys())
+    if unexpected:
+        raise ValueError(f"{where}: weights this model does not have, e.g. {unexpected[:3]}")
+    for key, shape in expected.items():
         if key not in state:
             raise KeyError(f"{where}: weight {key} is missing")
         if tuple(state[key].shape) != shape:

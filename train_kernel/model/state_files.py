@@ -26,6 +26,11 @@ CONFIG_FILE = "model_config.json"
 _STAGE_FILE = re.compile(r"^model_tp0_pp(\d+)\.safetensors$")
 
 
+def is_model_file(name: str) -> bool:
+    """A file of a weights-only model folder (what to copy from an object store)."""
+    return name == CONFIG_FILE or bool(_STAGE_FILE.match(name))
+
+
 def stage_file_name(pipeline_stage: int) -> str:
     return f"model_tp0_pp{pipeline_stage}.safetensors"
 
