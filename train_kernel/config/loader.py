@@ -11,12 +11,15 @@ from __future__ import annotations
 import ast
 import builtins
 import dataclasses
+import logging
 import types
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from train_kernel.config.errors import ConfigError, did_you_mean, unknown_key
+from train_kernel.config.notices import log_notices
+from train_kernel.config.pack_agreement import check_pack_agreement
 from train_kernel.config.train_config import INTERNAL_FIELDS, TrainConfig
 from train_kernel.config.typecheck import (
     accepts_none,
@@ -26,6 +29,8 @@ from train_kernel.config.typecheck import (
     resolve_hint,
     type_hints,
 )
+
+logger = logging.getLogger("train_kernel.config")
 
 # Top-level values that are tools of the file, not settings: `import os`, `from math import ceil`, `def f()`.
 IGNORED_TYPES = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)
@@ -225,9 +230,12 @@ def build_config(
         )
     raw = {**settings, "job_name": job_name, "constants": constants, "source_path": path, "source_text": text}
     try:
-        return build(TrainConfig, raw)
+        config = build(TrainConfig, raw)
+        check_pack_agreement(config.data)
     except ConfigError as error:
         raise error.within(source=source) from None
+    log_notices(config, settings, source, logger)
+    return config
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:

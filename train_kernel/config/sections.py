@@ -133,7 +133,8 @@ class DataConfig(Section):
     """Validate every this many steps; 0 = never."""
     pack_sample_into_one: bool = False
     """Treat a packed row as one sequence (attention crosses document boundaries; InternLM's
-    PackedDatasetWithoutCuSeqlen) instead of keeping documents apart with cu_seqlens."""
+    PackedDatasetWithoutCuSeqlen) instead of keeping documents apart with cu_seqlens. Done by
+    pack_stage; it must equal the packed manifest's value (an error names both otherwise)."""
     total_steps: int = 50000
     """Optimizer steps of the run."""
     skip_batches: str = ""
@@ -141,23 +142,28 @@ class DataConfig(Section):
     data that made the loss spike. Parsed into skip_batch_indices."""
     rampup_batch_size: str = ""
     """Batch-size ramp-up "start_bsz bsz_incre incre_every": micro_num starts at start_bsz and grows by
-    bsz_incre every incre_every steps up to micro_num; "" = constant. Small early batches are cheaper
-    but noisier."""
+    bsz_incre every incre_every steps up to micro_num; "" (or None, as InternLM's later configs write)
+    = constant. Small early batches are cheaper but noisier."""
     min_length: int = 0
-    """Documents shorter than this many tokens are dropped (done by pack_stage; the trainer checks it)."""
+    """Documents shorter than this many tokens are dropped. Done by pack_stage; it must equal the
+    min_length of the packed manifest of train_folder / valid_folder (an error names both otherwise)."""
     train_folder: str | None = None
     """pack_stage output folder (holding its manifest.json) whose train split is read; None = random
     tokens (InternLM's dummy dataset), for throughput tests."""
     valid_folder: str | None = None
     """pack_stage output folder whose valid split is read; default: train_folder."""
     num_worker: int = 4
-    """DataLoader worker processes per rank; 0 = load in the training process."""
+    """InternLM's DataLoader worker processes per rank. Not used here: the packed rows are memory-mapped
+    and read in the training process (a value > 0 given in the file is warned about)."""
     empty_cache_and_diag_interval: int = 50
-    """Every this many steps empty the allocator cache and check for slow ranks (InternLM); 0 = never."""
+    """Every this many steps empty the allocator cache and check for slow ranks (InternLM); 0 = never.
+    Not applied yet (a warning names it when the file sets it)."""
     diag_outlier_ratio: float = 1.1
-    """A rank whose step time exceeds the median by this factor is reported as slow (>= 1)."""
+    """A rank whose step time exceeds the median by this factor is reported as slow (>= 1). Not
+    applied yet (a warning names it when the file sets it)."""
     fixed_random_dataset_seqlen: bool = True
-    """Random-token data (no train_folder): every document is seq_len long instead of a random length."""
+    """Random-token data (no train_folder): every document is seq_len long. False (random lengths)
+    is not supported: an error when the random data is used, a warning when train_folder is set."""
     packed_length: int | None = None
     """Derived, tokens per micro-batch = micro_bsz * seq_len; a value given in the file is ignored
     (InternLM does the same, with a warning)."""
@@ -171,6 +177,12 @@ class DataConfig(Section):
     def rampup(self) -> BatchRampup | None:
         """rampup_batch_size parsed; None = constant micro_num."""
         return parse_rampup(self.rampup_batch_size, self.micro_num)
+
+    @classmethod
+    def prepare_raw(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        if "rampup_batch_size" in raw and raw["rampup_batch_size"] is None:
+            raw["rampup_batch_size"] = ""  # InternLM's later configs write None for "no ramp-up"
+        return raw
 
     def derived_fields(self) -> dict[str, Any]:
         derived: dict[str, Any] = {"packed_length": self.micro_bsz * self.seq_len}
@@ -188,6 +200,12 @@ class DataConfig(Section):
             _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         _require(
             self.diag_outlier_ratio >= 1, "diag_outlier_ratio", f"must be >= 1, got {self.diag_outlier_ratio}"
+        )
+        _require(
+            self.fixed_random_dataset_seqlen or self.train_folder is not None,
+            "fixed_random_dataset_seqlen",
+            "False (random document lengths) is not supported: the random data (no train_folder) has "
+            "documents of seq_len tokens; remove the key or set it True",
         )
         _ = self.skip_batch_indices, self.rampup  # parsed now: a bad value is an error of the config
 
@@ -258,10 +276,12 @@ class GradScalerConfig(Section):
 class HybridZeroOptimizerConfig(Section):
     """`hybrid_zero_optimizer = dict(...)`: InternLM's ZeRO-1 optimizer wrapper."""
 
-    overlap_sync_grad: bool = True
-    """Reduce gradient buckets while backward still runs. Faster; costs the bucket memory."""
-    overlap_sync_param: bool = True
-    """Broadcast updated parameter slices overlapped with the next forward. Faster; costs memory."""
+    overlap_sync_grad: bool = False
+    """Reduce gradient buckets while backward still runs. Faster; costs the bucket memory.
+    Default False, as InternLM's (its configs set it True)."""
+    overlap_sync_param: bool = False
+    """Broadcast updated parameter slices overlapped with the next forward. Faster; costs memory.
+    Default False, as InternLM's (its configs set it True)."""
     reduce_bucket_size: int = 512 * 1024 * 1024
     """Gradient elements gathered before a reduce is launched. Larger buckets mean fewer, more efficient
     collectives but more memory held and less overlap."""
@@ -336,7 +356,8 @@ class LrSchedulerConfig(Section):
     eta_min: float = 1e-5
     """Learning rate at the end of the cosine decay."""
     last_epoch: int = -1
-    """Index of the last step taken (-1 = fresh start), as in torch's schedulers."""
+    """Index of the last step taken, as in torch's schedulers; only -1 (a fresh schedule) is
+    accepted: the schedule follows the run's step count, which a resumed checkpoint restores."""
 
     def check(self) -> None:
         if self.total_steps is not None:
@@ -344,7 +365,12 @@ class LrSchedulerConfig(Section):
         _require(self.init_steps >= 0, "init_steps", f"must be >= 0, got {self.init_steps}")
         _require(0 <= self.warmup_ratio <= 1, "warmup_ratio", f"must be in [0, 1], got {self.warmup_ratio}")
         _require(self.eta_min >= 0, "eta_min", f"must be >= 0, got {self.eta_min}")
-        _require(self.last_epoch >= -1, "last_epoch", f"must be >= -1, got {self.last_epoch}")
+        _require(
+            self.last_epoch == -1,
+            "last_epoch",
+            f"{self.last_epoch}: only -1 is supported (the schedule follows the run's step count; "
+            "resume from a checkpoint to continue a schedule)",
+        )
 
 
 @dataclass(frozen=True)
@@ -356,14 +382,20 @@ class Beta2SchedulerConfig(Section):
     c: float | None = None
     """Schedule constant (>= 0; 0 = beta2 stays init_beta2); default: adam.adam_beta2_c."""
     cur_iter: int = -1
-    """Index of the last step taken (-1 = fresh start)."""
+    """Index of the last step taken; only -1 (a fresh schedule) is accepted: beta2 follows the run's
+    step count, which a resumed checkpoint restores."""
 
     def check(self) -> None:
         if self.init_beta2 is not None:
             _require(0 <= self.init_beta2 < 1, "init_beta2", f"must be in [0, 1), got {self.init_beta2}")
         if self.c is not None:
             _require(self.c >= 0, "c", f"must be >= 0, got {self.c}")
-        _require(self.cur_iter >= -1, "cur_iter", f"must be >= -1, got {self.cur_iter}")
+        _require(
+            self.cur_iter == -1,
+            "cur_iter",
+            f"{self.cur_iter}: only -1 is supported (beta2 follows the run's step count; resume from a "
+            "checkpoint to continue a schedule)",
+        )
 
 
 @dataclass(frozen=True)
@@ -429,7 +461,8 @@ class ParallelConfig(Section):
     tensor: TensorConfig = field(default_factory=TensorConfig)
     """Tensor-parallel size (int) or dict(size=...)."""
     sequence_parallel: bool = False
-    """With tensor parallel, also split the norm/dropout activations along the sequence."""
+    """With tensor parallel, also split the norm/dropout activations along the sequence. Tensor
+    parallelism is not run yet: True gives a warning (and plan counts it)."""
 
     @classmethod
     def prepare_raw(cls, raw: dict[str, Any]) -> dict[str, Any]:
@@ -483,14 +516,19 @@ class LoadCkptInfo(Section):
 class CkptConfig(Section):
     """`ckpt = dict(...)`: saving, snapshots, resuming."""
 
-    enable_save_ckpt: bool = False
-    """Save checkpoints every checkpoint_every steps (and at the end)."""
+    enable_save_ckpt: bool | None = None
+    """Save checkpoints every checkpoint_every steps (and at the end). Default: True when
+    save_ckpt_folder is given (InternLM's default is True; InternLM refuses it without a folder, here
+    nothing is saved then)."""
     save_ckpt_folder: str | None = None
     """Where checkpoints go: "local:<path>", "boto3:s3://<bucket>/<prefix>" or a plain path."""
     load_ckpt_folder: str | None = None
-    """Resume from this checkpoint: weights, optimizer (if load_optimizer), sampler, scheduler, context."""
+    """Resume from this checkpoint: weights, optimizer (if load_optimizer), sampler, scheduler, context.
+    InternLM's older key: not used when load_ckpt_info is given or auto_resume is on (a warning says
+    so)."""
     load_model_only_folder: str | None = None
-    """Start from these weights only (fresh optimizer, data and schedule)."""
+    """Start from these weights only (fresh optimizer, data and schedule). Older key, as
+    load_ckpt_folder."""
     load_optimizer: bool = True
     """When resuming from load_ckpt_folder, also load the optimizer states."""
     checkpoint_every: int | None = None
@@ -508,19 +546,30 @@ class CkptConfig(Section):
     snapshot_ckpt_folder: str | None = None
     """Folder of the two alternating snapshot checkpoints; default: save_ckpt_folder + "/snapshot"."""
     oss_snapshot_freq: int | None = None
-    """Steps between snapshots (cheap, overwritten in turn); default: checkpoint_every // 2; 0 = none."""
+    """Steps between snapshots (cheap, overwritten in turn); 0 = none. Default: none, as InternLM's."""
     stop_file_path: str | None = None
     """A file polled during training: a step number written in it makes the run save and stop there."""
-    auto_resume: bool = False
-    """Resume from the latest complete checkpoint in save_ckpt_folder if there is one."""
+    auto_resume: bool | None = None
+    """Resume from the latest complete checkpoint in save_ckpt_folder (snapshots included), or start
+    from scratch when there is none; load_ckpt_info / load_ckpt_folder are then not used (InternLM's
+    rule; a warning names them). Default: True (InternLM's), or `not load_given_ckpt` when that older
+    key is given. Set False to start from load_ckpt_info."""
+    load_given_ckpt: bool | None = None
+    """InternLM's older switch: True = load the given checkpoint (auto_resume False)."""
     load_ckpt_info: LoadCkptInfo | None = None
     """dict(path=..., content=("all",) | subset of model/sampler/optimizer/scheduler, ckpt_type="internlm");
-    the newer InternLM form of load_ckpt_folder / load_model_only_folder."""
+    the newer InternLM form of load_ckpt_folder / load_model_only_folder, which it overrides. Used
+    only with auto_resume=False."""
 
     def derived_fields(self) -> dict[str, Any]:
+        derived: dict[str, Any] = {}
         if self.snapshot_ckpt_folder is None and self.save_ckpt_folder is not None:
-            return {"snapshot_ckpt_folder": self.save_ckpt_folder.rstrip("/") + "/snapshot"}
-        return {}
+            derived["snapshot_ckpt_folder"] = self.save_ckpt_folder.rstrip("/") + "/snapshot"
+        if self.enable_save_ckpt is None:
+            derived["enable_save_ckpt"] = self.save_ckpt_folder is not None
+        if self.auto_resume is None:
+            derived["auto_resume"] = True if self.load_given_ckpt is None else not self.load_given_ckpt
+        return derived
 
     def check(self) -> None:
         for name in (
@@ -539,12 +588,6 @@ class CkptConfig(Section):
             "load_model_only_folder",
             "cannot be set together with load_ckpt_folder (choose resume or weights-only start)",
         )
-        _require(
-            self.load_ckpt_info is None
-            or (self.load_ckpt_folder is None and self.load_model_only_folder is None),
-            "load_ckpt_info",
-            "cannot be set together with load_ckpt_folder / load_model_only_folder",
-        )
         if self.checkpoint_every is not None:
             _require(
                 self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}"
@@ -558,7 +601,11 @@ class CkptConfig(Section):
 
     @property
     def load_info(self) -> LoadCkptInfo | None:
-        """What to load at start, whichever way the config said it (None = start from scratch)."""
+        """What to load at start besides auto_resume's latest checkpoint, whichever way the config
+        said it (None = start from scratch). InternLM's rules: auto_resume wins over every other
+        key; load_ckpt_info over load_ckpt_folder / load_model_only_folder."""
+        if self.auto_resume:
+            return None
         if self.load_ckpt_info is not None:
             return self.load_ckpt_info
         if self.load_ckpt_folder is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from train_kernel.config.errors import ConfigError
+from train_kernel.config.monitor_sections import GradProfilingConfig, MonitorConfig
 from train_kernel.config.rules import check_interleaved, check_model, dtype_name
 from train_kernel.config.sections import (
     AdamConfig,
@@ -71,9 +72,11 @@ class TrainConfig(Section):
     model_type: str = "INTERNLM"
     """InternLM's model_type; only "INTERNLM" is supported."""
     cudnn_deterministic: bool = False
-    """torch.backends.cudnn.deterministic: reproducible kernels, sometimes slower."""
+    """torch.backends.cudnn.deterministic, set at the start of training: reproducible cuDNN kernels,
+    sometimes slower."""
     cudnn_benchmark: bool = False
-    """torch.backends.cudnn.benchmark: autotune convolution kernels (no effect on this model)."""
+    """torch.backends.cudnn.benchmark, set at the start of training: autotune cuDNN kernels (this
+    model runs none: matmuls and attention are not cuDNN's)."""
     run_dir: str | None = None
     """Run folder (log, metrics.jsonl, MLflow run id), relative to the working directory; default
     runs/<JOB_NAME>. A resumed run appends to it."""
@@ -83,6 +86,17 @@ class TrainConfig(Section):
     """`metrics = dict(...)` (ours)."""
     uploader: UploaderConfig = field(default_factory=UploaderConfig)
     """`uploader = dict(...)` (ours)."""
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    """`monitor = dict(alert=..., tensorboard=...)` (InternLM's later configs): accepted; alerts are not
+    sent yet and there is no TensorBoard writer (a warning says so when the file sets them)."""
+    alert_address: str | None = None
+    """InternLM's older Feishu alert webhook (now monitor.alert.feishu_alert_address); not sent yet."""
+    metric_dtype: str | None = None
+    """InternLM: "fp32" computes the metrics in fp32, anything else in the model's dtype. Here the
+    metrics are always computed in fp32 (another value gets a warning)."""
+    grad_profiling: GradProfilingConfig = field(default_factory=GradProfilingConfig)
+    """`grad_profiling = dict(...)` (InternLM's per-layer gradient statistics): accepted; not recorded
+    yet (a warning names what the file switches on)."""
     constants: dict[str, Any] = field(default_factory=dict)
     """The UPPERCASE top-level names of the file (SEQ_LEN, HIDDEN_SIZE, ...), as the file computed them."""
     source_path: Path | None = None
@@ -120,7 +134,7 @@ class TrainConfig(Section):
         if ckpt.checkpoint_every is None:
             ckpt = dataclasses.replace(ckpt, checkpoint_every=self.data.total_steps)
         if ckpt.oss_snapshot_freq is None:
-            ckpt = dataclasses.replace(ckpt, oss_snapshot_freq=ckpt.checkpoint_every // 2)
+            ckpt = dataclasses.replace(ckpt, oss_snapshot_freq=0)  # InternLM: no snapshots unless asked
         if ckpt is not self.ckpt:
             derived["ckpt"] = ckpt
         return derived

@@ -110,7 +110,8 @@ def test_defaults_where_the_seed_is_silent(seed):
         None,
         None,
     )
-    assert (seed.ckpt.stop_file_path, seed.ckpt.auto_resume, seed.ckpt.load_ckpt_info) == (None, False, None)
+    # InternLM's default: auto_resume on (resume from the latest checkpoint of save_ckpt_folder).
+    assert (seed.ckpt.stop_file_path, seed.ckpt.auto_resume, seed.ckpt.load_ckpt_info) == (None, True, None)
     assert seed.run_dir == "runs/7b_train" and seed.seed == 1024
     assert (seed.metrics.mlflow_tracking_uri, seed.metrics.experiment) == (None, None)
     assert (seed.uploader.address, seed.uploader.spool) == (None, None)
@@ -130,7 +131,11 @@ def test_a_file_without_sections_gets_every_default(write_config):
     config = load_config(write_config("JOB_NAME = 'tiny'\n"))
     assert config.data.seq_len == 2048 and config.data.micro_num == 1 and config.data.valid_micro_num == 1
     assert config.ckpt.checkpoint_every == config.data.total_steps == config.lr_scheduler.total_steps == 50000
-    assert config.ckpt.snapshot_ckpt_folder is None and config.ckpt.oss_snapshot_freq == 25000
+    assert config.ckpt.snapshot_ckpt_folder is None and config.ckpt.oss_snapshot_freq == 0
+    # InternLM's defaults: saving on when there is a folder to save to, auto_resume on, no overlap.
+    assert (config.ckpt.enable_save_ckpt, config.ckpt.auto_resume) == (False, True)
+    assert config.hybrid_zero_optimizer.overlap_sync_grad is False
+    assert config.hybrid_zero_optimizer.overlap_sync_param is False
     assert config.hybrid_zero_optimizer.reduce_bucket_size == 512 * 1024 * 1024
     assert config.parallel.zero1 == -1 and config.parallel.pipeline.size == 1
     assert config.grad_scaler.fp16.initial_scale == 2**16 and config.grad_scaler.max_scale == 2**24
@@ -179,13 +184,14 @@ def test_internlm_spellings_are_accepted(write_config):
             model = dict(dtype=torch.bfloat16, checkpoint=0.5)
             parallel = dict(zero1=dict(size=2, fsdp=False), pipeline=2, tensor=dict(size=1))
             hybrid_zero_optimizer = dict(zero_overlap_communication=False)
-            ckpt = dict(load_model_only_folder="boto3:s3://bucket.10.1.1.1/internlm/49")
+            ckpt = dict(load_model_only_folder="boto3:s3://bucket.10.1.1.1/internlm/49", load_given_ckpt=True)
             """
         )
     )
     assert config.model.dtype == "torch.bfloat16" and config.model.checkpoint == 0.5
     assert config.parallel.zero1 == 2 and config.parallel.pipeline.size == 2
     assert config.hybrid_zero_optimizer.overlap_sync_grad is False
+    assert config.ckpt.auto_resume is False  # load_given_ckpt=True, InternLM's older spelling
     assert config.ckpt.load_info.content == ("model",)
 
 

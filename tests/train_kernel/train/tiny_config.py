@@ -14,7 +14,9 @@ grad_scaler = dict(fp16=dict(initial_scale={initial_scale}, min_scale=1, growth_
 model = dict(num_layers=2, hidden_size=64, num_attention_heads=4, mlp_ratio=8 / 3, vocab_size={vocab_size},
              dtype="{dtype}", embed_grad_scale=1, checkpoint=False)
 parallel = dict(zero1=1)
-ckpt = dict(enable_save_ckpt={save}, save_ckpt_folder={save_folder!r}, checkpoint_every={checkpoint_every})
+# auto_resume=False: these tests choose what a run starts from (InternLM's default would resume).
+ckpt = dict(enable_save_ckpt={save}, save_ckpt_folder={save_folder!r}, checkpoint_every={checkpoint_every},
+            auto_resume=False)
 run_dir = {run_dir!r}
 seed = {seed}
 """
