@@ -92,6 +92,20 @@ def main(verbose: bool) -> None:
     show_default=True,
     help="A longer line is rejected (listed with file:line) and never held in memory whole.",
 )
+@click.option(
+    "--sft",
+    is_flag=True,
+    help="Chat / instruction jsonl (messages, prompt/response or alpaca fields): prompt tokens are "
+    "stored negated and never trained on.",
+)
+@click.option(
+    "--chat-template",
+    type=click.Choice(["auto", "default", "tokenizer"]),
+    default="auto",
+    show_default=True,
+    help="With --sft: the tokenizer's chat_template (tokenizer_config.json beside it), InternLM's "
+    "<|User|>:/<|Bot|>: default, or auto (the tokenizer's when it has one).",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
 def run(
     input_dir: Path,
@@ -109,6 +123,8 @@ def run(
     shard_index: int | None,
     chunk_mb: int,
     max_line_mb: int,
+    sft: bool,
+    chat_template: str,
     no_progress: bool,
 ) -> None:
     """Tokenize every input under INPUT; re-running resumes, skipping finished inputs."""
@@ -133,6 +149,8 @@ def run(
         num_shards=num_shards,
         shard_index=shard_index,
         show_progress=not no_progress,
+        sft=sft,
+        chat_template=chat_template,
     )
     try:
         report = run_stage(options)

@@ -16,6 +16,7 @@ from typing import BinaryIO
 
 import orjson
 
+from tokenize_stage.sft import Conversation, parse_conversation
 from tokenize_stage.sources import WorkUnit
 
 
@@ -29,7 +30,7 @@ class Blank:
 
 
 BLANK = Blank()
-Item = tuple[int, str | Rejected | Blank]
+Item = tuple[int, str | Conversation | Rejected | Blank]
 
 
 _ZSTD_CHUNK_BYTES = 1 << 17
@@ -120,11 +121,14 @@ class UnitReader:
     text_key: str
     whole_file: bool
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    sft: bool = False  # each jsonl line is a conversation (tokenize_stage.sft), yielded as one
     lines: int = 0
     bytes_read: int = 0
 
     def __iter__(self) -> Iterator[Item]:
         file = self.unit.file
+        if self.sft and file.fmt != "jsonl":
+            raise ValueError(f"--sft reads .jsonl files only (one conversation per line), not .{file.fmt}")
         if file.fmt == "parquet":
             return self._parquet()
         if file.fmt == "txt" and self.whole_file:
@@ -181,7 +185,7 @@ class UnitReader:
         if self.unit.file.compression is None:
             self.bytes_read = self.unit.end - self.unit.start
 
-    def _parse_json(self, line: bytes) -> str | Rejected | Blank:
+    def _parse_json(self, line: bytes) -> str | Conversation | Rejected | Blank:
         if not line.strip():
             return BLANK
         try:
@@ -194,6 +198,9 @@ class UnitReader:
             return Rejected(f"invalid JSON: {error}")
         if not isinstance(record, dict):
             return Rejected(f"a JSON {type(record).__name__}, not an object")
+        if self.sft:
+            conversation = parse_conversation(record)
+            return Rejected(conversation) if isinstance(conversation, str) else conversation
         if self.text_key not in record:
             return Rejected(f"missing text key {self.text_key!r} (keys: {', '.join(sorted(record))[:200]})")
         text = record[self.text_key]

@@ -19,6 +19,7 @@ from tokenize_stage.durable import durable_replace, fsync_folder, write_json_ato
 from tokenize_stage.progress import StageProgress
 from tokenize_stage.readers import DEFAULT_MAX_LINE_BYTES
 from tokenize_stage.schema import FORMAT, MANIFEST_NAME, FileEntry, token_dtype_for
+from tokenize_stage.sft import ChatTemplateError, template_identity
 from tokenize_stage.shards import (
     PARTS_DIR,
     STATE_DIR,
@@ -75,6 +76,8 @@ class StageOptions:
     num_shards: int = 1
     shard_index: int = 0
     show_progress: bool = True
+    sft: bool = False  # chat / instruction jsonl with prompt tokens masked (tokenize_stage.sft)
+    chat_template: str = "auto"  # auto | default | tokenizer
 
 
 @dataclass
@@ -141,6 +144,8 @@ def run_stage(options: StageOptions) -> StageReport:
         options.whole_file,
         options.strict,
         options.max_line_bytes,
+        options.sft,
+        options.chat_template,
     )
     entries = _tokenize_files(output, todo, config, options, report)
     done.update(entries)
@@ -188,7 +193,7 @@ def _manifest_header(tokenizer: Tokenizer, types: dict[str, int], options: Stage
     return {
         "format": FORMAT,
         "tokenizer": identity.to_json(),
-        "token_dtype": str(token_dtype_for(identity.vocab_size)),
+        "token_dtype": str(token_dtype_for(identity.vocab_size, options.sft)),
         "types": types,
         "settings": {
             "text_key": options.text_key,
@@ -202,8 +207,16 @@ def _manifest_header(tokenizer: Tokenizer, types: dict[str, int], options: Stage
                 if options.max_line_bytes != DEFAULT_MAX_LINE_BYTES
                 else {}
             ),
+            **({"sft": _sft_settings(options)} if options.sft else {}),
         },
     }
+
+
+def _sft_settings(options: StageOptions) -> dict:
+    try:
+        return template_identity(options.chat_template, options.tokenizer_path)
+    except ChatTemplateError as error:
+        raise StageError(str(error)) from None
 
 
 def _load_finished(

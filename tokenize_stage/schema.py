@@ -7,7 +7,9 @@ Other services (pack_stage) import only this module. Layout (ARCHITECTURE.md sec
     <out>/<type>/<path relative to the type folder>.rejects.jsonl   (only when lines were rejected)
 
 Each shard is an Arrow IPC file with the columns ``tokens: list<uint16|uint32>`` (BOS/EOS included)
-and ``line: int64`` (the 1-based line of the document in its input; the row for parquet).
+and ``line: int64`` (the 1-based line of the document in its input; the row for parquet). SFT data
+(``--sft``) has ``list<int32>`` tokens where a negative id is a prompt token: the model reads its
+absolute value and it is never a target (InternLM's convention).
 """
 
 from __future__ import annotations
@@ -53,7 +55,11 @@ class ManifestError(ValueError):
     """A token folder whose manifest is missing, of another format, or inconsistent."""
 
 
-def token_dtype_for(vocab_size: int) -> pa.DataType:
+def token_dtype_for(vocab_size: int, signed: bool = False) -> pa.DataType:
+    """uint16 / uint32 by vocabulary size; int32 for SFT data, whose negative ids mark prompt
+    tokens (InternLM's convention: the model reads abs(id), and such a position is no target)."""
+    if signed:
+        return pa.int32()
     return pa.uint16() if vocab_size <= 1 << 16 else pa.uint32()
 
 

@@ -20,6 +20,7 @@ import pyarrow as pa
 from tokenize_stage.durable import durable_replace, write_json_atomic
 from tokenize_stage.readers import DEFAULT_MAX_LINE_BYTES, Blank, Rejected, UnitReader
 from tokenize_stage.schema import token_dtype_for
+from tokenize_stage.sft import Conversation, encode_conversations, load_template
 from tokenize_stage.sources import WorkUnit
 from tokenize_stage.text_tokenizers import Tokenizer, load_tokenizer
 
@@ -44,6 +45,8 @@ class WorkerConfig:
     whole_file: bool
     strict: bool
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    sft: bool = False  # chat / instruction jsonl, prompt tokens negated (tokenize_stage.sft)
+    chat_template: str = "auto"
 
 
 @dataclass
@@ -121,8 +124,8 @@ def tokenize_unit(
     arrow_path.parent.mkdir(parents=True, exist_ok=True)
     encoder = _BatchEncoder(tokenizer, config)
     stats = UnitStats()
-    reader = UnitReader(unit, config.text_key, config.whole_file, config.max_line_bytes)
-    texts: list[str] = []
+    reader = UnitReader(unit, config.text_key, config.whole_file, config.max_line_bytes, config.sft)
+    texts: list[str | Conversation] = []
     lines: list[int] = []
     characters = 0
     reported_bytes = 0
@@ -136,7 +139,7 @@ def tokenize_unit(
                 writer.write_batch(batch)
                 stats.documents += len(texts)
                 stats.tokens += encoder.last_tokens
-                stats.empty_documents += sum(1 for t in texts if not t)
+                stats.empty_documents += sum(1 for t in texts if isinstance(t, str) and not t)
                 if progress is not None:
                     progress.put((reader.bytes_read - reported_bytes, len(texts), encoder.last_tokens))
                     reported_bytes = reader.bytes_read
@@ -145,10 +148,10 @@ def tokenize_unit(
                 characters = 0
 
         for line, item in reader:
-            if isinstance(item, str):
+            if isinstance(item, (str, Conversation)):
                 texts.append(item)
                 lines.append(line)
-                characters += len(item)
+                characters += len(item) if isinstance(item, str) else item.characters
                 if len(texts) >= BATCH_DOCUMENTS or characters >= BATCH_CHARACTERS:
                     flush()
             elif isinstance(item, Rejected):
@@ -176,12 +179,15 @@ class _BatchEncoder:
         self.tokenizer = tokenizer
         self.bos = identity.bos_id if config.add_bos else None
         self.eos = identity.eos_id if config.add_eos else None
-        self.token_type = token_dtype_for(identity.vocab_size)
+        self.token_type = token_dtype_for(identity.vocab_size, config.sft)
         self.numpy_type = self.token_type.to_pandas_dtype()
         self.schema = pa.schema([("tokens", pa.list_(self.token_type)), ("line", pa.int64())])
         self.last_tokens = 0
+        self.template = load_template(config.chat_template, config.tokenizer_path) if config.sft else None
 
-    def encode(self, texts: list[str], lines: list[int]) -> pa.RecordBatch:
+    def encode(self, texts: list, lines: list[int]) -> pa.RecordBatch:
+        if self.template is not None:
+            return self._encode_conversations(texts, lines)
         flat, lengths = self.tokenizer.encode_batch(texts)
         extra = (self.bos is not None) + (self.eos is not None)
         offsets = np.zeros(len(texts) + 1, dtype=np.int64)
@@ -197,4 +203,16 @@ class _BatchEncoder:
         values[body] = flat
         self.last_tokens = len(values)
         tokens = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+        return pa.record_batch([tokens, pa.array(lines, type=pa.int64())], schema=self.schema)
+
+    def _encode_conversations(self, conversations: list[Conversation], lines: list[int]) -> pa.RecordBatch:
+        """Conversations rendered with the chat template; prompt tokens negated (InternLM's SFT
+        convention), BOS and EOS as in encode."""
+        values, lengths = encode_conversations(
+            conversations, self.template, self.tokenizer.encode_batch, self.bos, self.eos
+        )
+        offsets = np.zeros(len(conversations) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        self.last_tokens = len(values)
+        tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(self.numpy_type)))
         return pa.record_batch([tokens, pa.array(lines, type=pa.int64())], schema=self.schema)
