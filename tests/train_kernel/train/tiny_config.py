@@ -14,9 +14,10 @@ grad_scaler = dict(fp16=dict(initial_scale={initial_scale}, min_scale=1, growth_
 model = dict(num_layers=2, hidden_size=64, num_attention_heads=4, mlp_ratio=8 / 3, vocab_size={vocab_size},
              dtype="{dtype}", embed_grad_scale=1, checkpoint=False)
 parallel = dict(zero1=1)
-# auto_resume=False: these tests choose what a run starts from (InternLM's default would resume).
+# auto_resume=False: these tests choose what a run starts from (InternLM's default would resume);
+# snapshots half way between checkpoints unless a test says otherwise (InternLM's default: none).
 ckpt = dict(enable_save_ckpt={save}, save_ckpt_folder={save_folder!r}, checkpoint_every={checkpoint_every},
-            auto_resume=False)
+            auto_resume=False, oss_snapshot_freq={oss_snapshot_freq})
 run_dir = {run_dir!r}
 seed = {seed}
 """
@@ -44,4 +45,5 @@ def tiny_config_text(run_dir, **overrides) -> str:
         seed=7,
     )
     values.update(overrides)
+    values.setdefault("oss_snapshot_freq", values["checkpoint_every"] // 2)
     return TEMPLATE.format(**values)
