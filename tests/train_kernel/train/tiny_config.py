@@ -9,6 +9,9 @@ data = dict(seq_len={seq_len}, micro_num={micro_num}, micro_bsz={micro_bsz}, tot
 adam = dict(lr={lr}, adam_beta1=0.9, adam_beta2=0.95, adam_beta2_c=0, adam_eps=1e-8, weight_decay=0.0)
 lr_scheduler = dict(total_steps=data["total_steps"], warmup_ratio={warmup_ratio}, eta_min={lr})
 hybrid_zero_optimizer = dict(clip_grad_norm={clip})
+# Both overlaps on, as InternLM's configs set them (its defaults are off); a test's own value stays.
+hybrid_zero_optimizer.setdefault("overlap_sync_grad", True)
+hybrid_zero_optimizer.setdefault("overlap_sync_param", True)
 grad_scaler = dict(fp16=dict(initial_scale={initial_scale}, min_scale=1, growth_interval=1000),
                    hysteresis={hysteresis})
 model = dict(num_layers=2, hidden_size=64, num_attention_heads=4, mlp_ratio=8 / 3, vocab_size={vocab_size},
