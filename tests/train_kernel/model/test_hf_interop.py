@@ -117,3 +117,43 @@ def test_export_refuses_what_llama_cannot_express(tmp_path):
     save_model_checkpoint(small_model(norm_type="layernorm"), tmp_path / "ckpt")
     with pytest.raises(ValueError, match="norm_type"):
         export_hf(tmp_path / "ckpt", tmp_path / "hf")
+
+
+def test_grouped_query_attention_exports_and_imports(tmp_path):
+    model = lively(
+        small_model(num_kv_attention_heads=2, rope_base=500000.0, max_position_embeddings=8192)
+    ).eval()
+    save_model_checkpoint(model, tmp_path / "ckpt")
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (
+        hf_config["num_key_value_heads"],
+        hf_config["rope_theta"],
+        hf_config["max_position_embeddings"],
+    ) == (
+        2,
+        500000.0,
+        8192,
+    )
+    tokens = torch.randint(0, 300, (30,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = run_single(model, tokens)
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", tokens), ours, atol=1e-4, rtol=0)
+    config = import_hf(tmp_path / "hf", tmp_path / "back")
+    for field in (
+        "num_kv_attention_heads",
+        "rope_base",
+        "max_position_embeddings",
+        "qkv_size",
+        "mlp_hidden_size",
+    ):
+        assert getattr(config, field) == getattr(model.config, field), field
+
+
+def test_new_model_keys_are_checked():
+    from train_kernel.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.num_kv_attention_heads"):
+        small_model(num_kv_attention_heads=3)
+    with pytest.raises(ConfigError, match="model.use_dynamic_ntk_rope"):
+        small_model(use_dynamic_ntk_rope=True)
