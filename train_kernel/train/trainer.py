@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from metrics.emitter import MetricsEmitter
+from train_kernel.backend_flags import apply_backend_flags
 from train_kernel.checkpoint.capture import RunState
 from train_kernel.checkpoint.manager import CheckpointManager
 from train_kernel.config import ConfigError, TrainConfig
@@ -32,6 +33,7 @@ from train_kernel.train.log_line import format_log_line
 from train_kernel.train.run_folder import resolve_run_dir, setup_logging
 from train_kernel.train.step_schedule import build_step_schedule
 from train_kernel.train.stop_file import SAVE, STOP, StopFile
+from train_kernel.train.tgs_stats import TgsStats
 from train_kernel.train.token_metrics import TokenMetrics
 
 log = logging.getLogger(__name__)
@@ -164,6 +166,7 @@ def _warn_if_plan_exceeds_device(
 def _train(config: TrainConfig, parallel: ParallelContext) -> None:
     run_dir = resolve_run_dir(config.run_dir, config.job_name)
     setup_logging(run_dir, parallel.rank)
+    apply_backend_flags(config)  # before resolve_dtype: "torch.tf32" resolves to float32
     device = default_device()
     config = resolve_dtype(config, device, parallel)
     if device.type == "cpu":
@@ -375,6 +378,7 @@ class _Loop:
         self.run_dir = run_dir
         self.state = run_state.counters  # what checkpoints save and resume restores
         self.metrics = TokenMetrics(train_rows.type_names)
+        self.tgs = TgsStats()  # the tgs/* windows of the log line
         self.step_seconds_ema: float | None = None
         self.data_wait_seconds = 0.0
         self.losses: list[float] = []  # every step's loss, for the closing summary
@@ -529,6 +533,7 @@ class _Loop:
             "step": state.batch_count,
             "loss": loss,
             "tgs": round(tokens / world_size / step_seconds, 2),
+            **self.tgs.update(tokens / world_size, step_seconds),
             "lr": self.lr_schedule.lr_at(state.step_count),
             # After the scaler's update, as InternLM logs it.
             "loss_scale": float(self.optimizer.scaler.scale),
