@@ -75,9 +75,28 @@ def validation_row_sources(config: TrainConfig, run_dir: Path) -> dict[str, RowS
         return {}
 
 
-def validation_record_keys(name: str) -> tuple[str, str, str]:
-    """The record keys of a set's loss, accuracy and perplexity: InternLM's val/<name>_loss,
-    val/<name>_acc, val/<name>_plex for named sets; val/loss, val/acc, val/perplexity otherwise."""
+def validation_record(name: str, step: int, loss: float, summary: dict[str, float], seconds: float) -> dict:
+    """One set's validation record. A named set (InternLM's valid_folder) gets InternLM's keys,
+    val/<name>_loss, val/<name>_acc, val/<name>_plex (and val/<name>_seconds); the valid split of a
+    pack-stage folder keeps val/loss and every metric field as val/<field>."""
     if name == UNNAMED:
-        return "val/loss", "val/acc", "val/perplexity"
-    return f"val/{name}_loss", f"val/{name}_acc", f"val/{name}_plex"
+        return {
+            "step": step,
+            "val/loss": loss,
+            **{f"val/{k}": v for k, v in summary.items()},
+            "val/seconds": seconds,
+        }
+    return {
+        "step": step,
+        f"val/{name}_loss": loss,
+        f"val/{name}_acc": summary["acc"],
+        f"val/{name}_plex": summary["perplexity"],
+        f"val/{name}_seconds": seconds,
+    }
+
+
+def build_row_sources(
+    config: TrainConfig, dp_size: int, run_dir: Path
+) -> tuple[RowSource, dict[str, RowSource]]:
+    """The training rows and the named validation sets (empty: no validation)."""
+    return train_row_source(config, dp_size, run_dir), validation_row_sources(config, run_dir)

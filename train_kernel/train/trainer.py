@@ -4,6 +4,7 @@ then step after step with InternLM's log line, metrics records, validation and m
 from __future__ import annotations
 
 import logging
+import pathlib
 import signal
 import time
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from train_kernel.backend_flags import apply_backend_flags
 from train_kernel.checkpoint.capture import RunState
 from train_kernel.checkpoint.manager import CheckpointManager
 from train_kernel.config import ConfigError, TrainConfig
-from train_kernel.data.batches import PackedRows, RandomRows, RowSource, to_micro_batches
+from train_kernel.data import row_sources
+from train_kernel.data.batches import RowSource, to_micro_batches
 from train_kernel.data.sampler import BatchSampler, Rampup
 from train_kernel.device_speed import AUTO, CANONICAL, choose_dtype, default_device
 from train_kernel.flops import flops_per_step, tflops
@@ -108,20 +110,12 @@ class _NoEmitter:
         pass
 
 
-def build_row_sources(config: TrainConfig, dp_size: int = 1) -> tuple[RowSource, RowSource | None]:
-    data, model = config.data, config.model
-    if data.train_folder is None:
-        rows = data.total_steps * data.micro_num * dp_size  # one epoch of global batches
-        return RandomRows(rows, data.seq_len, data.micro_bsz, model.vocab_size, config.seed), None
-    train = PackedRows(data.train_folder, "train", data.seq_len, data.micro_bsz, model.vocab_size)
-    valid_folder = data.valid_folder or data.train_folder
-    valid = None
-    if data.valid_every > 0:
-        try:
-            valid = PackedRows(valid_folder, "valid", data.seq_len, data.micro_bsz, model.vocab_size)
-        except (KeyError, ValueError) as error:
-            log.warning("no validation: %s has no usable valid split (%s)", valid_folder, error)
-    return train, valid
+def build_row_sources(
+    config: TrainConfig, dp_size: int = 1, run_dir: pathlib.Path | None = None
+) -> tuple[RowSource, dict[str, RowSource]]:
+    """Training rows and the named validation sets (train_kernel.data.row_sources)."""
+    run_dir = run_dir if run_dir is not None else resolve_run_dir(config.run_dir, config.job_name)
+    return row_sources.build_row_sources(config, dp_size, run_dir)
 
 
 def train(config: TrainConfig) -> None:
@@ -174,7 +168,7 @@ def _train(config: TrainConfig, parallel: ParallelContext) -> None:
     elif parallel.rank == 0:  # the plan's figure is the largest rank's: one warning for the job
         _warn_if_plan_exceeds_device(config, parallel, device)
     torch.manual_seed(config.seed)
-    train_rows, valid_rows = build_row_sources(config, parallel.dp_size)
+    train_rows, valid_rows = build_row_sources(config, parallel.dp_size, run_dir)
     if parallel.pp_size > 1 and config.model.num_chunks > 1:
         model = build_stage_chunks(config.model, parallel.pp_rank, parallel.pp_size, device, seed=config.seed)
         layers = [list(chunk.layers.keys()) for chunk in model.chunks]
@@ -402,11 +396,7 @@ class _Loop:
         while self.state.batch_count < total and not self.stopping:
             self.train_step(stop)
             done = self.state.batch_count
-            if (
-                self.valid_rows is not None
-                and self.config.data.valid_every
-                and done % self.config.data.valid_every == 0
-            ):
+            if self.valid_rows and self.config.data.valid_every and done % self.config.data.valid_every == 0:
                 self.validate()
             kind = self.checkpoints.due(done)
             if self.stopping or self.save_requested:
@@ -554,7 +544,10 @@ class _Loop:
         return record
 
     def validate(self) -> None:
-        rows = self.valid_rows
+        for name, rows in self.valid_rows.items():  # every rank in the same order
+            self._validate_set(name, rows)
+
+    def _validate_set(self, name: str, rows: RowSource) -> None:
         batch_rows = self.config.data.valid_micro_num or self.config.data.micro_num
         metrics = TokenMetrics(rows.type_names)
         losses = []
@@ -580,8 +573,8 @@ class _Loop:
         packed = sum_over(packed.to(self.device), self.parallel.data_group).cpu()
         metrics.sums.copy_(packed[2:].view_as(metrics.sums))
         loss_sum, count = packed[:2].tolist()
-        record = {"step": self.state.batch_count - 1, "val/loss": loss_sum / max(count, 1)}
-        record.update({f"val/{k}": v for k, v in metrics.summary().items()})
-        record["val/seconds"] = round(time.perf_counter() - started, 2)
-        log.info("validation: " + format_log_line(record))
+        seconds = round(time.perf_counter() - started, 2)
+        step, loss = self.state.batch_count - 1, loss_sum / max(count, 1)
+        record = row_sources.validation_record(name, step, loss, metrics.summary(), seconds)
+        log.info((f"Validation on {name}: " if name else "validation: ") + format_log_line(record))
         self.emitter.emit("valid", record)
