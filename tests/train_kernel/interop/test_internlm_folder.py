@@ -144,3 +144,26 @@ def test_a_config_of_another_shape_is_an_error(tmp_path, v1_source):
         read_internlm_folder(tmp_path, small_config(vocab_size=VOCAB))
     with pytest.raises(ValueError, match="shape"):
         read_internlm_folder(tmp_path, model_config(vocab_size=320))
+
+
+def test_import_internlm_command(tmp_path, v1_source):
+    from click.testing import CliRunner
+
+    from tests.train_kernel.train.tiny_config import tiny_config_text
+    from train_kernel.cli import main
+
+    internlm_state, expected = v1_source
+    write_internlm_folder(tmp_path / "internlm", internlm_state, LAYERS, HEADS, tp=2, pp=2)
+    (tmp_path / "tiny.py").write_text(tiny_config_text(tmp_path / "run"))
+    args = [
+        "import-internlm",
+        "--ckpt",
+        f"local:{tmp_path / 'internlm'}",
+        "--config",
+        str(tmp_path / "tiny.py"),
+    ]
+    args += ["--set", f"model.num_layers={LAYERS}", "--set", "model.layer_norm_epsilon=1e-5"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "ours")])
+    assert result.exit_code == 0, result.output
+    config, state = load_model_state(tmp_path / "ours")
+    torch.testing.assert_close(our_logits(config, state, TOKENS), expected, atol=1e-4, rtol=0)
