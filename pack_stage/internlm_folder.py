@@ -160,7 +160,7 @@ def read_meta(file: BinFile) -> np.ndarray:
     return meta.astype(np.int64)
 
 
-def read_checked_lines(file: BinFile) -> Iterator[tuple[int, list[int]]]:
+def read_checked_lines(file: BinFile) -> Iterator[tuple[int, np.ndarray]]:
     """(1-based line, tokens) of every line of the .bin, each checked against its .meta row."""
     meta = read_meta(file)
     position = 0
@@ -195,7 +195,7 @@ def read_checked_lines(file: BinFile) -> Iterator[tuple[int, list[int]]]:
         )
 
 
-def _parse_tokens(line: bytes, where: str) -> list[int]:
+def _parse_tokens(line: bytes, where: str) -> np.ndarray:
     if not line.endswith(b"\n"):
         # tools/tokenizer.py ends every line with a newline: without one, the write was cut short.
         try:
@@ -208,9 +208,17 @@ def _parse_tokens(line: bytes, where: str) -> list[int]:
         except orjson.JSONDecodeError as error:
             raise InternLMDataError(f"{where}: not a JSON line ({error})") from None
     tokens = record.get("tokens") if isinstance(record, dict) else None
-    if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
-        raise InternLMDataError(f'{where}: expected {{"tokens": [integers]}}')
-    return tokens
+    if isinstance(tokens, list):
+        if not tokens:
+            return np.zeros(0, np.int64)
+        try:
+            array = np.array(tokens)
+        except (TypeError, ValueError, OverflowError):
+            array = None
+        # Floats, bools or ids beyond int64 give another dtype: only JSON integers pass.
+        if array is not None and array.dtype.kind == "i" and array.ndim == 1:
+            return array.astype(np.int64, copy=False)
+    raise InternLMDataError(f'{where}: expected {{"tokens": [integers]}}')
 
 
 @dataclass(frozen=True)
@@ -280,16 +288,14 @@ def _convert_file(file: BinFile, output: Path) -> tuple[FileEntry, int, bool]:
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, _SCHEMA) as writer:
         lines: list[int] = []
         lengths: list[int] = []
-        values: list[int] = []
+        values: list[np.ndarray] = []
 
         def flush() -> None:
             if not lines:
                 return
             offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
             np.cumsum(lengths, out=offsets[1:])
-            flat = np.asarray(values, dtype=np.int64)
-            if flat.size and (flat.max() >= 1 << 31 or flat.min() <= -(1 << 31)):
-                raise InternLMDataError(f"{file.path}: a token id does not fit int32")
+            flat = np.concatenate(values)
             array = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(np.int32)))
             writer.write_batch(pa.record_batch([array, pa.array(lines, pa.int64())], schema=_SCHEMA))
             lines.clear()
@@ -299,12 +305,14 @@ def _convert_file(file: BinFile, output: Path) -> tuple[FileEntry, int, bool]:
         for line_number, line_tokens in read_checked_lines(file):
             lines.append(line_number)
             lengths.append(len(line_tokens))
-            values.extend(line_tokens)
+            values.append(line_tokens)
             documents += 1
             tokens += len(line_tokens)
-            empty += not line_tokens
-            if line_tokens:
-                low, high = min(line_tokens), max(line_tokens)
+            empty += not len(line_tokens)
+            if len(line_tokens):
+                low, high = int(line_tokens.min()), int(line_tokens.max())
+                if high >= 1 << 31 or low <= -(1 << 31):
+                    raise InternLMDataError(f"{file.path}:{line_number}: a token id does not fit int32")
                 max_abs = max(max_abs, high, -low)
                 signed = signed or low < 0
             if len(lines) >= BATCH_LINES:

@@ -4,6 +4,7 @@ alpaca_tokenizer.py: negative ids for prompt tokens) as pack-stage input."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -126,8 +127,19 @@ def _save_meta(path, rows, dtype=np.int32):
             lambda p: p.write_bytes(p.read_bytes().replace(b'"tokens"', b'"tokenz"', 1)),
             r'x\.bin:1: expected \{"tokens": \[integers\]\}',
         ),
+        (lambda p: p.write_bytes(p.read_bytes().replace(b"[8, 9]", b"[8, 9.5]")), r"x\.bin:2: expected"),
     ],
-    ids=["offset", "count", "truncated", "more-lines", "fewer-lines", "shape", "missing", "no-tokens"],
+    ids=[
+        "offset",
+        "count",
+        "truncated",
+        "more-lines",
+        "fewer-lines",
+        "shape",
+        "missing",
+        "no-tokens",
+        "float",
+    ],
 )
 def test_a_meta_that_disagrees_with_its_bin_is_an_error_naming_file_and_line(tmp_path, damage, message):
     folder = _bad(tmp_path, damage)
@@ -147,7 +159,7 @@ def test_type_names_follow_internlm_folder_rule(tmp_path):
 
 
 @pytest.mark.process
-def test_pack_stage_cli_packs_an_internlm_folder_ahead_of_time(tmp_path):
+def test_pack_stage_cli_packs_an_internlm_folder_ahead_of_time(tmp_path, hf_tokenizer_json):
     data, files = _folder(tmp_path)
     args = ["pack_stage.cli", "run", "--input", str(data), "--output", str(tmp_path / "out")]
     args += ["--seq-len", "16", "--micro-bsz", "2", "--no-progress"]
@@ -159,3 +171,10 @@ def test_pack_stage_cli_packs_an_internlm_folder_ahead_of_time(tmp_path):
     assert manifest["splits"]["train"]["documents"] == sum(map(len, files.values()))
     shown = run_cli("pack_stage.cli", "inspect", str(tmp_path / "out"), check=False)
     assert shown.returncode != 0 and "names no tokenizer" in shown.stderr and "Traceback" not in shown.stderr
+
+    # Packed with the tokenizer the .bin files were made with, the pack names it and inspect decodes.
+    named = [*args[:5], str(tmp_path / "named"), *args[6:], "--tokenizer", str(hf_tokenizer_json)]
+    run_cli(*named)
+    shown = run_cli("pack_stage.cli", "inspect", str(tmp_path / "named"))
+    assert "tokenizer: hf " + str(hf_tokenizer_json) in shown.stdout
+    assert re.search(r"document #\d+: (cn|code|en|zhihu)/\w\.bin:\d+ \(type \w+\)", shown.stdout)
