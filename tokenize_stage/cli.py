@@ -132,6 +132,11 @@ def run(
         shard_index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")) if num_shards > 1 else 0
     if chunk_mb < 1:
         raise click.BadParameter("must be at least 1", param_hint="--chunk-mb")
+    if sft and (whole_file or text_key != "content"):
+        # Conversations are read from their own fields, one per jsonl line: these would do nothing.
+        raise click.UsageError("--sft reads one conversation per jsonl line: drop --text-key / --whole-file")
+    if not sft and chat_template != "auto":
+        raise click.UsageError("--chat-template applies to --sft data only")
     options = StageOptions(
         input=input_dir,
         output=output_dir,

@@ -12,7 +12,7 @@ import pytest
 from pack_stage.pack import PackConfig, pack
 from pack_stage.reader import PackedReader
 from pack_stage.schema import IGNORE_INDEX
-from tests.conftest import write_jsonl
+from tests.conftest import run_cli, write_jsonl
 from tests.tokenize_stage.helpers import documents, tokenize
 from tokenize_stage.runner import StageError
 from tokenize_stage.text_tokenizers import ByteTokenizer, load_tokenizer
@@ -133,3 +133,19 @@ def test_sft_shards_are_signed_and_plain_ones_stay_unsigned(tmp_path):
     tokenize(tmp_path / "raw", tmp_path / "plain")
     assert json.loads((tmp_path / "plain" / "manifest.json").read_text())["token_dtype"] == "uint16"
     assert np.all(np.asarray(documents(tmp_path / "plain")[0][2]) > 0)
+
+
+@pytest.mark.process
+def test_the_cli_prepares_sft_data_and_refuses_options_it_would_ignore(tmp_path):
+    write_jsonl(tmp_path / "raw" / "en" / "chat.jsonl", CHAT)
+    args = ["tokenize_stage.cli", "run", "--input", str(tmp_path / "raw"), "--no-progress"]
+    run_cli(*args, "--output", str(tmp_path / "tok"), "--sft", "--workers", "1")
+    assert [abs(t) for t in documents(tmp_path / "tok")[1][2]] == [
+        1,
+        *ByteTokenizer().encode_batch([DEFAULT_TEXTS[1]])[0].tolist(),
+        2,
+    ]
+    refused = run_cli(*args, "--output", str(tmp_path / "x"), "--sft", "--text-key", "text", check=False)
+    assert refused.returncode != 0 and "drop --text-key" in refused.stderr
+    refused = run_cli(*args, "--output", str(tmp_path / "y"), "--chat-template", "default", check=False)
+    assert refused.returncode != 0 and "--chat-template applies to --sft data only" in refused.stderr

@@ -1,6 +1,6 @@
 """Which rows a run trains and validates on, from the data section of the config.
 
-- no ``train_folder``: InternLM's random tokens, and no validation;
+- no ``train_folder``: InternLM's random tokens (validation only on a ``valid_folder``);
 - a pack-stage output folder: its ``train`` split; validation on the ``valid`` split of
   ``valid_folder`` (default: the train folder), recorded as ``val/loss``, ``val/acc``, ...;
 - an InternLM folder of ``*.bin`` / ``*.bin.meta``: packed once into a cache (see
@@ -50,11 +50,11 @@ def train_row_source(config: TrainConfig, dp_size: int, run_dir: Path) -> RowSou
 def validation_row_sources(config: TrainConfig, run_dir: Path) -> dict[str, RowSource]:
     """The named validation sets, in order; ``UNNAMED`` for a pack-stage folder's valid split."""
     data, model = config.data, config.model
-    if data.train_folder is None or data.valid_every <= 0:
-        return {}
     valid_folder = data.valid_folder or data.train_folder
+    if valid_folder is None or data.valid_every <= 0:
+        return {}
     if is_internlm_data(valid_folder):
-        if Path(valid_folder).resolve() == Path(data.train_folder).resolve():
+        if data.train_folder and Path(valid_folder).resolve() == Path(data.train_folder).resolve():
             log.warning(
                 "no validation: data.valid_folder is not set apart from the InternLM train_folder %s "
                 "(InternLM's .bin folders have no valid split; name one with data.valid_folder)",
