@@ -148,10 +148,12 @@ class DataConfig(Section):
     """Documents shorter than this many tokens are dropped. Done by pack_stage; it must equal the
     min_length of the packed manifest of train_folder / valid_folder (an error names both otherwise)."""
     train_folder: str | None = None
-    """pack_stage output folder (holding its manifest.json) whose train split is read; None = random
+    """pack_stage output folder (holding its manifest.json) whose train split is read, or a folder of
+    InternLM's *.bin / *.bin.meta files (packed once into a cache, reused by later runs); None = random
     tokens (InternLM's dummy dataset), for throughput tests."""
     valid_folder: str | None = None
-    """pack_stage output folder whose valid split is read; default: train_folder."""
+    """pack_stage output folder whose valid split is read (default: train_folder), or an InternLM folder
+    of *.bin files, validated per folder of them as val/<name>_loss, _acc, _plex."""
     num_worker: int = 4
     """InternLM's DataLoader worker processes per rank. Not used here: the packed rows are memory-mapped
     and read in the training process (a value > 0 given in the file is warned about)."""
