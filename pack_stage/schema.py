@@ -179,8 +179,9 @@ class PackManifest:
         path = folder / MANIFEST_NAME
         if not path.is_file():
             raise PackedDataError(
-                f"{path} does not exist: {folder} is not a finished pack-stage output "
-                "(run `pack-stage run --input <token folder> --output {folder}` first)"
+                f"{path} does not exist: {folder} is not a finished pack-stage output nor a folder of "
+                "InternLM *.bin files (run `pack-stage run --input <token folder> --output "
+                f"{folder}` first)"
             )
         try:
             data = json.loads(path.read_text())

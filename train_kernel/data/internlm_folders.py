@@ -121,6 +121,11 @@ def _exclusive(path: Path, what: str) -> Iterator[None]:
         except BlockingIOError:
             log.info("%s: another rank is packing it into %s; waiting", what, path.with_suffix(""))
             fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:  # ENOLCK: a file system without locks; ranks would pack over each other
+            raise PackedDataError(
+                f"{path}: no file locks on this file system ({error}); set {CACHE_ENV} to a folder "
+                "on one that has them, where the packed cache of InternLM data can be shared"
+            ) from error
         try:
             yield
         finally:
