@@ -6,15 +6,17 @@ What the engine sends between stages is each piece's output hidden states only: 
 the step's micro-batches itself (each rank of the pipeline group reads the same rows), and every
 schedule here runs a piece's forwards in micro-batch order, so the n-th forward of a piece in a
 step is micro-batch n, whose positions and segment boundaries the piece looks up. The last piece's
-output goes to the loss function: the fused head + cross entropy, divided by micro_num and
-multiplied by the loss scale (the engine's own gradient scaling is off), which also feeds the
-token metrics, as one process does.
+output goes to the caller's `StageLoss` (the trainer's: the fused head + cross entropy, divided by
+micro_num, which also feeds the token metrics, as one process does), multiplied here by the loss
+scale (the engine's own gradient scaling is off).
 
 Gradient-reduction overlap: for each piece, a pre-hook on the autograd node of its last
 micro-batch's output (on the last piece, of the loss) arms the data-parallel reducer for that
 piece's parameters right before their final accumulation. The zero-bubble schedule splits the
 backward into input and weight gradients, so a piece's weight gradients for earlier micro-batches
 may come after its last input gradient: there every bucket is reduced after the step instead.
+That schedule also runs the loss's backward twice (`splits_backward`): the caller's loss must
+allow it.
 """
 
 from __future__ import annotations
@@ -32,9 +34,7 @@ from torch.distributed.pipelining import (
 )
 
 from train_kernel.data.batches import MicroBatch
-from train_kernel.train.fused_loss import backward_more_than_once
-from train_kernel.train.step import StepLoss, head_loss
-from train_kernel.train.token_metrics import TokenMetrics
+from train_kernel.parallel.stage import StageLoss
 
 ENGINE_SCHEDULES = {
     "1F1B": Schedule1F1B,
@@ -80,6 +80,7 @@ class EngineSchedule:
 
     def __init__(
         self,
+        *,
         name: str,
         parts: Sequence[nn.Module],
         stage: int,
@@ -87,7 +88,6 @@ class EngineSchedule:
         micro_num: int,
         group: dist.ProcessGroup,
         device: torch.device,
-        label_smoothing: float,
         tokens: int,
         hidden_size: int,
         activation_dtype: torch.dtype,
@@ -103,9 +103,8 @@ class EngineSchedule:
             )
         self.name = name
         self.parts = list(parts)
-        self.label_smoothing = label_smoothing
         self.data = _StepData()
-        self.metrics: TokenMetrics | None = None
+        self.loss_fn: StageLoss | None = None  # the step's, from forward_backward
         self.loss_scale = 1.0
         self.last_part = self.parts[-1] if stage == num_stages - 1 else None
         overlap = arm_for is not None and name not in _SPLIT_BACKWARD
@@ -147,20 +146,26 @@ class EngineSchedule:
         position = len(self.data.losses)  # the loss follows the last piece's forwards, in order
         count = len(self.data.micro_batches)
         micro = self.data.micro_batches[position]
-        loss = head_loss(self.last_part, hidden, micro, self.label_smoothing, self.metrics) / count
+        loss = self.loss_fn(self.last_part, hidden, micro)
         self.data.losses.append(loss.detach())
         scaled = loss * self.loss_scale
         if self.arm_for is not None and position == count - 1:
             scaled.grad_fn.register_prehook(lambda grad_outputs: self.arm_for(self.last_part))
         return scaled
 
+    @property
+    def splits_backward(self) -> bool:
+        """Whether the schedule computes input and weight gradients apart, running the loss's
+        backward twice."""
+        return self.name in _SPLIT_BACKWARD
+
     def forward_backward(
-        self, micro_batches: list[MicroBatch], loss_scale: float, metrics: TokenMetrics
-    ) -> StepLoss:
+        self, micro_batches: list[MicroBatch], *, loss_scale: float, loss_fn: StageLoss
+    ) -> float:
         """One step's forwards and backwards on this rank (gradients accumulate in the parameters);
-        StepLoss.loss is the step's loss on the rank holding the last piece, 0.0 elsewhere."""
+        returns the sum of the micro-batch losses on the rank holding the last piece, 0.0 elsewhere."""
         self.data.micro_batches, self.data.losses = micro_batches, []
-        self.metrics, self.loss_scale = metrics, loss_scale
+        self.loss_fn, self.loss_scale = loss_fn, loss_scale
         for piece in self.pieces:
             piece.forwards = 0
         count = len(micro_batches)
@@ -169,21 +174,12 @@ class EngineSchedule:
         # labels by position) but the engine wants one per micro-batch.
         inputs = torch.cat([micro.input_ids for micro in micro_batches])
         target = torch.zeros(count, device=inputs.device)
-        if self.name in _SPLIT_BACKWARD:
-            with backward_more_than_once():
-                self.schedule.step(inputs, target=target)
-        else:
-            self.schedule.step(inputs, target=target)
+        self.schedule.step(inputs, target=target)
         if any(piece.forwards != count for piece in self.pieces):
             raise RuntimeError(
                 f"pipeline schedule {self.name}: a piece ran another number of forwards than {count}"
             )
-        total = sum(loss.item() for loss in self.data.losses)  # in order, as one process sums them
-        return StepLoss(
-            loss=total,
-            segments_per_micro_batch=[m.segments for m in micro_batches],
-            largest_length=max(m.max_seqlen for m in micro_batches),
-        )
+        return sum((loss.item() for loss in self.data.losses), 0.0)  # in order, as one process sums them
 
 
 def _output_dtype(part: nn.Module) -> torch.dtype:

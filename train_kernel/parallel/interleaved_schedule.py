@@ -24,11 +24,10 @@ from torch import nn
 
 from train_kernel.config.rules import check_interleaved  # the config's rule, kept for each step's count
 from train_kernel.data.batches import MicroBatch
-from train_kernel.train.step import StepLoss, head_loss, micro_batch_loss
-from train_kernel.train.token_metrics import TokenMetrics
+from train_kernel.parallel.stage import StageLoss
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ChunkRing:
     """This rank's place on the chain of pieces, and the global ranks of its pipeline group."""
 
@@ -117,13 +116,13 @@ def schedule_order(stage: int, num_stages: int, num_chunks: int, micro_num: int)
 def interleaved_forward_backward(
     chunks: list[nn.Module],
     micro_batches: list[MicroBatch],
+    *,
     loss_scale: float,
-    label_smoothing: float,
-    metrics: TokenMetrics,
+    loss_fn: StageLoss,
     ring: ChunkRing,
-) -> StepLoss:
-    """One step's forwards and backwards of this stage's chunks; StepLoss.loss is the step's loss on
-    the last stage and 0.0 elsewhere."""
+) -> float:
+    """One step's forwards and backwards of this stage's chunks; returns the sum of the micro-batch
+    losses on the last stage, 0.0 elsewhere."""
     count = len(micro_batches)
     check_interleaved(ring.num_stages, ring.num_chunks, count)
     sends = _Sends()
@@ -146,7 +145,7 @@ def interleaved_forward_backward(
                 first_arg = inputs
             out = model(first_arg, micro.position_ids, micro.cu_seqlens, micro.max_seqlen, apply_head=False)
             if ring.is_last_piece(chunk):
-                out = head_loss(model, out, micro, label_smoothing, metrics) / count
+                out = loss_fn(model, out, micro)
                 losses.append(out.item())
             else:
                 rank, next_chunk = ring.next_piece(chunk)
@@ -169,21 +168,17 @@ def interleaved_forward_backward(
                 # NOTE: the previous piece's backward needs the gradient w.r.t. its output.
                 sends.send(inputs.grad, rank, _backward_tag(prev_chunk))
     sends.wait_all()
-    return StepLoss(
-        loss=sum(losses),
-        segments_per_micro_batch=[m.segments for m in micro_batches],
-        largest_length=max(m.max_seqlen for m in micro_batches),
-    )
+    return sum(losses, 0.0)
 
 
 @torch.no_grad()
 def interleaved_forward_only(
-    chunks: list[nn.Module], micro: MicroBatch, label_smoothing: float, metrics: TokenMetrics, ring: ChunkRing
-) -> float | None:
-    """Validation forward of one micro-batch through this stage's chunks; the loss on the last
-    stage (which also updates `metrics`), None elsewhere."""
+    chunks: list[nn.Module], micro: MicroBatch, ring: ChunkRing
+) -> torch.Tensor | None:
+    """Validation forward of one micro-batch through this stage's chunks: the logits on the last
+    stage, None elsewhere."""
     sends = _Sends()
-    loss = None
+    logits = None
     for chunk, model in enumerate(chunks):
         if ring.is_first_piece(chunk):
             first_arg = micro.input_ids
@@ -193,11 +188,10 @@ def interleaved_forward_only(
             first_arg = _recv(ring.buffer(micro), rank, _forward_tag(chunk))
         out = model(first_arg, micro.position_ids, micro.cu_seqlens, micro.max_seqlen)
         if ring.is_last_piece(chunk):
-            metrics.update(out, micro.labels, micro.type_ids)
-            loss = micro_batch_loss(out, micro.labels, label_smoothing).item()
+            logits = out
         else:
             rank, next_chunk = ring.next_piece(chunk)
             # NOTE: the next piece's input.
             sends.send(out, rank, _forward_tag(next_chunk))
     sends.wait_all()
-    return loss
+    return logits

@@ -6,8 +6,9 @@ Stage s of P with M micro-batches:
   so at most P - s micro-batches keep their activations at once;
 - cool-down: the backwards of the warm-up micro-batches.
 Hidden states [B, L, hidden] travel forward to the next stage and their gradients back, with
-point-to-point sends between the same data-parallel rank of adjacent stages. The last stage computes
-the loss (fused head + cross entropy, divided by M like one process) and the token metrics.
+point-to-point sends between the same data-parallel rank of adjacent stages. The last stage turns
+its output into each micro-batch's loss with the caller's `StageLoss` (what the loss is, and the
+metrics it feeds, are the trainer's: this module only moves tensors between stages).
 """
 
 from __future__ import annotations
@@ -21,15 +22,16 @@ import torch.distributed as dist
 from torch import nn
 
 from train_kernel.data.batches import MicroBatch
-from train_kernel.train.step import StepLoss, head_loss, micro_batch_loss
-from train_kernel.train.token_metrics import TokenMetrics
+from train_kernel.parallel.stage import StageLoss
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StageLinks:
-    """Where this stage's activations come from and go to (global ranks; None at the ends) and how
-    the hidden states it exchanges look."""
+    """This stage's place in the pipeline, where its activations come from and go to (global ranks;
+    None at the ends) and how the hidden states it exchanges look."""
 
+    stage: int
+    num_stages: int
     prev_rank: int | None
     next_rank: int | None
     hidden_size: int
@@ -88,7 +90,7 @@ def _stage_forward(
     micro: MicroBatch,
     received: torch.Tensor | None,
     links: StageLinks,
-    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, MicroBatch], torch.Tensor],
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(input that needs a gradient or None on the first stage, output: hidden states, or on the
     last stage the micro-batch's loss from `loss_fn`)."""
@@ -98,7 +100,7 @@ def _stage_forward(
         inputs = received.requires_grad_(True)
         first_arg = inputs
     hidden = model(first_arg, micro.position_ids, micro.cu_seqlens, micro.max_seqlen, apply_head=False)
-    return inputs, (loss_fn(hidden) if links.is_last else hidden)
+    return inputs, (loss_fn(hidden, micro) if links.is_last else hidden)
 
 
 def _stage_backward(
@@ -115,28 +117,27 @@ def _stage_backward(
 def pipeline_forward_backward(
     model: nn.Module,
     micro_batches: list[MicroBatch],
+    *,
     loss_scale: float,
-    label_smoothing: float,
-    metrics: TokenMetrics,
+    loss_fn: StageLoss,
     links: StageLinks,
-    stage: int,
-    num_stages: int,
     before_last_backward: Callable[[], None] | None = None,
-) -> StepLoss:
+) -> float:
     """One step's forwards and backwards on this stage (gradients accumulate in the parameters).
-    StepLoss.loss is the step's loss on the last stage and 0.0 on the others. `before_last_backward`
-    runs right before this stage's last backward (the overlapped gradient reduction starts there)."""
+    Returns the sum of the micro-batch losses on the last stage, 0.0 on the others.
+    `before_last_backward` runs right before this stage's last backward (the overlapped gradient
+    reduction starts there)."""
     count = len(micro_batches)
     if count < 1:
         raise ValueError("the pipeline schedule needs at least one micro-batch")
     losses: list[torch.Tensor] = []
 
-    def loss_fn(hidden: torch.Tensor) -> torch.Tensor:
-        loss = head_loss(model, hidden, micro_batches[len(losses)], label_smoothing, metrics) / count
+    def last_stage_loss(hidden: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
+        loss = loss_fn(model, hidden, micro)
         losses.append(loss.detach())
         return loss
 
-    warmup = min(num_stages - stage - 1, count)
+    warmup = min(links.num_stages - links.stage - 1, count)
     in_flight: deque[tuple[torch.Tensor | None, torch.Tensor]] = deque()
     forward_at = backward_at = 0
 
@@ -144,7 +145,7 @@ def pipeline_forward_backward(
         nonlocal forward_at
         micro = micro_batches[forward_at]
         received, _ = links.exchange(micro, recv_prev=not links.is_first)
-        in_flight.append(_stage_forward(model, micro, received, links, loss_fn))
+        in_flight.append(_stage_forward(model, micro, received, links, last_stage_loss))
         forward_at += 1
 
     def backward(send_latest: bool) -> None:
@@ -170,25 +171,17 @@ def pipeline_forward_backward(
         backward(send_latest=True)
     for _ in range(warmup):
         backward(send_latest=False)
-    total = sum(loss.item() for loss in losses)  # in order, as one process sums them
-    return StepLoss(
-        loss=total,
-        segments_per_micro_batch=[m.segments for m in micro_batches],
-        largest_length=max(m.max_seqlen for m in micro_batches),
-    )
+    return sum((loss.item() for loss in losses), 0.0)  # in order, as one process sums them
 
 
 @torch.no_grad()
-def pipeline_forward_only(
-    model: nn.Module, micro: MicroBatch, label_smoothing: float, metrics: TokenMetrics, links: StageLinks
-) -> float | None:
-    """Validation forward of one micro-batch through this stage; the loss on the last stage (which
-    also updates `metrics`), None elsewhere."""
+def pipeline_forward_only(model: nn.Module, micro: MicroBatch, links: StageLinks) -> torch.Tensor | None:
+    """Validation forward of one micro-batch through this stage: the logits on the last stage,
+    None elsewhere."""
     received, _ = links.exchange(micro, recv_prev=not links.is_first)
     first_arg = micro.input_ids if links.is_first else received
     out = model(first_arg, micro.position_ids, micro.cu_seqlens, micro.max_seqlen)
     if not links.is_last:
         links.exchange(send_next=out)
         return None
-    metrics.update(out, micro.labels, micro.type_ids)
-    return micro_batch_loss(out, micro.labels, label_smoothing).item()
+    return out

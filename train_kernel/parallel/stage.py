@@ -9,12 +9,21 @@ of the full model under the same global key names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from train_kernel.data.batches import MicroBatch
 from train_kernel.model.config import ModelConfig
 from train_kernel.model.internlm import InternLM
 from train_kernel.parallel.layout import LayoutError, stage_layer_ranges
+
+# The loss a pipeline's last piece computes: (that piece's model, its final hidden states, the
+# micro-batch) -> the micro-batch's share of the step loss, a scalar tensor. The schedules take it
+# from the caller (the trainer's step_schedule.py): they move tensors between stages and never
+# need to know what the loss is or which metrics it feeds.
+StageLoss = Callable[[nn.Module, torch.Tensor, MicroBatch], torch.Tensor]
 
 
 def stage_layers(config: ModelConfig, stage: int, num_stages: int) -> list[range]:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train_kernel.data.batches import MicroBatch
+from train_kernel.parallel.stage import StageLoss
 from train_kernel.train.fused_loss import head_cross_entropy
 from train_kernel.train.token_metrics import IGNORE_INDEX, TokenMetrics
 
@@ -23,6 +24,15 @@ class StepLoss:
     loss: float  # mean of the micro-batch losses: the log line's `loss`
     segments_per_micro_batch: list[int]
     largest_length: int
+
+    @classmethod
+    def of(cls, micro_batches: list[MicroBatch], loss: float) -> StepLoss:
+        """The step's record: `loss` and the shape of its micro-batches."""
+        return cls(
+            loss=loss,
+            segments_per_micro_batch=[m.segments for m in micro_batches],
+            largest_length=max(m.max_seqlen for m in micro_batches),
+        )
 
 
 def micro_batch_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -58,6 +68,20 @@ def head_loss(
     return out.loss
 
 
+def step_loss_share(label_smoothing: float, metrics: TokenMetrics, micro_num: int) -> StageLoss:
+    """The pipeline schedules' last-stage loss (parallel.stage.StageLoss) for one step: each
+    micro-batch's head loss divided by the step's micro_num, as one process computes it."""
+    return lambda part, hidden, micro: head_loss(part, hidden, micro, label_smoothing, metrics) / micro_num
+
+
+def validation_loss(
+    logits: torch.Tensor, micro: MicroBatch, label_smoothing: float, metrics: TokenMetrics
+) -> float:
+    """A validation micro-batch's loss from its logits; feeds the metrics."""
+    metrics.update(logits, micro.labels, micro.type_ids)
+    return micro_batch_loss(logits, micro.labels, label_smoothing).item()
+
+
 def forward_backward(
     model: nn.Module,
     micro_batches: list[MicroBatch],
@@ -76,15 +100,10 @@ def forward_backward(
             before_last_backward()
         (loss * loss_scale).backward()
         total += loss.item()
-    return StepLoss(
-        loss=total,
-        segments_per_micro_batch=[m.segments for m in micro_batches],
-        largest_length=max(m.max_seqlen for m in micro_batches),
-    )
+    return StepLoss.of(micro_batches, total)
 
 
 @torch.no_grad()
 def forward_only(model: nn.Module, micro: MicroBatch, label_smoothing: float, metrics: TokenMetrics) -> float:
     logits = model(micro.input_ids, micro.position_ids, micro.cu_seqlens, micro.max_seqlen)
-    metrics.update(logits, micro.labels, micro.type_ids)
-    return micro_batch_loss(logits, micro.labels, label_smoothing).item()
+    return validation_loss(logits, micro, label_smoothing, metrics)

@@ -6,12 +6,19 @@ once at start (`build_step_schedule`), so the loop never asks which kind of run 
 - a pipeline stage under the project's own 1F1B or interleaved schedule (`pipeline.schedule =
   "InternLM"`, or a micro_num PyTorch's schedules cannot run).
 Validation always goes through the project's forward path of the stage (one micro-batch at a time).
+
+The pipeline schedules in parallel/ move tensors between stages; what the loss is (the fused head
++ cross entropy, divided by micro_num) and which metrics it feeds is said here, and handed to them
+as a `StageLoss`. So train/ imports parallel/, never the other way.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from typing import Protocol
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -30,30 +37,43 @@ from train_kernel.parallel.pipeline_schedule import (
 )
 from train_kernel.parallel.process_groups import ParallelContext
 from train_kernel.parallel.stage import StageChunks, activation_dtype
-from train_kernel.train.step import StepLoss, forward_backward, forward_only
+from train_kernel.train.fused_loss import backward_more_than_once
+from train_kernel.train.step import (
+    StepLoss,
+    forward_backward,
+    forward_only,
+    step_loss_share,
+    validation_loss,
+)
 from train_kernel.train.token_metrics import TokenMetrics
+
+if TYPE_CHECKING:
+    from train_kernel.config import TrainConfig
+    from train_kernel.optim.zero import ZeroOptimizer
+
+log = logging.getLogger(__name__)
 
 
 class StepSchedule(Protocol):
     def forward_backward(
         self, micro_batches: list[MicroBatch], loss_scale: float, metrics: TokenMetrics
-    ) -> StepLoss: ...
+    ) -> StepLoss:
+        """One training step's forwards and backwards (gradients accumulate in the parameters);
+        the loss is the step's on the rank that computes it (the last stage), 0.0 elsewhere."""
 
     def forward_only(self, micro: MicroBatch, metrics: TokenMetrics) -> float | None:
         """The micro-batch's validation loss where it is computed (the last stage), else None."""
 
 
+@dataclass(frozen=True, kw_only=True)
 class WholeModel:
-    def __init__(
-        self, model: nn.Module, label_smoothing: float, before_last_backward: Callable[[], None] | None
-    ) -> None:
-        self.model, self.label_smoothing, self.before_last_backward = (
-            model,
-            label_smoothing,
-            before_last_backward,
-        )
+    model: nn.Module
+    label_smoothing: float
+    before_last_backward: Callable[[], None] | None
 
-    def forward_backward(self, micro_batches, loss_scale, metrics) -> StepLoss:
+    def forward_backward(
+        self, micro_batches: list[MicroBatch], loss_scale: float, metrics: TokenMetrics
+    ) -> StepLoss:
         return forward_backward(
             self.model,
             micro_batches,
@@ -63,101 +83,147 @@ class WholeModel:
             before_last_backward=self.before_last_backward,
         )
 
-    def forward_only(self, micro, metrics) -> float:
+    def forward_only(self, micro: MicroBatch, metrics: TokenMetrics) -> float:
         return forward_only(self.model, micro, self.label_smoothing, metrics)
 
 
+@dataclass(frozen=True, kw_only=True)
 class ProjectPipeline:
     """The project's 1F1B schedule (one model chunk per stage)."""
 
-    def __init__(
-        self, model, links: StageLinks, parallel: ParallelContext, label_smoothing, before_last_backward
-    ):
-        self.model, self.links, self.parallel = model, links, parallel
-        self.label_smoothing, self.before_last_backward = label_smoothing, before_last_backward
+    model: nn.Module
+    links: StageLinks
+    label_smoothing: float
+    before_last_backward: Callable[[], None] | None
 
-    def forward_backward(self, micro_batches, loss_scale, metrics) -> StepLoss:
-        return pipeline_forward_backward(
+    def forward_backward(
+        self, micro_batches: list[MicroBatch], loss_scale: float, metrics: TokenMetrics
+    ) -> StepLoss:
+        loss = pipeline_forward_backward(
             self.model,
             micro_batches,
-            loss_scale,
-            self.label_smoothing,
-            metrics,
-            self.links,
-            self.parallel.pp_rank,
-            self.parallel.pp_size,
+            loss_scale=loss_scale,
+            loss_fn=step_loss_share(self.label_smoothing, metrics, len(micro_batches)),
+            links=self.links,
             before_last_backward=self.before_last_backward,
         )
+        return StepLoss.of(micro_batches, loss)
 
-    def forward_only(self, micro, metrics) -> float | None:
-        return pipeline_forward_only(self.model, micro, self.label_smoothing, metrics, self.links)
+    def forward_only(self, micro: MicroBatch, metrics: TokenMetrics) -> float | None:
+        logits = pipeline_forward_only(self.model, micro, self.links)
+        return None if logits is None else validation_loss(logits, micro, self.label_smoothing, metrics)
 
 
+@dataclass(frozen=True, kw_only=True)
 class ProjectInterleaved:
     """The project's interleaved 1F1B schedule (model.num_chunks > 1 chunks per stage)."""
 
-    def __init__(self, model: StageChunks, ring: ChunkRing, label_smoothing: float) -> None:
-        self.chunks, self.ring, self.label_smoothing = list(model.chunks), ring, label_smoothing
+    chunks: list[nn.Module]
+    ring: ChunkRing
+    label_smoothing: float
 
-    def forward_backward(self, micro_batches, loss_scale, metrics) -> StepLoss:
-        return interleaved_forward_backward(
-            self.chunks, micro_batches, loss_scale, self.label_smoothing, metrics, self.ring
+    def forward_backward(
+        self, micro_batches: list[MicroBatch], loss_scale: float, metrics: TokenMetrics
+    ) -> StepLoss:
+        loss = interleaved_forward_backward(
+            self.chunks,
+            micro_batches,
+            loss_scale=loss_scale,
+            loss_fn=step_loss_share(self.label_smoothing, metrics, len(micro_batches)),
+            ring=self.ring,
         )
+        return StepLoss.of(micro_batches, loss)
 
-    def forward_only(self, micro, metrics) -> float | None:
-        return interleaved_forward_only(self.chunks, micro, self.label_smoothing, metrics, self.ring)
+    def forward_only(self, micro: MicroBatch, metrics: TokenMetrics) -> float | None:
+        logits = interleaved_forward_only(self.chunks, micro, self.ring)
+        return None if logits is None else validation_loss(logits, micro, self.label_smoothing, metrics)
 
 
+@dataclass(frozen=True, kw_only=True)
 class EnginePipeline:
     """Training steps through PyTorch's engine; validation through the project's stage path."""
 
-    def __init__(self, engine: EngineSchedule, validation: StepSchedule) -> None:
-        self.engine, self.validation = engine, validation
+    engine: EngineSchedule
+    validation: StepSchedule
+    label_smoothing: float
 
-    def forward_backward(self, micro_batches, loss_scale, metrics) -> StepLoss:
-        return self.engine.forward_backward(micro_batches, loss_scale, metrics)
+    def forward_backward(
+        self, micro_batches: list[MicroBatch], loss_scale: float, metrics: TokenMetrics
+    ) -> StepLoss:
+        # NOTE: the zero-bubble schedule backpropagates the loss twice (input, then weight
+        # gradients): the fused loss must keep its gradient buffer out of its pool for that step.
+        with backward_more_than_once() if self.engine.splits_backward else nullcontext():
+            loss = self.engine.forward_backward(
+                micro_batches,
+                loss_scale=loss_scale,
+                loss_fn=step_loss_share(self.label_smoothing, metrics, len(micro_batches)),
+            )
+        return StepLoss.of(micro_batches, loss)
 
-    def forward_only(self, micro, metrics) -> float | None:
+    def forward_only(self, micro: MicroBatch, metrics: TokenMetrics) -> float | None:
         return self.validation.forward_only(micro, metrics)
 
 
-def build_step_schedule(config, model: nn.Module, optimizer, parallel: ParallelContext, device: torch.device):
+def build_step_schedule(
+    *,
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: ZeroOptimizer,
+    parallel: ParallelContext,
+    device: torch.device,
+) -> StepSchedule:
     """The schedule this rank runs, from the config and the model part it holds."""
     smoothing = config.loss.label_smoothing
     if parallel.pp_size == 1:
-        return WholeModel(model, smoothing, optimizer.before_last_backward)
+        return WholeModel(
+            model=model, label_smoothing=smoothing, before_last_backward=optimizer.before_last_backward
+        )
     dtype = activation_dtype(config.model)
     if isinstance(model, StageChunks):
         ring = ChunkRing(
-            parallel.pp_rank,
-            parallel.pipeline_ranks,
-            config.model.num_chunks,
-            config.model.hidden_size,
-            dtype,
-            device,
+            stage=parallel.pp_rank,
+            pipeline_ranks=parallel.pipeline_ranks,
+            num_chunks=config.model.num_chunks,
+            hidden_size=config.model.hidden_size,
+            dtype=dtype,
+            device=device,
         )
-        project: StepSchedule = ProjectInterleaved(model, ring, smoothing)
+        project: StepSchedule = ProjectInterleaved(
+            chunks=list(model.chunks), ring=ring, label_smoothing=smoothing
+        )
     else:
         links = StageLinks(
-            parallel.prev_stage_rank, parallel.next_stage_rank, config.model.hidden_size, dtype, device
+            stage=parallel.pp_rank,
+            num_stages=parallel.pp_size,
+            prev_rank=parallel.prev_stage_rank,
+            next_rank=parallel.next_stage_rank,
+            hidden_size=config.model.hidden_size,
+            dtype=dtype,
+            device=device,
         )
-        project = ProjectPipeline(model, links, parallel, smoothing, optimizer.before_last_backward)
+        project = ProjectPipeline(
+            model=model,
+            links=links,
+            label_smoothing=smoothing,
+            before_last_backward=optimizer.before_last_backward,
+        )
     name = config.pipeline_engine_schedule()
+    if parallel.rank == 0:
+        log.info("pipeline schedule: %s", name or "the project's own (InternLM's order)")
     if name is None:
         return project
     reducer = optimizer.grad_reducer
     engine = EngineSchedule(
-        name,
-        list(model.chunks) if isinstance(model, StageChunks) else [model],
-        parallel.pp_rank,
-        parallel.pp_size,
-        config.data.micro_num,
-        parallel.pipeline_group,
-        device,
-        smoothing,
+        name=name,
+        parts=list(model.chunks) if isinstance(model, StageChunks) else [model],
+        stage=parallel.pp_rank,
+        num_stages=parallel.pp_size,
+        micro_num=config.data.micro_num,
+        group=parallel.pipeline_group,
+        device=device,
         tokens=config.data.seq_len * config.data.micro_bsz,
         hidden_size=config.model.hidden_size,
         activation_dtype=dtype,
         arm_for=(lambda part: reducer.arm_parameters(part.parameters())) if reducer else None,
     )
-    return EnginePipeline(engine, project)
+    return EnginePipeline(engine=engine, validation=project, label_smoothing=smoothing)

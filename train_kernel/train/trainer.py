@@ -382,12 +382,9 @@ class _Loop:
         self.run_state = run_state
         self.stop_file = StopFile(config.ckpt.stop_file_path if parallel.rank == 0 else None)
         self.save_requested = False  # the stop file asked for a checkpoint after this step
-        self.schedule = build_step_schedule(config, model, optimizer, parallel, device)
-        if parallel.pp_size > 1 and parallel.rank == 0:
-            log.info(
-                "pipeline schedule: %s",
-                config.pipeline_engine_schedule() or "the project's own (InternLM's order)",
-            )
+        self.schedule = build_step_schedule(
+            config=config, model=model, optimizer=optimizer, parallel=parallel, device=device
+        )
 
     def run(self, stop: StopRequest) -> None:
         total = self.config.data.total_steps
