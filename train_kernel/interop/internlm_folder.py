@@ -16,6 +16,7 @@ What InternLM writes (internlm/utils/model_checkpoint.py, save_model_checkpoint)
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -29,6 +30,7 @@ _FSDP_SHARD = re.compile(r"^model_tp\d+_pp\d+_dp\d+\.pt$")
 _CHUNK = re.compile(r"^(\d+)\.(.+)$")
 _LAYER = re.compile(r"^(blocks|layers)\.(\d+)\.(.+)$")
 _BUFFERS = ("rotary_emb.inv_freq", "rope.freqs")
+log = logging.getLogger(__name__)
 
 # How InternLM splits each weight over tensor ranks (key suffix -> rule): ("cat", dim) concatenates
 # the shards, "qkv" regroups per-rank [q; k; v] rows, "rank0" takes rank 0's copy (replicated, or
@@ -130,6 +132,8 @@ def read_internlm_folder(folder: Path, config: ModelConfig) -> dict[str, torch.T
     """The full model's state dict under our names, in config's dtype, from an InternLM folder."""
     names = sorted(p.name for p in folder.iterdir() if p.is_file())
     grid = shard_grid(names, folder)
+    if "model_config.pt" in names:
+        _check_saved_config(folder / "model_config.pt", config)
     tp, pp = max(t for t, _ in grid) + 1, max(p for _, p in grid) + 1
     ranks = []
     for t in range(tp):
@@ -143,6 +147,26 @@ def read_internlm_folder(folder: Path, config: ModelConfig) -> dict[str, torch.T
     state = _to_our_names(merged, config, folder)
     check_shapes(config, state, folder)
     return state
+
+
+def _check_saved_config(path: Path, config: ModelConfig) -> None:
+    """InternLM saves its model section as model_config.pt: sizes it names must be the config's."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # holds objects weights_only refuses (it is optional): the shapes still get checked
+        log.info("%s: not readable with weights_only; checking the weights' shapes only", path)
+        return
+    if not isinstance(saved, dict):
+        return
+    for key, ours in (
+        ("num_layers", config.num_layers),
+        ("hidden_size", config.hidden_size),
+        ("num_attention_heads", config.num_attention_heads),
+        ("num_kv_attention_heads", config.kv_heads),
+        ("vocab_size", config.vocab_size),
+    ):
+        if saved.get(key) is not None and saved[key] != ours:
+            raise ValueError(f"{path}: {key} is {saved[key]}, but model.{key} gives {ours}")
 
 
 def _number_layers(stages: list[tuple[str, dict]], folder: Path) -> dict[str, torch.Tensor]:

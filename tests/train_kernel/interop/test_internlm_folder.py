@@ -140,6 +140,9 @@ def test_missing_and_damaged_shards_name_the_file(tmp_path, v1_source):
 def test_a_config_of_another_shape_is_an_error(tmp_path, v1_source):
     internlm_state, _ = v1_source
     write_internlm_folder(tmp_path, internlm_state, LAYERS, HEADS, tp=1, pp=2)
+    with pytest.raises(ValueError, match=r"model_config.pt: num_layers is 3, but model.num_layers gives 2"):
+        read_internlm_folder(tmp_path, small_config(vocab_size=VOCAB))
+    (tmp_path / "model_config.pt").unlink()  # optional: then the weights tell
     with pytest.raises(ValueError, match="holds 3 layers, model.num_layers is 2"):
         read_internlm_folder(tmp_path, small_config(vocab_size=VOCAB))
     with pytest.raises(ValueError, match="shape"):
