@@ -11,7 +11,7 @@ from train_kernel.checkpoint import layout
 from train_kernel.checkpoint.locations import Location, open_location
 from train_kernel.checkpoint.manifest import CheckpointError, verify_file
 from train_kernel.checkpoint.restore import read_manifest
-from train_kernel.model.config import ModelConfig
+from train_kernel.model.config import AUTO_DTYPE, ModelConfig
 from train_kernel.model.hf_interop import export_hf
 from train_kernel.model.state_files import is_model_file, load_model_state, write_model_state
 
@@ -71,6 +71,11 @@ def import_internlm(uri: str, config: ModelConfig, out_dir: Path) -> ModelConfig
     """An InternLM checkpoint folder (model_tp*_pp*.pt) -> a weights-only folder of this project
     (model_tp0_pp0.safetensors + model_config.json) that load_ckpt_info / load_model_only_folder
     and export-hf read."""
+    if config.dtype == AUTO_DTYPE:
+        raise ValueError(
+            "model.dtype is 'auto', which a run resolves on its device; name the dtype to write, "
+            "e.g. --set model.dtype=torch.bfloat16"
+        )
     location = open_location(uri)
     with tempfile.TemporaryDirectory(prefix="import-internlm-") as scratch:
         state = read_foreign_model(location, "internlm", config, Path(scratch))
