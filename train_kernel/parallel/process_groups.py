@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from train_kernel.parallel.collectives import sum_over
 from train_kernel.parallel.layout import LayoutError, ParallelLayout
 
 if TYPE_CHECKING:
@@ -127,6 +128,16 @@ class ParallelContext:
     @property
     def is_logging_rank(self) -> bool:
         return self.rank == 0
+
+    def sum_over_job(self, values: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """`values` (a CPU tensor) summed over this rank's pipeline group, then its data-parallel
+        group, on the CPU: what the last stage alone computed (loss, metrics) reaches every stage,
+        and the data-parallel ranks' shares of a batch add up to the whole batch's. No-op in one
+        process."""
+        # NOTE: the pipeline sum first: the logging rank is on stage 0, the loss on the last stage.
+        values = sum_over(values.to(device), self.pipeline_group)
+        # NOTE: then one all-reduce over data parallel carries every number the log line reports.
+        return sum_over(values.to(device), self.data_group).cpu()
 
     def close(self, barrier: bool) -> None:
         """Destroys the groups. `barrier`: after a clean run, first wait for every rank."""

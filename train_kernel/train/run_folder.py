@@ -13,10 +13,6 @@ LOG_FORMAT = (
 )
 
 
-def resolve_run_dir(run_dir: str | None, job_name: str) -> Path:
-    return Path(run_dir) if run_dir else Path("runs") / job_name
-
-
 def setup_logging(run_dir: Path, rank: int = 0) -> None:
     """Rank 0 logs to the console and to run_dir/train.log; other ranks log warnings only."""
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -84,16 +84,16 @@ def test_log_record_has_every_field_of_the_seed_line(tmp_path):
 def test_tiny_model_overfits_one_batch(tmp_path, monkeypatch):
     # skip_batches can't repeat a batch; a single-row dataset can: every step sees the same rows.
     config = config_from_text(tiny_config_text(tmp_path, total_steps=60, lr=1e-2, micro_num=1))
-    from train_kernel.train import trainer as trainer_module
+    from train_kernel.train import builder
 
-    original = trainer_module.build_row_sources
+    original = builder.build_row_sources
 
     def one_row(cfg, *args):
         rows, valid = original(cfg, *args)
         rows.num_rows = 1
         return rows, valid
 
-    monkeypatch.setattr(trainer_module, "build_row_sources", one_row)
+    monkeypatch.setattr(builder, "build_row_sources", one_row)
     train(config)
     losses = [r["loss"] for r in records(tmp_path)]
     assert losses[0] > 5.0 and losses[-1] < 0.5, losses[::10]
@@ -158,16 +158,16 @@ def test_cuda_run_warns_before_building_a_model_its_device_cannot_hold(tmp_path,
     from types import SimpleNamespace
 
     from train_kernel.parallel.process_groups import init_parallel
-    from train_kernel.train import trainer as trainer_module
+    from train_kernel.train import builder
 
     config = config_from_text(tiny_config_text(tmp_path))
     parallel = init_parallel(config.parallel, environ={})
     device = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=1 << 20))
     with caplog.at_level("WARNING"):
-        trainer_module._warn_if_plan_exceeds_device(config, parallel, device)
+        builder._warn_if_plan_exceeds_device(config, parallel, device)
     assert "expect out-of-memory" in caplog.text and "the device has 0.00 GiB" in caplog.text
     caplog.clear()
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=1 << 40))
-    trainer_module._warn_if_plan_exceeds_device(config, parallel, device)
+    builder._warn_if_plan_exceeds_device(config, parallel, device)
     assert "expect out-of-memory" not in caplog.text
