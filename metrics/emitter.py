@@ -9,7 +9,9 @@ network. Record kinds (the ``kind`` field):
   opens a new MLflow run) and ``start_id``, a key the emitter makes per trainer start (it names
   that start's segment of the file in the sidecar's mlflow_run.json);
 - ``train``: one per step: ``step``, ``time`` (unix seconds) and every field of the log line;
-- ``valid``: ``step``, ``time`` and ``val/...`` fields after a validation pass.
+- ``valid``: ``step``, ``time`` and ``val/...`` fields after a validation pass;
+- ``event``: ``step``, ``time``, ``event`` (its name, e.g. ``rollback``) and its fields; the
+  sidecar forwards the numeric ones as metrics (a dict's keys joined with '/').
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 __all__ = ["RUN_FILE", "MlflowRun", "Backoff", "Aborted", "make_client", "is_refused"]
 
 RUN_KEY_TAG = "sidecar_run_key"
-STEP_KEYS = {"train": "sidecar/train_step", "valid": "sidecar/valid_step"}
+STEP_KEYS = {"train": "sidecar/train_step", "valid": "sidecar/valid_step", "event": "sidecar/event_step"}
 DEFAULT_EXPERIMENT = "llm-pretrain"
 
 T = TypeVar("T")

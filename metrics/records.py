@@ -17,7 +17,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-KINDS = ("params", "train", "valid")
+KINDS = ("params", "train", "valid", "event")
 # A longer line is skipped (reported with its number) and never held whole.
 MAX_RECORD_BYTES = 16 << 20
 # Fields of a step record that are not metrics.

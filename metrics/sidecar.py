@@ -216,7 +216,8 @@ class Sidecar:
             key = hint.get("run_key")  # absent in hints of sidecars before segments
             entry = self.runs.by_key(key) if key else self.runs.by_run_id(hint["run_id"])
             offset, line = int(hint["offset"]), int(hint["line"])
-            hinted = {kind: int(hint["last_step"][kind]) for kind in STEP_KEYS}
+            # .get: hints written before `event` records have no step for them
+            hinted = {kind: int(hint["last_step"].get(kind, -1)) for kind in STEP_KEYS}
             usable = entry is not None and entry.run_id == hint["run_id"] and path.stat().st_size >= offset
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return self._from_start(path)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from train_kernel.config.errors import ConfigError
+from train_kernel.config.health_sections import FaultInjectionConfig, HealthConfig
 from train_kernel.config.monitor_sections import GradProfilingConfig, MonitorConfig
 from train_kernel.config.rules import check_interleaved, check_model, dtype_name
 from train_kernel.config.sections import (
@@ -97,6 +98,10 @@ class TrainConfig(Section):
     grad_profiling: GradProfilingConfig = field(default_factory=GradProfilingConfig)
     """`grad_profiling = dict(...)` (InternLM's per-layer gradient statistics): accepted; not recorded
     yet (a warning names what the file switches on)."""
+    health: HealthConfig = field(default_factory=HealthConfig)
+    """`health = dict(...)` (ours): rollbacks, hang watchdog, profiling (config/health_sections.py)."""
+    fault_injection: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
+    """`fault_injection = dict(...)` (ours): faults on purpose for tests and drills; off by default."""
     constants: dict[str, Any] = field(default_factory=dict)
     """The UPPERCASE top-level names of the file (SEQ_LEN, HIDDEN_SIZE, ...), as the file computed them."""
     source_path: Path | None = None
