@@ -27,11 +27,10 @@ def stage_layer_ranges(
     num_layers: int, pipeline_size: int, num_chunks: int = 1
 ) -> list[list[tuple[int, int]]]:
     """InternLM's `partition_uniform`: the [start, end) layer ranges of each pipeline stage, one per
-    model chunk. Within a chunk, later stages take the extra layers when they do not split evenly."""
-    if num_chunks < 1 or pipeline_size < 1:
-        raise LayoutError(f"pipeline size {pipeline_size} and num_chunks {num_chunks} must be >= 1")
-    if num_layers % num_chunks:
-        raise LayoutError(f"{num_chunks} chunks do not divide {num_layers} layers", key="model.num_chunks")
+    model chunk. Within a chunk, later stages take the extra layers when they do not split evenly.
+    The sizes are the config's, checked there (sizes >= 1, num_chunks dividing num_layers:
+    config/rules.py check_model and the parallel section); what is left is this partition's own
+    limit, a layer for every stage of every chunk."""
     per_chunk = num_layers // num_chunks
     if per_chunk < pipeline_size:
         raise LayoutError(
