@@ -2,14 +2,15 @@
 during a training step, next to the schedule's theoretical bubble.
 
 Real gloo processes (pipeline size = processes = 2 and 4, data 1), a small fp32 InternLM, micro_num m
-in {4, 8}, for the 1F1B schedule and the interleaved one (v = 2 chunks per stage). Theory:
+in {4, 8}, for the project's 1F1B schedule and its interleaved one (v = 2 chunks per stage;
+pipeline.schedule = "InternLM": bench_pipeline_engines.py sets PyTorch's engine beside them). Theory:
 1F1B (p-1)/(m+p-1), interleaved (p-1)/(v*m+p-1).
 
 Instrumentation, from outside the trainer (nothing in train_kernel is edited): each rank runs this
 file's rank program, which swaps the `dist` name of the two schedule modules for a proxy of
 torch.distributed whose batch_isend_irecv / isend / irecv return Work objects whose wait() is timed
-(receives and sends apart), and wraps the schedule functions the trainer calls and the trainer's
-step to time them. Per step and rank:
+(receives and sends apart), and wraps the forward_backward of the project's step schedules
+(train/step_schedule.py) and the loop's step to time them. Per step and rank:
 - idle = time blocked in wait() of p2p receives + sends inside the forward/backward schedule;
 - bubble_fraction = 1 - busy / window, busy = the rank's schedule time - idle, window = first schedule
   start to last schedule end over all stages in that step (perf_counter is CLOCK_MONOTONIC, one clock
@@ -60,7 +61,7 @@ adam = dict(lr=1e-4)
 model = dict(num_layers={layers}, hidden_size={hidden}, num_attention_heads={heads}, mlp_ratio=8 / 3,
              vocab_size={vocab}, dtype="torch.float32", embed_grad_scale=1, checkpoint=False,
              num_chunks={chunks})
-parallel = dict(zero1=1, pipeline=dict(size={pipeline}, interleaved_overlap=True))
+parallel = dict(zero1=1, pipeline=dict(size={pipeline}, interleaved_overlap=True, schedule="InternLM"))
 run_dir = {run_dir!r}
 """
 
@@ -122,7 +123,7 @@ def _timed_dist(timings: _Timings, wrap_single: bool):
 
 def _rank_program(config_path: str, out_path: str) -> None:
     from train_kernel.parallel import interleaved_schedule, pipeline_schedule
-    from train_kernel.train import trainer
+    from train_kernel.train import loop, step_schedule
 
     timings = _Timings()
     pipeline_schedule.dist = _timed_dist(timings, wrap_single=False)
@@ -146,9 +147,9 @@ def _rank_program(config_path: str, out_path: str) -> None:
 
         return wrapper
 
-    trainer.pipeline_forward_backward = timed_schedule(trainer.pipeline_forward_backward)
-    trainer.interleaved_forward_backward = timed_schedule(trainer.interleaved_forward_backward)
-    train_step = trainer._Loop.train_step
+    for schedule in (step_schedule.ProjectPipeline, step_schedule.ProjectInterleaved):
+        schedule.forward_backward = timed_schedule(schedule.forward_backward)
+    train_step = loop.TrainLoop.train_step
 
     def timed_train_step(self, *args, **kwargs):
         current.clear()
@@ -156,7 +157,7 @@ def _rank_program(config_path: str, out_path: str) -> None:
         train_step(self, *args, **kwargs)
         timings.steps.append({**current, "step_s": time.perf_counter() - started})
 
-    trainer._Loop.train_step = timed_train_step
+    loop.TrainLoop.train_step = timed_train_step
     from train_kernel.cli import main
 
     main(["run", "--launcher", "torch", "--config", config_path], standalone_mode=False)
