@@ -136,6 +136,10 @@ def test_what_a_start_loads_follows_internlm(ckpt, path, content):
         ("data = dict(num_worker=4)", "data.num_worker=4"),
         ("data = dict(empty_cache_and_diag_interval=10)", "data.empty_cache_and_diag_interval=10"),
         ("data = dict(diag_outlier_ratio=1.2)", "data.diag_outlier_ratio=1.2"),
+        (
+            "data = dict(fixed_random_dataset_seqlen=False, train_folder='/no/such/pack')",
+            "data.fixed_random_dataset_seqlen=False: no effect",
+        ),
         ("parallel = dict(sequence_parallel=True)", "parallel.sequence_parallel=True"),
         ("model = dict(embed_split_hidden=True)", "model.embed_split_hidden=True"),
         ("model = dict(parallel_output=False)", "model.parallel_output=False"),
