@@ -81,7 +81,15 @@ def main(verbose: bool) -> None:
 @click.option(
     "--port", type=click.IntRange(1, 65535), default=None, help="Master port [local: free port; slurm: 8888]."
 )
-def run(config_path: Path, overrides: tuple[str, ...], launcher: str, port: int | None) -> None:
+@click.option(
+    "--profiling",
+    is_flag=True,
+    help="Torch profiler trace of health.profile_steps and memory per step into <run_dir>/profile/ "
+    "(as InternLM's --profiling; sets health.profiling=True).",
+)
+def run(
+    config_path: Path, overrides: tuple[str, ...], launcher: str, port: int | None, profiling: bool
+) -> None:
     """Train with the config --config."""
     # A rank that dies in native code (SIGSEGV, SIGABRT from C++, SIGFPE) prints every thread's
     # Python stack first, so a multi-rank job's failure says where it was.
@@ -89,7 +97,7 @@ def run(config_path: Path, overrides: tuple[str, ...], launcher: str, port: int 
         faulthandler.enable()
     except (OSError, ValueError, AttributeError):  # stderr without a file descriptor (embedded use)
         pass
-    config = _load(config_path, overrides)
+    config = _load(config_path, (*overrides, *(["health.profiling=True"] if profiling else [])))
     env = _call(launch_env, launcher, port, os.environ)
     os.environ.update(env)
     from train_kernel.train.trainer import train

@@ -311,15 +311,22 @@ class CheckpointManager:
 
     # -- resuming ------------------------------------------------------------------------------
 
-    def _auto_candidates(self) -> list[str]:
-        if not (self.config.ckpt.auto_resume and self.save_root is not None):
+    def _auto_candidates(self, at_most_step: int | None = None) -> list[str]:
+        if not (self.config.ckpt.auto_resume or at_most_step is not None) or self.save_root is None:
             return []
         if self.parallel.rank == 0:
             self.saver.wait_all_uploads()  # an upload still in flight may be the newest checkpoint
-            uris = [c.location.uri for c in complete_checkpoints(self.save_root, self.snapshot_root)]
+            found = complete_checkpoints(self.save_root, self.snapshot_root)
+            uris = [c.location.uri for c in found if at_most_step is None or c.step <= at_most_step]
         else:
             uris = None
         return world.broadcast_from_zero(uris)
+
+    def reload_latest(self, run: RunState, at_most_step: int) -> str | None:
+        """A rollback (train_kernel.health): the newest complete checkpoint at or before
+        `at_most_step` loaded whole into `run`, whatever auto_resume says; None when there is none."""
+        uris = self._auto_candidates(at_most_step)
+        return self._load_first_good(run, uris, ("all",), strict=False) if uris else None
 
     def resume(self, run: RunState) -> str | None:
         """Loads the checkpoint the config asks for; returns its URI, or None for a fresh start."""

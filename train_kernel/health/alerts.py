@@ -112,6 +112,7 @@ class AlertSender:
         timeout_s: float = 5.0,
         backoff_s: float = 1.0,
         max_queue: int = 1000,
+        log_level: int = logging.WARNING,
     ) -> None:
         if webhook_format not in FORMATS:
             raise ValueError(f"webhook format {webhook_format!r} is not one of {FORMATS}")
@@ -124,6 +125,7 @@ class AlertSender:
         self.attempts = max(1, attempts)
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
+        self.log_level = log_level  # how `alert` logs what it sends (ranks other than 0: DEBUG)
         self.dropped = 0
         self.failed = 0
         self.sent: list[Alert] = []  # every alert queued, for the trainer's summary and tests
@@ -144,7 +146,7 @@ class AlertSender:
         """Queues one alert (never blocks; logged at warning level here as well)."""
         alert = Alert(kind, message, self.job_name, self.rank, step, fields=fields)
         self.sent.append(alert)
-        log.warning("alert %s: %s", kind, message)
+        log.log(self.log_level, "alert %s: %s", kind, message)
         line = json.dumps(alert.to_json(), default=str)
         body = feishu_body(alert) if self.webhook_format == FEISHU else alert.to_json()
         if self.alert_file or self.webhook:

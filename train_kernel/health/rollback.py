@@ -19,7 +19,15 @@ RECORD = "health/rollbacks.json"
 
 
 class RollbackLimitError(RuntimeError):
-    """The run needed more rollbacks than health.max_rollbacks allows."""
+    """The run needed more rollbacks than health.max_rollbacks allows (or had no checkpoint)."""
+
+
+def limit_error(done: int, limit: int, reason: str, step: int, path: Path) -> RollbackLimitError:
+    return RollbackLimitError(
+        f"step {step}: {reason}; a rollback would be needed but this run already rolled back {done} "
+        f"time(s) (health.max_rollbacks = {limit}; see {path}). Look at the data and learning rate "
+        "around those steps, then raise health.max_rollbacks or remove that file to go on"
+    )
 
 
 @dataclass(frozen=True)
@@ -57,12 +65,7 @@ class RollbackRecord:
 
     def check_allowed(self, max_rollbacks: int, reason: str, step: int) -> None:
         if len(self.rollbacks) >= max_rollbacks:
-            raise RollbackLimitError(
-                f"step {step}: {reason}; a rollback would be needed but this run already rolled back "
-                f"{len(self.rollbacks)} time(s) (health.max_rollbacks = {max_rollbacks}; see {self.path}). "
-                "Look at the data and learning rate around the recorded steps, then raise "
-                "health.max_rollbacks or remove that file to go on"
-            )
+            raise limit_error(len(self.rollbacks), max_rollbacks, reason, step, self.path)
 
     def add(
         self, reason: str, at_step: int, to_step: int, checkpoint: str, first_batch: int, end_batch: int

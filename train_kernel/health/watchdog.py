@@ -107,15 +107,16 @@ class HangWatchdog:
     def _fire(self, idle: float) -> None:
         self.fired = True
         text = (
-            f"rank {self.rank} (pid {os.getpid()}): no step progress for {idle:.0f} s after step "
-            f"{self._step} (health.hang_timeout_s = {self.timeout_s:g})\n\n{format_all_stacks()}"
+            f"rank {self.rank} (pid {os.getpid()}): no step progress for {idle:.0f} s since step "
+            f"{self._step} began (health.hang_timeout_s = {self.timeout_s:g})\n\n{format_all_stacks()}"
         )
         try:
             self.path.write_text(text, encoding="utf-8")
         except OSError as error:
             log.error("hang watchdog: cannot write %s: %s", self.path, error)
         log.error(
-            "hang: no step progress for %.0f s after step %d; stacks of every thread in %s; exiting with %d",
+            "hang: no step progress for %.0f s since step %d began; stacks of every thread in %s; "
+            "exiting with %d",
             idle,
             self._step,
             self.path,

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 
 from train_kernel.data.batches import MicroBatch, to_micro_batches
+from train_kernel.health.run_health import RunHealth
 from train_kernel.train.builder import BuiltRun
 from train_kernel.train.run_output import RunOutput
 from train_kernel.train.step_record import StepFigures, StepRecords
@@ -33,8 +34,8 @@ class JobSums(NamedTuple):
 
 
 class TrainLoop:
-    def __init__(self, *, run: BuiltRun, output: RunOutput, stop: StopRequest) -> None:
-        self.run, self.output, self.stop = run, output, stop
+    def __init__(self, *, run: BuiltRun, output: RunOutput, stop: StopRequest, health: RunHealth) -> None:
+        self.run, self.output, self.stop, self.health = run, output, stop, health
         self.config, self.parallel, self.state = run.config, run.parallel, run.counters
         self.metrics = TokenMetrics(run.data.train_rows.type_names)
         self.records = StepRecords(
@@ -49,21 +50,25 @@ class TrainLoop:
         if self.state.batch_count >= total:
             log.info("nothing to train: the checkpoint is at step %d of %d", self.state.batch_count, total)
         while self.state.batch_count < total and not self.stopping:
-            self.train_step()
+            if self.train_step():
+                continue  # rolled back to a checkpoint (train_kernel.health): nothing is due
             done = self.state.batch_count
             if self.run.data.valid_sets and valid_every and done % valid_every == 0:
                 self.validate(step=done - 1)
             self.save_if_due(done)
         self.records.summarise()
 
-    def train_step(self) -> None:
+    def train_step(self) -> bool:
+        """One step; True when the health checks rolled the run back to a checkpoint after it."""
         state, optimizer, optim = self.state, self.run.optim.optimizer, self.run.optim
+        self.health.before_step(state.batch_count)
         started = time.perf_counter()
         micro_batches = self._next_micro_batches()
         data_ready = time.perf_counter()
         self.run.model.train()
         self.metrics.reset()
-        step_loss = self.run.schedule.forward_backward(micro_batches, optimizer.scaler.scale, self.metrics)
+        scale = self.health.loss_scale(state.batch_count, optimizer.scaler.scale)
+        step_loss = self.run.schedule.forward_backward(micro_batches, scale, self.metrics)
         fwd_bwd_seconds = time.perf_counter() - data_ready
         result = optimizer.step(
             lr=optim.lr.lr_at(state.step_count), beta2=optim.beta2.beta2_at(state.step_count)
@@ -95,8 +100,10 @@ class TrainLoop:
             fwd_bwd_seconds=fwd_bwd_seconds,
             data_wait_seconds=data_ready - started,
         )
-        self.output.train_step(self.records.record(figures, self.metrics))
+        record = self.records.record(figures, self.metrics)
+        self.output.train_step(record)
         state.batch_count += 1
+        return self.health.after_step(record, result.updated, step_seconds)
 
     def _next_micro_batches(self) -> list[MicroBatch]:
         sampled = self.run.data.sampler.next_batch(self.state.step_count)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from train_kernel.backend_flags import apply_backend_flags
 from train_kernel.config import TrainConfig
+from train_kernel.health.alerts import AlertSender
+from train_kernel.health.run_health import RunHealth, crash_summary, open_alerts
 from train_kernel.parallel.process_groups import ParallelContext, init_parallel
 from train_kernel.train.builder import build_run
 from train_kernel.train.loop import TrainLoop
@@ -23,15 +25,20 @@ def train(config: TrainConfig) -> None:
     """Trains `config` as this process's rank (RANK / WORLD_SIZE from the launcher; one process
     without them). Process groups are torn down however the run ends."""
     parallel = init_parallel(config.parallel)
+    alerts = open_alerts(config, parallel)  # monitor.alert: start, finish, crash, rollback, hang
     finished = False
     try:
-        _train(config, parallel)
+        _train(config, parallel, alerts)
         finished = True
+    except Exception as error:
+        alerts.alert("crash", crash_summary(error))
+        raise
     finally:
+        alerts.close(timeout_s=config.health.alert_timeout_s * config.health.alert_attempts)
         parallel.close(barrier=finished)
 
 
-def _train(config: TrainConfig, parallel: ParallelContext) -> None:
+def _train(config: TrainConfig, parallel: ParallelContext, alerts: AlertSender) -> None:
     run_dir = Path(config.run_dir)  # the config fills runs/<JOB_NAME> when none is given
     setup_logging(run_dir, parallel.rank)
     apply_backend_flags(config)  # before resolve_dtype: "torch.tf32" resolves to float32
@@ -43,8 +50,8 @@ def _train(config: TrainConfig, parallel: ParallelContext) -> None:
             config=run.config, parallel=parallel, run_dir=run_dir, step=run.counters.batch_count
         )
         try:
-            with StopRequest() as stop:
-                TrainLoop(run=run, output=output, stop=stop).run_to_end()
+            with StopRequest() as stop, RunHealth.start(run=run, output=output, alerts=alerts) as health:
+                TrainLoop(run=run, output=output, stop=stop, health=health).run_to_end()
         finally:
             output.close()
     finally:
