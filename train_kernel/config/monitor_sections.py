@@ -12,18 +12,20 @@ from train_kernel.config.typecheck import Section
 
 @dataclass(frozen=True)
 class AlertConfig(Section):
-    """`monitor = dict(alert=dict(...))`: InternLM's Feishu alerts and light-monitor heartbeats.
-    Alerts are not sent yet (a later version sends them): a set address or enable_feishu_alert=True
-    gets a warning saying so."""
+    """`monitor = dict(alert=dict(...))`: InternLM's Feishu alerts and light-monitor heartbeats, sent
+    by train_kernel.health.alerts in the background (health.alert_format, alert_attempts,
+    alert_timeout_s, heartbeat_every)."""
 
     enable_feishu_alert: bool = False
-    """Send alerts (loss spikes, exceptions, the end of training) to feishu_alert_address."""
+    """Send alerts (start, finish, crash, rollback, hang, loss spike, non-finite streak) to
+    feishu_alert_address."""
     feishu_alert_address: str | None = None
     """Feishu webhook URL of the alerts."""
     light_monitor_address: str | None = None
-    """InternLM's light-monitor server, which receives heartbeats with the step's metrics."""
+    """InternLM's light-monitor server ("host:port" or a URL): each step's metrics are POSTed to it
+    as a heartbeat (msg_type "train_metrics")."""
     alert_file_path: str | None = None
-    """File where InternLM writes the alerts it sends."""
+    """File to which every alert is appended (one JSON object a line), webhook or not."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class MonitorConfig(Section):
     """`monitor = dict(...)`: alerts and the TensorBoard queue (InternLM's defaults when missing)."""
 
     alert: AlertConfig = field(default_factory=AlertConfig)
-    """Feishu alerts and light-monitor heartbeats (not sent yet)."""
+    """Feishu alerts, light-monitor heartbeats, the alert file."""
     tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
     """TensorBoard writer settings (no TensorBoard writer here)."""
 

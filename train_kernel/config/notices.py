@@ -30,23 +30,23 @@ def _given(given: Mapping[str, Any], *path: str) -> Any:
 
 def _monitor(config: TrainConfig, given: Mapping[str, Any]) -> list[str]:
     out = []
-    alert = config.monitor.alert
-    if _given(given, "monitor", "alert") is not _MISSING:
-        names = ("enable_feishu_alert", "feishu_alert_address", "light_monitor_address", "alert_file_path")
-        wanted = [f"{name}={getattr(alert, name)!r}" for name in names if getattr(alert, name)]
+    alert = config.monitor.alert  # sent by train_kernel.health.alerts
+    if alert.enable_feishu_alert and not alert.feishu_alert_address:
         out.append(
-            "monitor.alert: alerts are not sent yet (no Feishu messages, light-monitor heartbeats or "
-            "alert file; a later version sends them)"
-            + (f"; the file sets {', '.join(wanted)}" if wanted else "")
+            "monitor.alert.enable_feishu_alert=True: no feishu_alert_address, so no webhook messages"
+            + (" (the older alert_address is used)" if config.alert_address else "")
+        )
+    if alert.feishu_alert_address and not alert.enable_feishu_alert:
+        out.append(
+            "monitor.alert.feishu_alert_address: not used, enable_feishu_alert is False (InternLM's rule)"
         )
     if _given(given, "monitor", "tensorboard") is not _MISSING:
         out.append(
             "monitor.tensorboard: there is no TensorBoard writer here; the metrics go to "
             f"{config.run_dir}/metrics.jsonl (and to MLflow with metrics.mlflow_tracking_uri)"
         )
-    address = _given(given, "alert_address")
-    if address is not _MISSING and address is not None:
-        out.append(f"alert_address={address!r}: alerts are not sent yet (a later version sends them)")
+    if config.alert_address and alert.enable_feishu_alert and alert.feishu_alert_address:
+        out.append(f"alert_address={config.alert_address!r}: not used, monitor.alert.feishu_alert_address is")
     return out
 
 
@@ -73,12 +73,6 @@ def _data(config: TrainConfig, given: Mapping[str, Any]) -> list[str]:
             f"data.num_worker={data.num_worker}: no DataLoader workers here; the packed rows are "
             "memory-mapped and read in the training process"
         )
-    for name in ("empty_cache_and_diag_interval", "diag_outlier_ratio"):
-        if _given(given, "data", name) is not _MISSING:
-            out.append(
-                f"data.{name}={getattr(data, name)}: not applied yet (the trainer neither empties the "
-                "CUDA cache periodically nor diagnoses slow ranks; a later version does)"
-            )
     if _given(given, "data", "fixed_random_dataset_seqlen") is False and data.train_folder is not None:
         out.append(
             "data.fixed_random_dataset_seqlen=False: no effect, the data comes from data.train_folder "

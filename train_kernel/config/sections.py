@@ -159,10 +159,9 @@ class DataConfig(Section):
     and read in the training process (a value > 0 given in the file is warned about)."""
     empty_cache_and_diag_interval: int = 50
     """Every this many steps empty the allocator cache and check for slow ranks (InternLM); 0 = never.
-    Not applied yet (a warning names it when the file sets it)."""
+    Rank 0 logs every rank's step time and names the stragglers (train_kernel.health)."""
     diag_outlier_ratio: float = 1.1
-    """A rank whose step time exceeds the median by this factor is reported as slow (>= 1). Not
-    applied yet (a warning names it when the file sets it)."""
+    """A rank whose step time exceeds the median by this factor is reported as slow (>= 1)."""
     fixed_random_dataset_seqlen: bool = True
     """Random-token data (no train_folder): every document is seq_len long. False (random lengths)
     is not supported: an error when the random data is used, a warning when train_folder is set."""

@@ -88,10 +88,11 @@ class TrainConfig(Section):
     uploader: UploaderConfig = field(default_factory=UploaderConfig)
     """`uploader = dict(...)` (ours)."""
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
-    """`monitor = dict(alert=..., tensorboard=...)` (InternLM's later configs): accepted; alerts are not
-    sent yet and there is no TensorBoard writer (a warning says so when the file sets them)."""
+    """`monitor = dict(alert=..., tensorboard=...)` (InternLM's later configs): alerts are sent (see
+    health); there is no TensorBoard writer (a warning says so when the file sets it)."""
     alert_address: str | None = None
-    """InternLM's older Feishu alert webhook (now monitor.alert.feishu_alert_address); not sent yet."""
+    """InternLM's older Feishu alert webhook (now monitor.alert.feishu_alert_address, which takes
+    precedence when enabled)."""
     metric_dtype: str | None = None
     """InternLM: "fp32" computes the metrics in fp32, anything else in the model's dtype. Here the
     metrics are always computed in fp32 (another value gets a warning)."""
