@@ -108,7 +108,7 @@ class TrainLoop:
     def _next_micro_batches(self) -> list[MicroBatch]:
         sampled = self.run.data.sampler.next_batch(self.state.step_count)
         while sampled.skipped:
-            log.warning("skipping batch %d as data.skip_batches asks", sampled.index)
+            log.warning("skipping batch %d (data.skip_batches, or a rollback's data window)", sampled.index)
             sampled = self.run.data.sampler.next_batch(self.state.step_count)
         return to_micro_batches(self.run.data.train_rows.batch(sampled.rows), self.run.device)
 

@@ -39,7 +39,7 @@ def webhook():
 
 
 def _titles(webhook) -> list[str]:
-    return [body["content"]["post"]["zh_cn"]["title"] for body in webhook.received]
+    return [body["content"]["post"]["zh_cn"]["title"] for body in webhook.received if "content" in body]
 
 
 @pytest.mark.process
@@ -50,7 +50,8 @@ def test_nonfinite_streak_rolls_back_and_the_run_finishes(tmp_path, webhook):
         "health = dict(max_consecutive_skips=2, profile_steps=(1, 2))\n"
         "fault_injection = dict(nonfinite_grad_at_steps=[5, 6])\n"
         f"monitor = dict(alert=dict(enable_feishu_alert=True, feishu_alert_address={webhook.url!r}, "
-        f"alert_file_path={str(tmp_path / 'alerts.jsonl')!r}))\n",
+        f"alert_file_path={str(tmp_path / 'alerts.jsonl')!r}, "
+        f"light_monitor_address='127.0.0.1:{webhook.server.server_address[1]}/heartbeat'))\n",
     )
     (tmp_path / "cfg.py").write_text(text)
     result = subprocess.run(
@@ -80,6 +81,8 @@ def test_nonfinite_streak_rolls_back_and_the_run_finishes(tmp_path, webhook):
     assert (rollback["first_batch"], rollback["end_batch"]) == (4, 7)
     assert _records(run_dir)[-1]["inf_nan_skip_batches"] == 0  # the checkpoint's count, then clean steps
     webhook.wait_for(5)
+    beats = [body for body, path in zip(webhook.received, webhook.paths) if path == "/heartbeat"]
+    assert beats and all(b["msg_type"] == "train_metrics" and "loss" in b for b in beats)
     titles = _titles(webhook)
     assert titles == [
         "[tiny] start at step 0",
@@ -162,6 +165,7 @@ def test_hung_rank_makes_both_ranks_dump_stacks_and_exit(tmp_path, webhook):
     text = _config(
         run_dir,
         "health = dict(hang_timeout_s=3, hang_exit_grace_s=20)\n"
+        "data.update(empty_cache_and_diag_interval=1)\n"
         "fault_injection = dict(hang_at_step=3, hang_rank=1)\n"
         f"monitor = dict(alert=dict(enable_feishu_alert=True, feishu_alert_address={webhook.url!r}))\n",
         total_steps=100,
@@ -173,6 +177,7 @@ def test_hung_rank_makes_both_ranks_dump_stacks_and_exit(tmp_path, webhook):
     elapsed = time.monotonic() - started
     assert [r.returncode for r in results] == [HANG_EXIT_CODE] * 2, results[0].output[-3000:]
     assert elapsed < 60  # the collectives' own timeout is 30 minutes
+    assert "step 0: step time per rank (s): " in results[0].output  # both ranks' times, on rank 0
     hung = (run_dir / "health" / "stacks-rank1.txt").read_text()
     waiting = (run_dir / "health" / "stacks-rank0.txt").read_text()
     assert "since step 3 began" in hung and "in before_step" in hung and "Thread MainThread" in hung
