@@ -21,6 +21,7 @@ from train_kernel.model.config import model_config_json
 from . import layout
 from .manifest import FileEntry, sha256_of
 from .model_state import model_state
+from .param_index import index_bytes, stage_index
 from .rng import capture_rng
 
 
@@ -41,9 +42,16 @@ def layout_of(parallel: Any, config: Any) -> dict:
         "data": parallel.dp_size,
         "pipeline": parallel.pp_size,
         "zero": parallel.zero_size,
-        "tensor": 1,
+        "tensor": getattr(getattr(parallel, "layout", None), "tensor", 1),
         "num_chunks": config.model.num_chunks,
     }
+
+
+def describe_layout(saved: dict) -> str:
+    """`data=2 zero1=2 pipeline=1 num_chunks=1 tensor=1` (`?` where an old manifest has no entry)."""
+    keys = (("data", "data"), ("zero1", "zero"), ("pipeline", "pipeline"), ("num_chunks", "num_chunks"))
+    parts = [f"{label}={saved.get(key, '?')}" for label, key in keys]
+    return " ".join([*parts, f"tensor={saved.get('tensor', 1)}"])
 
 
 def _write(folder: Path, name: str, write: Callable[[Path], None], checksum: bool) -> FileEntry:
@@ -65,10 +73,10 @@ def _json_writer(payload: dict) -> Callable[[Path], None]:
 
 
 def write_rank_files(folder: Path, run: RunState, checksum: bool = True) -> list[FileEntry]:
-    """Writes this rank's share of the checkpoint into `folder`: the model file from the first
-    data-parallel rank of each stage, the optimizer slice from each rank of the stage's first ZeRO
-    group, its RNG state, and (rank 0) the run-wide files. `checksum=False` leaves the entries'
-    sha256 empty, for a later pass."""
+    """Writes this rank's share of the checkpoint into `folder`: the model file and the optimizer
+    index from the first data-parallel rank of each stage, the optimizer slice from each rank of
+    the stage's first ZeRO group, its RNG state, and (rank 0) the run-wide files.
+    `checksum=False` leaves the entries' sha256 empty, for a later pass."""
     folder.mkdir(parents=True, exist_ok=True)
     run.optimizer.wait_params()  # the weights of an overlapped ZeRO broadcast must have landed
     parallel, config = run.parallel, run.config
@@ -88,6 +96,9 @@ def write_rank_files(folder: Path, run: RunState, checksum: bool = True) -> list
                 layout.MODEL_CONFIG,
                 _bytes_writer(json.dumps(model_config_json(config.model), indent=2, sort_keys=True).encode()),
             )
+        optimizer = run.optimizer
+        index = stage_index(run.model, optimizer.params, optimizer.ranges)
+        add(layout.optimizer_index_file(pp), _bytes_writer(index_bytes(index)))
     if dp < parallel.zero_size:  # the first ZeRO group of the stage; the others hold copies
         add(layout.optimizer_file(pp, parallel.zero_rank), _torch_writer(run.optimizer.export_state()))
     add(layout.rng_file(pp, dp), _torch_writer(capture_rng()))

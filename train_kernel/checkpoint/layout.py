@@ -3,6 +3,9 @@
 model_tp0_pp{p}.safetensors   weights of pipeline stage p (full-model key names)
 model_config.json             the model's settings
 optimizer_tp0_pp{p}_zo{z}.pt  ZeRO rank z's slice of stage p's optimizer (tensors only)
+optimizer_index_tp0_pp{p}.json  which parameter (full-model name, shape) each element of stage p's
+                              flat optimizer vector belongs to, and each ZeRO file's slice: lets
+                              any other layout re-cut the optimizer state (absent before it existed)
 rng_tp0_pp{p}_dp{d}.pt        random generator states of one rank
 sampler.json                  the data sampler's position
 scheduler.json                the lr / beta2 schedules' position
@@ -34,6 +37,10 @@ def model_file(pipeline_stage: int) -> str:
 
 def optimizer_file(pipeline_stage: int, zero_rank: int) -> str:
     return f"optimizer_tp0_pp{pipeline_stage}_zo{zero_rank}.pt"
+
+
+def optimizer_index_file(pipeline_stage: int) -> str:
+    return f"optimizer_index_tp0_pp{pipeline_stage}.json"
 
 
 def rng_file(pipeline_stage: int, data_rank: int) -> str:

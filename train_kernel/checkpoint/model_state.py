@@ -44,3 +44,8 @@ def load_model_state(model: nn.Module, full_state: dict[str, torch.Tensor], sour
     check_model_state(model, full_state, source)
     for part in _parts(model):
         part.load_state_dict({key: full_state[key] for key in part.state_dict()})
+
+
+def parameter_names(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> its full-model key name (the name its weight has in the checkpoint)."""
+    return {id(param): name for part in _parts(model) for name, param in part.named_parameters()}

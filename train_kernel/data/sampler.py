@@ -7,6 +7,10 @@ micro-batches sees exactly the rows of the whole data-parallel group (the equiva
 parallel tests rely on). Epoch 0 visits rows in their packed order (pack_stage already shuffled
 documents with its seed); every later epoch visits them in a different pseudo-random order, an
 affine permutation that costs no memory however many rows there are.
+
+The position (``consumed_rows``) counts rows of the whole job, not of a rank: a checkpoint resumes
+on any data-parallel size at the same row, and with the same global batch (micro_num * dp_size)
+the same global batches follow.
 """
 
 from __future__ import annotations
@@ -92,11 +96,18 @@ class BatchSampler:
             if math.gcd(a, n) == 1:
                 return a, int(rng.integers(0, n))
 
+    @property
+    def global_micro_num(self) -> int:
+        """Micro-batches of rows per global batch (before rampup)."""
+        return self.micro_num * self.dp_size
+
     def state_dict(self) -> dict:
+        # global_micro_num is informative (a resume says when the global batch changed).
         return {
             "consumed_rows": self.consumed_rows,
             "batches_drawn": self.batches_drawn,
             "skipped": self.skipped,
+            "global_micro_num": self.global_micro_num,
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -21,6 +21,7 @@ EXPECTED_FILES = {
     "manifest.json",
     "model_config.json",
     "model_tp0_pp0.safetensors",
+    "optimizer_index_tp0_pp0.json",
     "optimizer_tp0_pp0_zo0.pt",
     "rng_tp0_pp0_dp0.pt",
     "sampler.json",

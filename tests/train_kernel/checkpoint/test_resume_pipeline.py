@@ -1,7 +1,7 @@
 """Checkpoints of a pipeline job (2 stages, 1F1B and interleaved): every stage writes its own model
 and optimizer files; resuming on the same layout repeats the uninterrupted run exactly, and a
-single process can start from the stages' weights (the optimizer, whose flat vector is per stage,
-cannot be re-cut across pipeline layouts: that is a clear error naming the way out)."""
+single process can start from the stages' weights alone, or from the whole checkpoint (the
+optimizer state re-cut by parameter name: test_resume_any_layout.py has the other layouts)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 
 from tests.train_kernel.checkpoint.helpers import config_text, train_records
 from tests.train_kernel.parallel.launch import train_ranks
-from train_kernel.checkpoint.manifest import CheckpointError
 from train_kernel.config import config_from_text
 from train_kernel.train.trainer import train
 
@@ -69,11 +68,13 @@ def test_pipeline_checkpoint_resumes_exactly(tmp_path, num_chunks):
     train(config_from_text(text.replace("num_layers=2,", "num_layers=4,")))
     first = train_records(single)[0]
     assert first["step"] == 2 and first["loss"] == pytest.approx(want[2], rel=1e-5)
+    # ... and from all of it: the optimizer state is re-cut by parameter name for one process.
+    full = tmp_path / "full"
     text = config_text(
-        tmp_path / "x",
-        micro_num=2,
-        total_steps=STEPS,
-        extra=f"\nckpt['load_ckpt_folder'] = 'local:{folder}'\n",
+        full, micro_num=2, total_steps=STEPS, extra=f"\nckpt['load_ckpt_folder'] = 'local:{folder}'\n"
     )
-    with pytest.raises(CheckpointError, match="pipeline size 2"):
-        train(config_from_text(text.replace("num_layers=2,", "num_layers=4,")))
+    train(config_from_text(text.replace("num_layers=2,", "num_layers=4,")))
+    got = train_records(full)
+    assert [r["step"] for r in got] == [2, 3]
+    for record in got:
+        assert record["loss"] == pytest.approx(want[record["step"]], rel=1e-5)
