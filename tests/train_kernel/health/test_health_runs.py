@@ -186,3 +186,22 @@ def test_hung_rank_makes_both_ranks_dump_stacks_and_exit(tmp_path, webhook):
     assert (
         len(hang) == 1 and "no step progress" in hang[0]["content"]["post"]["zh_cn"]["content"][0][0]["text"]
     )
+
+
+@pytest.mark.distributed
+def test_two_ranks_with_zero_roll_back_together(tmp_path):
+    run_dir = tmp_path / "run"
+    text = _config(
+        run_dir,
+        "health = dict(max_consecutive_skips=1)\nfault_injection = dict(nonfinite_grad_at_steps=[5])\n",
+        total_steps=8,
+    ).replace("zero1=1", "zero1=-1")  # ZeRO-1 over both ranks, overlapped parameter broadcast
+    (tmp_path / "cfg.py").write_text(text)
+    results = train_ranks(tmp_path / "cfg.py", world_size=2, timeout=180)
+    assert [r.returncode for r in results] == [0, 0], results[1].output[-3000:]
+    assert [r["step"] for r in _records(run_dir)] == [0, 1, 2, 3, 4, 5, 4, 5, 6, 7]
+    (event,) = _records(run_dir, "event")
+    assert event["rollback"] == {"number": 1, "to_step": 4, "skipped_batches": 2}
+    assert (
+        "resumed from" in results[1].output or "rollback" not in results[1].output
+    )  # rank 1 logs warnings only
