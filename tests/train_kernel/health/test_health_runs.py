@@ -202,6 +202,5 @@ def test_two_ranks_with_zero_roll_back_together(tmp_path):
     assert [r["step"] for r in _records(run_dir)] == [0, 1, 2, 3, 4, 5, 4, 5, 6, 7]
     (event,) = _records(run_dir, "event")
     assert event["rollback"] == {"number": 1, "to_step": 4, "skipped_batches": 2}
-    assert (
-        "resumed from" in results[1].output or "rollback" not in results[1].output
-    )  # rank 1 logs warnings only
+    # every rank decided it from the same figures (rank 1 logs warnings only)
+    assert all("rollback 1 of at most 3 at step 5" in r.output for r in results)
