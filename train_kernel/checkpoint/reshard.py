@@ -56,7 +56,14 @@ class _OldStages:
             raise CheckpointError(
                 f"{self.source}: no optimizer file holds elements [{covered}, {hi}) of stage {key}"
             )
-        return {name: torch.cat(values) if values else torch.zeros(0) for name, values in parts.items()}
+        # One file holds the range in the common case: a view, copied once, into the new slice.
+        return {name: _joined(values) for name, values in parts.items()}
+
+
+def _joined(values: list[torch.Tensor]) -> torch.Tensor:
+    if len(values) == 1:
+        return values[0]
+    return torch.cat(values) if values else torch.zeros(0)
 
 
 def _intersect(a: Box, b: Box) -> Box | None:
@@ -110,16 +117,16 @@ def reshard(
     the flat vector `new`, from a checkpoint whose stages are `old_indexes`."""
     start, end = partition
     old = _OldStages(old_indexes, read, source)
-    parts: dict[str, list[torch.Tensor]] = {name: [] for name in STATES}
+    joined = {name: torch.empty(end - start, dtype=torch.float32) for name in STATES}
     for span in _overlapping(new.params, start, end):
         lo, hi = max(start, span.offset) - span.offset, min(end, span.offset + span.numel) - span.offset
+        at = span.offset + lo - start
         for name, value in _param_states(old, span, lo, hi).items():
-            parts[name].append(value)
+            joined[name][at : at + hi - lo].copy_(value)
     first = next(iter(old.files.values()), None)
     if first is None:  # an empty slice: the step and the loss scaler still come from the checkpoint
         key = next(iter(old_indexes))
         first = old.file(key, 0)
-    joined = {name: torch.cat(values) if values else torch.zeros(0) for name, values in parts.items()}
     return {
         **joined,
         "step": first["step"],
