@@ -32,7 +32,7 @@ FEISHU = "feishu"
 PLAIN_JSON = "json"
 FORMATS = (FEISHU, PLAIN_JSON)
 # Kinds of alert the trainer sends (the `kind` field; the Feishu title names it too).
-KINDS = ("start", "finish", "crash", "rollback", "hang", "loss_spike", "nonfinite_streak", "straggler")
+KINDS = ("start", "finish", "crash", "rollback", "hang", "loss_spike", "nonfinite_streak")
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ def _url(address: str) -> str:
 
 def open_alerts(config: TrainConfig, parallel: ParallelContext) -> AlertSender:
     """The run's alert sender from `monitor.alert` (and InternLM's older `alert_address`): rank 0
-    sends; the other ranks' senders only log."""
+    sends (one message per event for the job); the other ranks' senders only log. A crash of
+    another rank reaches rank 0 as a failed collective, or as a hang with health.hang_timeout_s."""
     alert, health = config.monitor.alert, config.health
     webhook = (alert.feishu_alert_address if alert.enable_feishu_alert else None) or config.alert_address
     rank0 = parallel.rank == 0
