@@ -65,7 +65,12 @@ class BuiltRun:
     def checkpoint_state(self) -> RunState:
         """What a checkpoint saves and a resume restores in place: these parts, by reference."""
         return RunState(
-            self.config, self.model, self.optim.optimizer, self.data.sampler, self.counters, self.parallel
+            config=self.config,
+            model=self.model,
+            optimizer=self.optim.optimizer,
+            sampler=self.data.sampler,
+            counters=self.counters,
+            parallel=self.parallel,
         )
 
 
@@ -93,9 +98,9 @@ def build_run(config: TrainConfig, *, parallel: ParallelContext, run_dir: Path) 
     )
     optim = build_optimization(config, model, parallel)
     sampler = BatchSampler(
-        len(train_rows),
-        config.data.micro_num,
-        config.seed,
+        num_rows=len(train_rows),
+        micro_num=config.data.micro_num,
+        seed=config.seed,
         dp_rank=parallel.dp_rank,
         dp_size=parallel.dp_size,
         rampup=config.data.rampup,
