@@ -208,7 +208,8 @@ def import_internlm(ckpt: str, config_path: Path, overrides: tuple[str, ...], ou
 )
 def checkpoints(folder: str, verify: bool) -> None:
     """List the checkpoints of a save folder (local:/path, boto3:s3://bucket/prefix or a path):
-    step, complete / incomplete / damaged, size, and the one auto_resume would take."""
+    step, complete / incomplete / damaged, size, the layout that wrote it, and the one auto_resume
+    would take."""
     from train_kernel.checkpoint.inventory import format_inventory, inventory
 
     entries = _call(inventory, folder, verify)
