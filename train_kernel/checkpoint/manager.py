@@ -335,7 +335,7 @@ class CheckpointManager:
             return self._load_first_good(run, auto, ("all",), strict=False)
         info = self.config.ckpt.load_info
         if info is None:
-            if self.config.ckpt.auto_resume:
+            if self.config.ckpt.auto_resume and self.config.ckpt.save_ckpt_folder:
                 log.info(
                     "auto_resume: no complete checkpoint in %s, starting from scratch",
                     self.config.ckpt.save_ckpt_folder,
