@@ -83,13 +83,14 @@ def _data(config: TrainConfig, given: Mapping[str, Any]) -> list[str]:
 
 def _parallel(config: TrainConfig, given: Mapping[str, Any]) -> list[str]:
     out = []
-    later = "tensor parallelism is a later version's (parallel.tensor must be 1 to train)"
-    if config.parallel.sequence_parallel:
-        out.append(f"parallel.sequence_parallel=True: no effect without tensor parallelism; {later}")
-    for name in ("embed_split_hidden", "parallel_output"):
-        value = _given(given, "model", name)
-        if value is not _MISSING:
-            out.append(f"model.{name}={value!r}: no effect without tensor parallelism; {later}")
+    if config.parallel.tensor.size == 1:  # with tensor > 1 these shape the split (tensor_parallel.py)
+        later = "they shape the split with parallel.tensor > 1"
+        if config.parallel.sequence_parallel:
+            out.append(f"parallel.sequence_parallel=True: no effect with parallel.tensor=1; {later}")
+        for name in ("embed_split_hidden", "parallel_output"):
+            value = _given(given, "model", name)
+            if value is not _MISSING:
+                out.append(f"model.{name}={value!r}: no effect with parallel.tensor=1; {later}")
     if (
         _given(given, "parallel", "pipeline", "interleaved_overlap") is not _MISSING
         and config.model.num_chunks == 1

@@ -28,6 +28,7 @@ from train_kernel.config.sections import (
 )
 from train_kernel.config.typecheck import Section, replace_checked
 from train_kernel.model.config import ModelConfig
+from train_kernel.parallel.tensor_rules import check_tensor_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +185,7 @@ class TrainConfig(Section):
                 f"{', with rampup_batch_size' if self.data.rampup else ''}); use 'InternLM'",
             )
         check_interleaved(parallel.pipeline.size, model.num_chunks, self.data.micro_num)
+        check_tensor_parallel(model, parallel, self.data.seq_len)
         if self.data.rampup is not None:
             try:
                 for micro_num in self.data.rampup.micro_nums(self.data.micro_num):

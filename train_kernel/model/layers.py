@@ -166,7 +166,7 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: PackedSegments
     ) -> torch.Tensor:
-        batch, seq, hidden = x.shape
+        batch, seq, _ = x.shape
         qkv = self.Wqkv(x).view(batch * seq, self.num_heads + 2 * self.kv_heads, self.head_dim)
         q, k, v = qkv.split((self.num_heads, self.kv_heads, self.kv_heads), dim=1)
         # q and k rotated apart: one call on both (viewed as [T, 2 * heads, d]) is 4x slower on
@@ -174,7 +174,8 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         dropout_p = self.dropout_p if self.training else 0.0
         out = varlen_causal_attention(q, k, v, segments, dropout_p, self.use_flash_attn)
-        return self.out_proj(out.reshape(batch, seq, hidden))
+        # -1: with tensor parallelism this rank's heads are a slice of the hidden size.
+        return self.out_proj(out.reshape(batch, seq, -1))
 
 
 class SwiGLU(nn.Module):

@@ -40,26 +40,18 @@ MESH_DIMS = ("pipeline", "data_replicate", "zero", "tensor")
 TIMEOUT_ENV = "TRAIN_KERNEL_DIST_TIMEOUT_S"
 
 
-def check_supported(parallel: ParallelConfig) -> None:
-    """Raises LayoutError for the parallel modes this trainer does not run yet."""
-    if parallel.tensor.size > 1:
-        raise LayoutError(
-            f"tensor size {parallel.tensor.size}: this trainer does not run tensor parallelism; use tensor=1",
-            key="parallel.tensor.size",
-        )
-
-
 def layout_for(parallel: ParallelConfig, world_size: int) -> ParallelLayout:
     """The layout of this job; raises LayoutError (a ConfigError) when it cannot run.
 
     A single process has no ZeRO group to split over: a zero1 > 1 (the seed's zero1=8) is ignored
     there with a warning, so that a config written for a cluster still runs locally."""
-    check_supported(parallel)
     zero1 = parallel.zero1
     if world_size == 1 and zero1 > 1:
         log.warning("one process: parallel.zero1=%d ignored (no ZeRO-1 group to split over)", zero1)
         zero1 = 1
-    return ParallelLayout(world_size=world_size, tensor=1, pipeline=parallel.pipeline.size, zero1=zero1)
+    return ParallelLayout(
+        world_size=world_size, tensor=parallel.tensor.size, pipeline=parallel.pipeline.size, zero1=zero1
+    )
 
 
 @dataclass
@@ -74,6 +66,8 @@ class ParallelContext:
     pipeline_group: dist.ProcessGroup | None = None  # None without pipeline parallelism
     pipeline_ranks: list[int] = field(default_factory=lambda: [0])  # global ranks, stage 0 first
     mesh: DeviceMesh | None = None  # the job's mesh (None in one process); groups for later dims
+    tensor_group: dist.ProcessGroup | None = None  # None without tensor parallelism
+    sequence_parallel: bool = False  # parallel.sequence_parallel (with tensor parallelism only)
 
     @property
     def distributed(self) -> bool:
@@ -98,6 +92,14 @@ class ParallelContext:
     @property
     def zero_size(self) -> int:
         return self.layout.zero
+
+    @property
+    def tp_rank(self) -> int:
+        return self.layout.coords(self.rank).tensor
+
+    @property
+    def tp_size(self) -> int:
+        return self.layout.tensor
 
     @property
     def pp_rank(self) -> int:
@@ -210,4 +212,6 @@ def init_parallel(parallel: ParallelConfig, environ: Mapping[str, str] | None = 
         pipeline_group=mesh["pipeline"].get_group() if layout.pipeline > 1 else None,
         pipeline_ranks=pipeline_ranks,
         mesh=mesh,
+        tensor_group=mesh["tensor"].get_group() if layout.tensor > 1 else None,
+        sequence_parallel=parallel.sequence_parallel and layout.tensor > 1,
     )

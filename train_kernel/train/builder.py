@@ -26,6 +26,7 @@ from train_kernel.optim.schedules import Beta2Schedule, WarmupCosineLR
 from train_kernel.optim.zero import ZeroOptimizer
 from train_kernel.parallel.process_groups import ParallelContext
 from train_kernel.parallel.stage import StageChunks, build_stage, build_stage_chunks
+from train_kernel.parallel.tensor_parallel import shard_model_part, use_global_grad_norm
 from train_kernel.plan import make_plan, memory_fit_warning
 from train_kernel.train.host_memory import keep_freed_host_memory
 from train_kernel.train.step_schedule import StepSchedule, build_step_schedule
@@ -188,6 +189,7 @@ def build_model_part(config: TrainConfig, parallel: ParallelContext, device: tor
         )
     else:
         model = build_model(config.model, device, seed=config.seed)
+    model = shard_model_part(model, config.model, parallel)  # tensor parallelism (no-op without)
     if parallel.data_group is not None:
         first = parallel.layout.data_group(parallel.rank)[0]
         with torch.no_grad():
@@ -234,6 +236,7 @@ def build_optimization(config: TrainConfig, model: nn.Module, parallel: Parallel
         overlap_grad_reduce=zero_cfg.overlap_sync_grad,
         reduce_bucket_size=zero_cfg.reduce_bucket_size,
     )
+    use_global_grad_norm(optimizer, parallel)  # tensor parallelism: norm over the tensor group too
     if zero_cfg.overlap_sync_param and optimizer.zero_group is not None:
         optimizer.overlap_param_sync(list(model.chunks) if isinstance(model, StageChunks) else [model])
         log.info("ZeRO-1 parameter broadcast overlapped with the next forward (overlap_sync_param)")

@@ -166,12 +166,97 @@ def _argmax_hits(
 def head_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
 ) -> HeadLossOutput:
-    """hidden [..., h] (normed final hidden states), weight [V, h] (the head), labels [...]."""
+    """hidden [..., h] (normed final hidden states), weight [V, h] (the head), labels [...].
+    A tensor-parallel head's weight ([V/k, h], carrying `vocab_shard`) gives the same loss: on
+    the rank's vocabulary slice (parallel_output), or on the gathered weight."""
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
     token_losses = torch.empty(flat_labels.shape[0], dtype=torch.float32, device=hidden.device)
     correct = torch.empty(flat_labels.shape[0], dtype=torch.bool, device=hidden.device)
+    shard = getattr(weight, "vocab_shard", None)
+    if shard is not None:
+        from train_kernel.parallel.tensor_parallel import copy_to_region, gather_vocab
+
+        if shard.parallel_output:
+            # The hidden states enter the head's parallel region: their gradient is summed over it.
+            flat_hidden = copy_to_region(flat_hidden, shard.tg)
+            loss = _VocabParallelCrossEntropy.apply(
+                flat_hidden, weight, flat_labels, float(label_smoothing), token_losses, correct, shard
+            )
+            return HeadLossOutput(loss, token_losses, correct)
+        # Every rank computes the whole vocabulary's loss (and the same hidden-state gradient).
+        weight = gather_vocab(weight, shard.tg)
     loss = _HeadCrossEntropy.apply(
         flat_hidden, weight, flat_labels, float(label_smoothing), token_losses, correct
     )
     return HeadLossOutput(loss, token_losses, correct)
+
+
+def _all_reduce(x: torch.Tensor, group, op=torch.distributed.ReduceOp.SUM) -> torch.Tensor:
+    torch.distributed.all_reduce(x, op=op, group=group)
+    return x
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """The fused head + cross entropy on this tensor rank's vocabulary slice [V/k, h]: per chunk
+    of tokens the row maximum is all-reduced (max), then the sum of exponentials, the target logit
+    (from the rank that owns the target) and, with label smoothing, the sum of logits (one sum),
+    then the first index of the maximum (min; argmax's tie rule). No rank holds [T, V]."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, label_smoothing, token_losses_out, correct_out, shard):
+        group = shard.tg.group
+        tokens, local_vocab = hidden.shape[0], weight.shape[0]
+        vocab, start = shard.vocab_size, shard.start
+        valid = labels != IGNORE_INDEX
+        count = int(valid.sum())
+        grad_logits = torch.empty((tokens, local_vocab), dtype=hidden.dtype, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        owned = valid & (labels >= start) & (labels < start + local_vocab)
+        local_labels = torch.where(owned, labels - start, torch.zeros_like(labels))
+        for lo in range(0, tokens, CHUNK_TOKENS):
+            hi = min(lo + CHUNK_TOKENS, tokens)
+            logits = torch.mm(hidden[lo:hi], weight.t()).float()
+            target = local_labels[lo:hi].unsqueeze(1)
+            mine, keep = owned[lo:hi], valid[lo:hi]
+            local_max, local_arg = logits.max(-1)
+            row_max = _all_reduce(local_max.clone(), group, torch.distributed.ReduceOp.MAX)
+            probs = logits.sub(row_max.unsqueeze(1)).exp_()
+            sums = torch.stack(
+                (
+                    probs.sum(-1),
+                    torch.where(mine, logits.gather(1, target).squeeze(1), torch.zeros_like(row_max)),
+                    logits.sum(-1) if label_smoothing else torch.zeros_like(row_max),
+                )
+            )
+            sum_exp, target_logit, logit_sum = _all_reduce(sums, group)
+            first = torch.where(local_max == row_max, local_arg + start, torch.full_like(local_arg, vocab))
+            first = _all_reduce(first, group, torch.distributed.ReduceOp.MIN)
+            correct_out[lo:hi] = (first == labels[lo:hi]) & keep
+            lse = row_max + sum_exp.log()
+            nll = lse - target_logit
+            token_losses_out[lo:hi] = torch.where(keep, nll, torch.zeros_like(nll))
+            loss = nll
+            if label_smoothing:
+                loss = (1 - label_smoothing) * nll + label_smoothing * (lse - logit_sum / vocab)
+            total += torch.where(keep, loss, torch.zeros_like(loss)).double().sum()
+            # softmax - target distribution on this slice (the 1/count applied in backward)
+            probs.div_(sum_exp.unsqueeze(1))
+            if label_smoothing:
+                probs.sub_(label_smoothing / vocab)
+            hit = torch.where(mine, -(1 - label_smoothing), 0.0).to(probs.dtype).unsqueeze(1)
+            probs.scatter_add_(1, target, hit)
+            probs.mul_(keep.unsqueeze(1))
+            grad_logits[lo:hi].copy_(probs)
+        ctx.save_for_backward(hidden, weight, grad_logits)
+        ctx.count = max(count, 1)
+        return (total / max(count, 1)).float()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden, weight, grad_logits = ctx.saved_tensors
+        scale = (grad_output / ctx.count).to(hidden.dtype)
+        # This slice's share of the hidden states' gradient; copy_to_region sums the shares.
+        grad_hidden = (grad_logits @ weight) * scale if ctx.needs_input_grad[0] else None
+        grad_weight = grad_logits.t() @ (hidden * scale) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None, None, None

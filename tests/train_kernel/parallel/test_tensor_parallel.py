@@ -1,0 +1,85 @@
+"""Tensor parallelism on real gloo processes against one process training the same global batch:
+per-step losses, grad norms and token accuracy agree (fp32: 1e-5 relative)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.train_kernel.parallel.launch import train_ranks
+from tests.train_kernel.parallel.test_data_parallel_training import records
+from tests.train_kernel.train.tiny_config import tiny_config_text
+from train_kernel.config import ConfigError, config_from_text
+from train_kernel.train.trainer import train
+
+STEPS = 5
+# num_kv_attention_heads=2: grouped-query attention, the kv heads split too.
+MODEL = "num_layers=2, num_kv_attention_heads=2"
+
+
+def _text(run_dir, micro_num: int, parallel: str, dtype: str = "torch.float32", model: str = MODEL) -> str:
+    text = tiny_config_text(run_dir, micro_num=micro_num, total_steps=STEPS, dtype=dtype)
+    return text.replace("num_layers=2", model).replace("parallel = dict(zero1=1)", f"parallel = {parallel}")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single")
+    train(config_from_text(_text(run_dir, 4, "dict(zero1=1)")))
+    return records(run_dir)
+
+
+def _run(tmp_path, world: int, micro_num: int, parallel: str, **kw):
+    config_file = tmp_path / "tp.py"
+    config_file.write_text(_text(tmp_path / "tp", micro_num, parallel, **kw))
+    for result in train_ranks(config_file, world_size=world, timeout=120):
+        assert result.returncode == 0, result.output[-4000:]
+    return records(tmp_path / "tp")
+
+
+def _assert_same(one_records, tp_records, rel=1e-5) -> None:
+    assert len(tp_records) == STEPS
+    for one, two in zip(one_records, tp_records):
+        assert two["loss"] == pytest.approx(one["loss"], rel=rel)
+        assert two["grad_norm"]["0_default"] == pytest.approx(one["grad_norm"]["0_default"], rel=10 * rel)
+        assert two["num_consumed_tokens"] == one["num_consumed_tokens"]
+        assert two["acc"] == pytest.approx(one["acc"], abs=1e-6 if rel <= 1e-5 else 0.02)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "world, micro_num, parallel, model",
+    [
+        (2, 4, "dict(zero1=1, tensor=2)", MODEL),
+        # sequence parallel, the embedding split along the hidden size, logits gathered for the loss
+        (
+            2,
+            4,
+            "dict(zero1=1, tensor=2, sequence_parallel=True)",
+            f"{MODEL}, embed_split_hidden=True, parallel_output=False",
+        ),
+    ],
+    ids=["tp2", "tp2-sp"],
+)
+def test_tensor_parallel_matches_one_process(single, tmp_path, world, micro_num, parallel, model):
+    _assert_same(single, _run(tmp_path, world, micro_num, parallel, model=model))
+
+
+@pytest.mark.parametrize(
+    "model, parallel, key",
+    [
+        ("num_layers=2, num_kv_attention_heads=1", "dict(tensor=2)", "model.num_kv_attention_heads"),
+        (MODEL, "dict(tensor=8)", "model.num_attention_heads"),
+        ("num_layers=2", "dict(tensor=2, sequence_parallel=True, pipeline=2)", "parallel.sequence_parallel"),
+    ],
+)
+def test_misconfiguration_names_the_key(tmp_path, model, parallel, key):
+    text = _text(tmp_path, 2, parallel, model=model)
+    with pytest.raises(ConfigError) as error:
+        config_from_text(text)
+    assert error.value.key == key
+
+
+def test_vocabulary_not_divisible(tmp_path):
+    text = _text(tmp_path, 2, "dict(tensor=2)").replace("vocab_size=300", "vocab_size=301")
+    with pytest.raises(ConfigError, match="vocab_size"):
+        config_from_text(text)
