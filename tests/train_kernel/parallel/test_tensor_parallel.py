@@ -57,8 +57,11 @@ def _assert_same(one_records, tp_records, rel=1e-5) -> None:
             "dict(zero1=1, tensor=2, sequence_parallel=True)",
             f"{MODEL}, embed_split_hidden=True, parallel_output=False",
         ),
+        # 4 processes: ZeRO-1 inside the data-parallel group; tensor inside the pipeline stages
+        (4, 2, "dict(zero1=2, tensor=2)", MODEL),
+        (4, 4, "dict(zero1=1, tensor=2, pipeline=2)", MODEL),
     ],
-    ids=["tp2", "tp2-sp"],
+    ids=["tp2", "tp2-sp", "tp2-dp2-zero2", "tp2-pp2"],
 )
 def test_tensor_parallel_matches_one_process(single, tmp_path, world, micro_num, parallel, model):
     _assert_same(single, _run(tmp_path, world, micro_num, parallel, model=model))
