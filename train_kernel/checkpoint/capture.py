@@ -86,22 +86,26 @@ def write_rank_files(folder: Path, run: RunState, checksum: bool = True) -> list
     def add(name: str, write: Callable[[Path], None]) -> None:
         entries.append(_write(folder, name, write, checksum))
 
+    tp = getattr(parallel, "tp_rank", 0)
     if dp == 0:
+        # NOTE: with tensor parallelism model_state gathers the whole weights (a collective of the
+        # tensor group); tensor rank 0 writes them.
         tensors = {
             key: value.detach().to("cpu").contiguous() for key, value in model_state(run.model).items()
         }
-        add(layout.model_file(pp), lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
-        if pp == 0:
+        if tp == 0:
+            add(layout.model_file(pp), lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
+        if pp == 0 and tp == 0:
             add(
                 layout.MODEL_CONFIG,
                 _bytes_writer(json.dumps(model_config_json(config.model), indent=2, sort_keys=True).encode()),
             )
         optimizer = run.optimizer
         index = stage_index(run.model, optimizer.params, optimizer.ranges)
-        add(layout.optimizer_index_file(pp), _bytes_writer(index_bytes(index)))
+        add(layout.optimizer_index_file(pp, tp), _bytes_writer(index_bytes(index)))
     if dp < parallel.zero_size:  # the first ZeRO group of the stage; the others hold copies
-        add(layout.optimizer_file(pp, parallel.zero_rank), _torch_writer(run.optimizer.export_state()))
-    add(layout.rng_file(pp, dp), _torch_writer(capture_rng()))
+        add(layout.optimizer_file(pp, parallel.zero_rank, tp), _torch_writer(run.optimizer.export_state()))
+    add(layout.rng_file(pp, dp, tp), _torch_writer(capture_rng()))
     if parallel.rank == 0:
         counters = run.counters
         add(layout.SAMPLER, _json_writer(run.sampler.state_dict()))

@@ -35,16 +35,20 @@ def model_file(pipeline_stage: int) -> str:
     return f"model_tp0_pp{pipeline_stage}.safetensors"
 
 
-def optimizer_file(pipeline_stage: int, zero_rank: int) -> str:
-    return f"optimizer_tp0_pp{pipeline_stage}_zo{zero_rank}.pt"
+# Tensor parallelism: the weights stay whole (model_tp0_pp{p}, gathered from the tensor ranks);
+# the optimizer files, its index and the RNG states are per tensor rank t (tp{t}).
 
 
-def optimizer_index_file(pipeline_stage: int) -> str:
-    return f"optimizer_index_tp0_pp{pipeline_stage}.json"
+def optimizer_file(pipeline_stage: int, zero_rank: int, tensor_rank: int = 0) -> str:
+    return f"optimizer_tp{tensor_rank}_pp{pipeline_stage}_zo{zero_rank}.pt"
 
 
-def rng_file(pipeline_stage: int, data_rank: int) -> str:
-    return f"rng_tp0_pp{pipeline_stage}_dp{data_rank}.pt"
+def optimizer_index_file(pipeline_stage: int, tensor_rank: int = 0) -> str:
+    return f"optimizer_index_tp{tensor_rank}_pp{pipeline_stage}.json"
+
+
+def rng_file(pipeline_stage: int, data_rank: int, tensor_rank: int = 0) -> str:
+    return f"rng_tp{tensor_rank}_pp{pipeline_stage}_dp{data_rank}.pt"
 
 
 def marker_name(step: int) -> str:

@@ -124,6 +124,13 @@ def stage_index(
         name = names.get(id(param))
         if name is None:
             raise CheckpointError("an optimized parameter is not a parameter of the model (cannot name it)")
+        # A tensor-parallel shard (parallel/tensor_parallel.py) names its blocks of the full tensor.
+        pieces = getattr(param, "tensor_pieces", None)
+        if pieces is not None:
+            for piece in pieces:
+                spans.append(ParamSpan(name, offset + piece.offset, piece.shape, param.full_shape, piece.box))
+            offset += param.numel()
+            continue
         local, full, box = shard_of(param)
         spans.append(ParamSpan(name, offset, local, full, box))
         offset += _numel(local)

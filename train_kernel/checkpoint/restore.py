@@ -137,7 +137,7 @@ def read_payload(
                 f"row {payload.sampler['consumed_rows']}, in batches of the new size"
             )
         payload.context = reader.json(layout.CONTEXT)
-        rng_name = layout.rng_file(parallel.pp_rank, parallel.dp_rank)
+        rng_name = layout.rng_file(parallel.pp_rank, parallel.dp_rank, getattr(parallel, "tp_rank", 0))
         if manifest.entry(rng_name) is not None:
             payload.rng = reader.torch(rng_name)
         else:
@@ -156,26 +156,32 @@ def _same_stage_slices(reader: _Reader, saved: dict, run: RunState) -> list[dict
         for z, (lo, hi) in enumerate(partition_ranges(numel, int(saved["zero"])))
         if lo < end and hi > start or (lo == hi == start == end and z == 0)
     ] or [0]
-    return [reader.torch(layout.optimizer_file(run.parallel.pp_rank, z)) for z in wanted]
+    tp = getattr(run.parallel, "tp_rank", 0)
+    return [reader.torch(layout.optimizer_file(run.parallel.pp_rank, z, tp)) for z in wanted]
 
 
 def _resharded_slice(reader: _Reader, saved: dict, run: RunState, location: Location) -> dict:
     """This rank's slice of its stage's flat optimizer vector, from a checkpoint of another
     pipeline / chunk / tensor layout: re-cut parameter by parameter (reshard.py)."""
-    old_indexes = {stage: _old_index(reader, saved, stage, run) for stage in range(int(saved["pipeline"]))}
+    # Keyed by (stage, tensor rank): every tensor rank's flat vector of every stage.
+    old_indexes = {
+        (stage, tp): _old_index(reader, saved, stage, run, tp)
+        for stage in range(int(saved["pipeline"]))
+        for tp in range(int(saved.get("tensor", 1)))
+    }
     optimizer = run.optimizer
     new_index = stage_index(run.model, optimizer.params, optimizer.ranges)
     return reshard(
         old_indexes,
-        lambda stage, zero: reader.torch(layout.optimizer_file(stage, zero)),
+        lambda key, zero: reader.torch(layout.optimizer_file(key[0], zero, key[1])),
         new_index,
         optimizer.partition,
         location.uri,
     )
 
 
-def _old_index(reader: _Reader, saved: dict, stage: int, run: RunState) -> StageIndex:
-    name = layout.optimizer_index_file(stage)
+def _old_index(reader: _Reader, saved: dict, stage: int, run: RunState, tp: int = 0) -> StageIndex:
+    name = layout.optimizer_index_file(stage, tp)
     if reader.manifest.entry(name) is not None:
         return StageIndex.from_json(reader.json(name), f"{reader.location.uri}/{name}")
     # A checkpoint from before the index: the stage's order follows from its weight file's keys.

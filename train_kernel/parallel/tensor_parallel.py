@@ -24,6 +24,7 @@ bytes; NCCL gets the real reduce_scatter_tensor).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -157,9 +158,60 @@ def gather_last_dim(x: torch.Tensor, tg: TensorGroup) -> torch.Tensor:
 # --- sharded modules ------------------------------------------------------------------------
 
 
-def _mark_sharded(param: nn.Parameter) -> nn.Parameter:
-    param.tensor_sharded = True  # its gradient norm is summed over the tensor group
+Box = tuple[tuple[int, int], ...]  # [start, stop) along each dimension of the full tensor
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A block of the full tensor this rank holds: `box` of the full tensor, stored flat at
+    elements [offset, offset + numel) of the local shard (the fused Wqkv holds three: q, k, v)."""
+
+    offset: int
+    shape: tuple[int, ...]
+    box: Box
+
+
+def _mark_sharded(param: nn.Parameter, full_shape: tuple[int, ...], dim: int, ranges) -> nn.Parameter:
+    """Marks `param` as this rank's shard of a tensor of `full_shape`: the [start, stop) `ranges`
+    along `dim`, in order. Its gradient norm is summed over the tensor group; checkpoints name its
+    pieces (param.tensor_pieces) and hold the full tensor (gathered by state_dict)."""
+    param.tensor_sharded = True
+    param.full_shape = tuple(full_shape)
+    pieces, offset = [], 0
+    for start, stop in ranges:
+        shape = list(full_shape)
+        shape[dim] = stop - start
+        box = tuple((start, stop) if d == dim else (0, n) for d, n in enumerate(full_shape))
+        pieces.append(Piece(offset, tuple(shape), box))
+        offset += math.prod(shape)
+    param.tensor_pieces = tuple(pieces)
     return param
+
+
+def _range(part: slice) -> list[tuple[int, int]]:
+    return [(part.start, part.stop)]
+
+
+def gather_full(param: torch.Tensor, tg: TensorGroup) -> torch.Tensor:
+    """The full tensor of a sharded parameter (every rank's pieces in place, summed: they are
+    disjoint). A collective: every rank of the tensor group calls it."""
+    full = torch.zeros(param.full_shape, dtype=param.dtype, device=param.device)
+    flat = param.detach().reshape(-1)
+    for piece in param.tensor_pieces:
+        full[_box_slices(piece.box)] = flat[piece.offset : piece.offset + math.prod(piece.shape)].view(
+            piece.shape
+        )
+    dist.all_reduce(full, group=tg.group)
+    return full
+
+
+def shard_of_full(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's shard (param's shape) cut out of the full tensor."""
+    return torch.cat([full[_box_slices(p.box)].reshape(-1) for p in param.tensor_pieces]).view(param.shape)
+
+
+def _box_slices(box: Box) -> tuple[slice, ...]:
+    return tuple(slice(lo, hi) for lo, hi in box)
 
 
 class RowParallelLinear(nn.Module):
@@ -168,7 +220,10 @@ class RowParallelLinear(nn.Module):
     def __init__(self, linear: nn.Linear, cols: slice, tg: TensorGroup) -> None:
         super().__init__()
         self.tg = tg
-        self.weight = _mark_sharded(nn.Parameter(linear.weight.detach()[:, cols].clone()))
+        full = tuple(linear.weight.shape)
+        self.weight = _mark_sharded(
+            nn.Parameter(linear.weight.detach()[:, cols].clone()), full, 1, _range(cols)
+        )
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +237,10 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, embedding: nn.Embedding, rows: slice, tg: TensorGroup) -> None:
         super().__init__()
         self.tg, self.start, self.stop = tg, rows.start, rows.stop
-        self.weight = _mark_sharded(nn.Parameter(embedding.weight.detach()[rows].clone()))
+        full = tuple(embedding.weight.shape)
+        self.weight = _mark_sharded(
+            nn.Parameter(embedding.weight.detach()[rows].clone()), full, 0, _range(rows)
+        )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.start) | (ids >= self.stop)
@@ -197,7 +255,10 @@ class HiddenSplitEmbedding(nn.Module):
     def __init__(self, embedding: nn.Embedding, cols: slice, tg: TensorGroup) -> None:
         super().__init__()
         self.tg = tg
-        self.weight = _mark_sharded(nn.Parameter(embedding.weight.detach()[:, cols].clone()))
+        full = tuple(embedding.weight.shape)
+        self.weight = _mark_sharded(
+            nn.Parameter(embedding.weight.detach()[:, cols].clone()), full, 1, _range(cols)
+        )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = gather_last_dim(F.embedding(ids, self.weight), self.tg)
@@ -223,7 +284,8 @@ class VocabParallelHead(nn.Module):
     def __init__(self, head: nn.Linear, rows: slice, tg: TensorGroup, parallel_output: bool) -> None:
         super().__init__()
         self.tg = tg
-        self.weight = _mark_sharded(nn.Parameter(head.weight.detach()[rows].clone()))
+        full = tuple(head.weight.shape)
+        self.weight = _mark_sharded(nn.Parameter(head.weight.detach()[rows].clone()), full, 0, _range(rows))
         self.weight.vocab_shard = VocabShard(tg, rows.start, head.weight.shape[0], parallel_output)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -238,24 +300,26 @@ def _part(size: int, tg: TensorGroup) -> slice:
     return slice(tg.rank * step, (tg.rank + 1) * step)
 
 
-def qkv_rows(config: ModelConfig, tg: TensorGroup) -> torch.Tensor:
-    """Indices of the fused Wqkv rows this rank keeps: its q heads, then its k and v heads."""
+def qkv_rows(config: ModelConfig, tg: TensorGroup) -> list[tuple[int, int]]:
+    """The [start, stop) blocks of fused Wqkv rows this rank keeps: its q heads, then its k and
+    v heads (grouped-query attention: its share of the kv heads)."""
     d, heads, kv = config.head_dim, config.num_attention_heads, config.kv_heads
-    q = _part(heads, tg)
-    k = _part(kv, tg)
-    pieces = [
-        torch.arange(q.start * d, q.stop * d),
-        torch.arange((heads + k.start) * d, (heads + k.stop) * d),
-        torch.arange((heads + kv + k.start) * d, (heads + kv + k.stop) * d),
+    q, k = _part(heads, tg), _part(kv, tg)
+    return [
+        (q.start * d, q.stop * d),
+        ((heads + k.start) * d, (heads + k.stop) * d),
+        ((heads + kv + k.start) * d, (heads + kv + k.stop) * d),
     ]
-    return torch.cat(pieces)
 
 
-def _shard_rows(linear: nn.Linear, rows: torch.Tensor | slice) -> None:
-    with torch.no_grad():
-        linear.weight = _mark_sharded(nn.Parameter(linear.weight.detach()[rows].clone()))
-        if linear.bias is not None:
-            linear.bias = _mark_sharded(nn.Parameter(linear.bias.detach()[rows].clone()))
+def _shard_rows(linear: nn.Linear, rows: list[tuple[int, int]]) -> None:
+    """Column-parallel: this rank's output rows (and bias entries) of `linear`."""
+    index = torch.cat([torch.arange(lo, hi) for lo, hi in rows])
+    for name in ("weight", "bias"):
+        value = getattr(linear, name)
+        if value is not None:
+            full = tuple(value.shape)
+            setattr(linear, name, _mark_sharded(nn.Parameter(value.detach()[index].clone()), full, 0, rows))
 
 
 def _enter_hook(tg: TensorGroup):
@@ -290,8 +354,8 @@ def apply_tensor_parallel(model: InternLM, config: ModelConfig, tg: TensorGroup)
         attn.register_forward_pre_hook(_enter_hook(tg))
         mlp = layer.mlp
         inner = _part(config.mlp_hidden_size, tg)
-        _shard_rows(mlp.w1, inner)
-        _shard_rows(mlp.w2, inner)
+        _shard_rows(mlp.w1, _range(inner))
+        _shard_rows(mlp.w2, _range(inner))
         mlp.w3 = RowParallelLinear(mlp.w3, inner, tg)
         mlp.register_forward_pre_hook(_enter_hook(tg))
     if model.embedding is not None:
@@ -301,6 +365,10 @@ def apply_tensor_parallel(model: InternLM, config: ModelConfig, tg: TensorGroup)
             model.embedding = VocabParallelEmbedding(model.embedding, _part(config.vocab_size, tg), tg)
     if model.head is not None:
         model.head = VocabParallelHead(model.head, _part(config.vocab_size, tg), tg, config.parallel_output)
+    for module in model.modules():
+        if any(getattr(p, "tensor_sharded", False) for p in module.parameters(recurse=False)):
+            module.register_state_dict_post_hook(_full_state_hook(tg))
+            module.register_load_state_dict_pre_hook(_shard_state_hook)
     if tg.sequence_parallel:
         # The last module on sequence shards hands whole rows to the head (and the loss).
         last = model.norm if model.norm is not None else list(model.layers.values())[-1]
@@ -308,6 +376,28 @@ def apply_tensor_parallel(model: InternLM, config: ModelConfig, tg: TensorGroup)
         for p in replicated_parameters(model):
             p.register_hook(lambda grad: _all_reduce(grad, tg))
     return model
+
+
+def _full_state_hook(tg: TensorGroup):
+    """state_dict holds the full tensors under the full model's names (checkpoints, exports):
+    a collective, so every rank of the tensor group takes the state dict together (the
+    checkpoint writers do: they are chosen by data-parallel and pipeline rank)."""
+
+    def hook(module, state_dict, prefix, local_metadata):
+        for name, param in module.named_parameters(recurse=False):
+            if getattr(param, "tensor_sharded", False) and prefix + name in state_dict:
+                state_dict[prefix + name] = gather_full(param, tg)
+
+    return hook
+
+
+def _shard_state_hook(module, state_dict, prefix, *args):
+    """load_state_dict takes full tensors and keeps this rank's shard of each."""
+    for name, param in module.named_parameters(recurse=False):
+        key = prefix + name
+        if getattr(param, "tensor_sharded", False) and key in state_dict:
+            if tuple(state_dict[key].shape) == param.full_shape:
+                state_dict[key] = shard_of_full(param, state_dict[key])
 
 
 def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:

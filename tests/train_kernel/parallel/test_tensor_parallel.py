@@ -4,11 +4,13 @@ per-step losses, grad norms and token accuracy agree (fp32: 1e-5 relative)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.train_kernel.parallel.launch import train_ranks
 from tests.train_kernel.parallel.test_data_parallel_training import records
 from tests.train_kernel.train.tiny_config import tiny_config_text
 from train_kernel.config import ConfigError, config_from_text
+from train_kernel.model import load_model_state
 from train_kernel.train.trainer import train
 
 STEPS = 5
@@ -16,33 +18,55 @@ STEPS = 5
 MODEL = "num_layers=2, num_kv_attention_heads=2"
 
 
-def _text(run_dir, micro_num: int, parallel: str, dtype: str = "torch.float32", model: str = MODEL) -> str:
-    text = tiny_config_text(run_dir, micro_num=micro_num, total_steps=STEPS, dtype=dtype)
-    return text.replace("num_layers=2", model).replace("parallel = dict(zero1=1)", f"parallel = {parallel}")
+def _text(
+    run_dir, micro_num: int, parallel: str, dtype: str = "torch.float32", model: str = MODEL, load=None
+) -> str:
+    # Checkpoints at step 3 and at the end (5): a resume test starts from step 3.
+    text = tiny_config_text(
+        run_dir, micro_num=micro_num, total_steps=STEPS, dtype=dtype, save=True, checkpoint_every=3
+    )
+    text = text.replace("num_layers=2", model).replace("parallel = dict(zero1=1)", f"parallel = {parallel}")
+    if load is not None:
+        text += f"\nckpt['load_ckpt_folder'] = 'local:{load}'\n"
+    return text
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def single_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single")
     train(config_from_text(_text(run_dir, 4, "dict(zero1=1)")))
-    return records(run_dir)
+    return run_dir
 
 
-def _run(tmp_path, world: int, micro_num: int, parallel: str, **kw):
-    config_file = tmp_path / "tp.py"
-    config_file.write_text(_text(tmp_path / "tp", micro_num, parallel, **kw))
+@pytest.fixture(scope="module")
+def single(single_run):
+    return records(single_run)
+
+
+def _run(tmp_path, world: int, micro_num: int, parallel: str, name: str = "tp", **kw):
+    config_file = tmp_path / f"{name}.py"
+    config_file.write_text(_text(tmp_path / name, micro_num, parallel, **kw))
     for result in train_ranks(config_file, world_size=world, timeout=120):
         assert result.returncode == 0, result.output[-4000:]
-    return records(tmp_path / "tp")
+    return records(tmp_path / name)
 
 
 def _assert_same(one_records, tp_records, rel=1e-5) -> None:
-    assert len(tp_records) == STEPS
+    assert [r["step"] for r in tp_records] == [r["step"] for r in one_records]
     for one, two in zip(one_records, tp_records):
         assert two["loss"] == pytest.approx(one["loss"], rel=rel)
         assert two["grad_norm"]["0_default"] == pytest.approx(one["grad_norm"]["0_default"], rel=10 * rel)
         assert two["num_consumed_tokens"] == one["num_consumed_tokens"]
         assert two["acc"] == pytest.approx(one["acc"], abs=1e-6 if rel <= 1e-5 else 0.02)
+
+
+def _assert_same_weights(single_run, run_dir, atol=1e-6) -> None:
+    """The final checkpoint's weights (whole tensors, gathered from the tensor ranks)."""
+    _, one = load_model_state(single_run / "ckpt" / str(STEPS))
+    _, tp = load_model_state(run_dir / "ckpt" / str(STEPS))
+    assert tp.keys() == one.keys()
+    for key, expected in one.items():
+        torch.testing.assert_close(tp[key], expected, rtol=1e-5 if atol <= 1e-6 else 0.05, atol=atol, msg=key)
 
 
 @pytest.mark.distributed
@@ -63,8 +87,28 @@ def _assert_same(one_records, tp_records, rel=1e-5) -> None:
     ],
     ids=["tp2", "tp2-sp", "tp2-dp2-zero2", "tp2-pp2"],
 )
-def test_tensor_parallel_matches_one_process(single, tmp_path, world, micro_num, parallel, model):
+def test_tensor_parallel_matches_one_process(single, single_run, tmp_path, world, micro_num, parallel, model):
     _assert_same(single, _run(tmp_path, world, micro_num, parallel, model=model))
+    _assert_same_weights(single_run, tmp_path / "tp")
+
+
+@pytest.mark.distributed
+def test_checkpoints_resume_across_tensor_sizes(single, single_run, tmp_path):
+    """A tensor-2 checkpoint (whole weights, per-rank optimizer pieces) resumes in one process, and
+    a one-process checkpoint on tensor 2: the next steps' losses are the uninterrupted run's."""
+    tp_records = _run(tmp_path, 2, 4, "dict(zero1=1, tensor=2)", name="tp")
+    _assert_same(single, tp_records)
+    folder = tmp_path / "tp" / "ckpt" / "3"
+    assert {p.name for p in folder.glob("optimizer_index_tp*")} == {
+        "optimizer_index_tp0_pp0.json",
+        "optimizer_index_tp1_pp0.json",
+    }
+    train(config_from_text(_text(tmp_path / "one", 4, "dict(zero1=1)", load=folder)))
+    _assert_same(single[3:], records(tmp_path / "one"))
+    resumed = _run(
+        tmp_path, 2, 4, "dict(zero1=1, tensor=2)", name="tp_resumed", load=single_run / "ckpt" / "3"
+    )
+    _assert_same(single[3:], resumed)
 
 
 @pytest.mark.parametrize(
