@@ -98,9 +98,12 @@ def test_default_world_size_and_layout_errors_name_the_key(seed):
         ConfigError, match=r"7B_sft\.py: parallel\.zero1: 8 does not divide the data-parallel size 12"
     ):
         make_plan(seed, world_size=12)
-    config = load_config(SEED_CONFIG, ["parallel.tensor=3"])
-    with pytest.raises(ConfigError, match=r"world_size: world size 8 is not divisible by tensor 3"):
-        make_plan(config, world_size=8)
+    config = load_config(SEED_CONFIG, ["parallel.tensor=2"])
+    with pytest.raises(ConfigError, match=r"world_size: world size 9 is not divisible by tensor 2"):
+        make_plan(config, world_size=9)
+    # A tensor size that does not divide the heads is the config's error, before any plan.
+    with pytest.raises(ConfigError, match=r"model\.num_attention_heads: 32 is not divisible by parallel"):
+        load_config(SEED_CONFIG, ["parallel.tensor=3"])
 
 
 def test_meta_model_and_analytic_count_agree(seed):
