@@ -51,8 +51,11 @@ def _assert_same_run(single, run_dir, micro_num: int) -> None:
     assert files == [f"model_tp0_pp{p}.safetensors" for p in range(len(files))] and len(files) >= 2
     _, weights = load_model_state(run_dir / "ckpt" / str(STEPS))
     assert weights.keys() == one_weights.keys()
+    # atol 1e-5 is 1% of one Adam update (lr 1e-3): Adam divides a gradient by its own running
+    # magnitude, so an element whose gradient is near zero moves by a sizeable fraction of lr on
+    # fp32 rounding alone (on an AMD EPYC one embedding element of 19,200 differed by 5.3e-6).
     for key, expected in one_weights.items():
-        torch.testing.assert_close(weights[key], expected, rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(weights[key], expected, rtol=1e-5, atol=1e-5, msg=key)
 
 
 INTERLEAVED = "pipeline=dict(size=2, interleaved_overlap=True)"
