@@ -146,7 +146,9 @@ class AlertSender:
         """Queues one alert (never blocks; logged at warning level here as well)."""
         alert = Alert(kind, message, self.job_name, self.rank, step, fields=fields)
         self.sent.append(alert)
-        log.log(self.log_level, "alert %s: %s", kind, message)
+        # start and finish are news, not trouble: they must not read as warnings in every run's log
+        level = min(self.log_level, logging.INFO) if kind in ("start", "finish") else self.log_level
+        log.log(level, "alert %s: %s", kind, message)
         line = json.dumps(alert.to_json(), default=str)
         body = feishu_body(alert) if self.webhook_format == FEISHU else alert.to_json()
         if self.alert_file or self.webhook:
