@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
@@ -24,20 +24,27 @@ from .model_state import model_state
 from .param_index import index_bytes, stage_index
 from .rng import capture_rng
 
+if TYPE_CHECKING:  # the trainer's objects; importing them here would make checkpoint/ depend on train/
+    from train_kernel.config import TrainConfig
+    from train_kernel.data.sampler import BatchSampler
+    from train_kernel.optim.zero import ZeroOptimizer
+    from train_kernel.parallel.process_groups import ParallelContext
+    from train_kernel.train.train_state import TrainState
+
 
 @dataclass
 class RunState:
     """The pieces of a training run that a checkpoint holds (the trainer's objects, duck-typed)."""
 
-    config: Any  # TrainConfig
+    config: TrainConfig
     model: torch.nn.Module
-    optimizer: Any  # ZeroOptimizer
-    sampler: Any  # BatchSampler
-    counters: Any  # TrainState: batch_count, step_count, inf_nan_skip_batches, num_consumed_tokens
-    parallel: Any  # ParallelContext
+    optimizer: ZeroOptimizer
+    sampler: BatchSampler
+    counters: TrainState  # batch_count, step_count, inf_nan_skip_batches, num_consumed_tokens
+    parallel: ParallelContext
 
 
-def layout_of(parallel: Any, config: Any) -> dict:
+def layout_of(parallel: ParallelContext, config: TrainConfig) -> dict:
     return {
         "data": parallel.dp_size,
         "pipeline": parallel.pp_size,

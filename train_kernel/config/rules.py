@@ -21,6 +21,19 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(message, key=key)
 
 
+def check_stage_partition(
+    num_layers: int, pipeline_size: int, num_chunks: int, error: type[ConfigError] = ConfigError
+) -> None:
+    """Every pipeline stage of every model chunk gets at least one layer (num_chunks divides
+    num_layers: check_model)."""
+    if num_layers // num_chunks < pipeline_size:
+        raise error(
+            f"{pipeline_size} stages x {num_chunks} chunks is more than num_layers {num_layers}: "
+            "each chunk's layers are fewer than the stages",
+            key="parallel.pipeline.size",
+        )
+
+
 def dtype_name(value: Any) -> Any:
     """`dtype=torch.bfloat16` (a torch.dtype, with `import torch` in the file) -> "torch.bfloat16"."""
     try:

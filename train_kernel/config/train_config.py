@@ -12,7 +12,7 @@ from typing import Any
 from train_kernel.config.errors import ConfigError
 from train_kernel.config.health_sections import FaultInjectionConfig, HealthConfig
 from train_kernel.config.monitor_sections import GradProfilingConfig, MonitorConfig
-from train_kernel.config.rules import check_interleaved, check_model, dtype_name
+from train_kernel.config.rules import check_interleaved, check_model, check_stage_partition, dtype_name
 from train_kernel.config.sections import (
     AdamConfig,
     Beta2SchedulerConfig,
@@ -195,13 +195,7 @@ class TrainConfig(Section):
                     f"{self.data.rampup_batch_size!r}: a ramp-up step of {error.message}",
                     key="data.rampup_batch_size",
                 ) from None
-        stages = parallel.pipeline.size * model.num_chunks
-        _require(
-            model.num_layers >= stages,
-            "parallel.pipeline.size",
-            f"{parallel.pipeline.size} stages x {model.num_chunks} chunks is more than "
-            f"num_layers {model.num_layers}",
-        )
+        check_stage_partition(model.num_layers, parallel.pipeline.size, model.num_chunks)
         if self.lr_scheduler.total_steps != self.data.total_steps:
             logger.warning(
                 "%slr_scheduler.total_steps = %d differs from data.total_steps = %d: the learning rate "

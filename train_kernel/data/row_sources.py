@@ -50,7 +50,7 @@ def train_row_source(config: TrainConfig, dp_size: int, run_dir: Path) -> RowSou
 def validation_row_sources(config: TrainConfig, run_dir: Path) -> dict[str, RowSource]:
     """The named validation sets, in order; ``UNNAMED`` for a pack-stage folder's valid split."""
     data, model = config.data, config.model
-    valid_folder = data.valid_folder or data.train_folder
+    valid_folder = data.valid_folder  # the config fills it with train_folder when unset
     if valid_folder is None or data.valid_every <= 0:
         return {}
     if is_internlm_data(valid_folder):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from train_kernel.config.errors import ConfigError
+from train_kernel.config.rules import check_stage_partition
 
 if TYPE_CHECKING:
     from train_kernel.config.sections import ParallelConfig
@@ -28,16 +29,10 @@ def stage_layer_ranges(
 ) -> list[list[tuple[int, int]]]:
     """InternLM's `partition_uniform`: the [start, end) layer ranges of each pipeline stage, one per
     model chunk. Within a chunk, later stages take the extra layers when they do not split evenly.
-    The sizes are the config's, checked there (sizes >= 1, num_chunks dividing num_layers:
-    config/rules.py check_model and the parallel section); what is left is this partition's own
-    limit, a layer for every stage of every chunk."""
+    The sizes are the config's, checked there (config/rules.py: check_model, and
+    check_stage_partition, which is also called here for plans and stages built without a config)."""
+    check_stage_partition(num_layers, pipeline_size, num_chunks, error=LayoutError)
     per_chunk = num_layers // num_chunks
-    if per_chunk < pipeline_size:
-        raise LayoutError(
-            f"{num_layers} layers in {num_chunks} chunks leave fewer layers per chunk than "
-            f"{pipeline_size} stages",
-            key="parallel.pipeline.size",
-        )
     parts: list[list[tuple[int, int]]] = [[] for _ in range(pipeline_size)]
     chunk_size, remainder = divmod(per_chunk, pipeline_size)
     left = pipeline_size - remainder
