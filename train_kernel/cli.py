@@ -115,13 +115,37 @@ def run(
     help="Ranks of the job [default: tensor x pipeline x max(zero1, 1)].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def plan(config_path: Path, overrides: tuple[str, ...], world_size: int | None, as_json: bool) -> None:
-    """Parameters, parallel layout, ZeRO-1 partition, memory per rank and FLOPs per step of --config."""
+@click.option(
+    "--gpus", type=click.IntRange(min=1), default=None, help="Also propose layouts for this many GPUs."
+)
+@click.option(
+    "--gpu-memory-gib", type=click.FloatRange(min=1), default=80.0, show_default=True, help="With --gpus."
+)
+def plan(
+    config_path: Path,
+    overrides: tuple[str, ...],
+    world_size: int | None,
+    as_json: bool,
+    gpus: int | None,
+    gpu_memory_gib: float,
+) -> None:
+    """Parameters, parallel layout, ZeRO-1 partition, memory and communication per rank and FLOPs
+    per step of --config; with --gpus, the layouts that fit those GPUs, best first."""
     from train_kernel.plan import make_plan, render
+    from train_kernel.plan_layouts import propose_layouts, render_proposals
 
     config = _load(config_path, overrides)
     result = _call(make_plan, config, world_size)
-    click.echo(json.dumps(result.to_json(), indent=2) if as_json else render(result))
+    proposals = None if gpus is None else propose_layouts(config, gpus, int(gpu_memory_gib * 2**30))
+    if as_json:
+        body = result.to_json()
+        if proposals is not None:
+            body["proposals"] = [p.to_json() for p in proposals]
+        click.echo(json.dumps(body, indent=2))
+        return
+    click.echo(render(result))
+    if proposals is not None:
+        click.echo(render_proposals(proposals, gpus, int(gpu_memory_gib * 2**30)))
 
 
 @main.command("export-hf")

@@ -190,6 +190,91 @@ def in_flight_micro_batches(config: TrainConfig, layout: ParallelLayout, stage: 
 
 
 @dataclass(frozen=True)
+class Communication:
+    """Bytes one rank sends per optimizer step, by kind (ring algorithms: an all-reduce of S bytes
+    over n ranks sends 2 (n-1)/n S, an all-gather or a reduce-scatter of S bytes (the whole
+    tensor) (n-1)/n S; NCCL's, the bandwidth-optimal ones).
+
+    tensor, per micro-batch of T tokens (hidden h, dtype bytes p, tensor size t, X = T h p):
+      each layer: forward 2 all-reduces of X (attention and MLP outputs), backward 2 (their inputs'
+      gradients); with sequence_parallel each all-reduce is an all-gather + a reduce-scatter, the
+      same bytes; a checkpointed layer runs its forward ones again;
+      embedding: a forward all-reduce (vocabulary split) or all-gather (embed_split_hidden) of X and
+      its backward dual (a slice: nothing); head: the hidden states' gradient all-reduced (X), and the
+      loss's per-token max / sums / argmax all-reduces (4 T fp32 values + T int64: 24 T bytes);
+    data: the gradients all-reduced over the data-parallel group, 2 (d-1)/d P p per step;
+    zero: the updated slices broadcast by their owners, (z-1)/z P p;
+    pipeline: each micro-batch's activations sent forward and their gradients back, 2 X per stage
+      boundary a rank sits on (1 for the first and last stage, 2 for the middle ones).
+    On gloo the reduce-scatter is an all-reduce and a slice (twice its bytes; parallel/tensor_parallel.py).
+    """
+
+    tensor: int
+    data: int
+    zero: int
+    pipeline: int
+
+    @property
+    def total(self) -> int:
+        return self.tensor + self.data + self.zero + self.pipeline
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "tensor": self.tensor,
+            "data": self.data,
+            "zero": self.zero,
+            "pipeline": self.pipeline,
+            "total": self.total,
+        }
+
+
+def _ring(size: int, ranks: int, all_reduce: bool) -> float:
+    if ranks <= 1:
+        return 0.0
+    return (2.0 if all_reduce else 1.0) * (ranks - 1) / ranks * size
+
+
+def tensor_bytes_per_micro_batch(config: TrainConfig, layout: ParallelLayout, stage: int) -> float:
+    """Tensor-parallel bytes one rank of pipeline stage `stage` sends for one micro-batch."""
+    t = layout.tensor
+    if t == 1:
+        return 0.0
+    model = config.model
+    tokens = config.data.packed_length
+    x = tokens * model.hidden_size * dtype_bytes(model)
+    layers = recomputed = 0
+    for start, end in stage_layer_ranges(model.num_layers, layout.pipeline, model.num_chunks)[stage]:
+        layers += end - start
+        recomputed += _checkpointed(end - start, model.checkpoint)
+    all_reduces = 4 * layers + 2 * recomputed  # forward 2 + backward 2 per layer (+ recomputed forward)
+    total = all_reduces * _ring(x, t, all_reduce=True)
+    if stage == 0:
+        total += _ring(x, t, all_reduce=not model.embed_split_hidden)
+    if stage == layout.pipeline - 1:
+        total += _ring(x, t, all_reduce=True) + _ring(24 * tokens, t, all_reduce=True)
+    return total
+
+
+def communication_per_step(
+    config: TrainConfig, layout: ParallelLayout, stage: int, stage_parameters: int
+) -> Communication:
+    """What one rank of stage `stage` (holding `stage_parameters` per tensor rank) sends in a step."""
+    model = config.model
+    micro = config.data.micro_num
+    p = dtype_bytes(model)
+    x = config.data.packed_length * model.hidden_size * p
+    boundaries = 0 if layout.pipeline == 1 else (1 if stage in (0, layout.pipeline - 1) else 2)
+    return Communication(
+        tensor=int(micro * tensor_bytes_per_micro_batch(config, layout, stage)),
+        data=int(_ring(stage_parameters * p, layout.data, all_reduce=True)),
+        zero=int((layout.zero - 1) / layout.zero * stage_parameters * p),
+        # Each boundary: the activations out (or in) forward, their gradient the other way; a rank
+        # sends one of the two per boundary and micro-batch.
+        pipeline=int(micro * boundaries * x),
+    )
+
+
+@dataclass(frozen=True)
 class Plan:
     config: TrainConfig
     layout: ParallelLayout
@@ -202,6 +287,8 @@ class Plan:
     flops_per_step: float
     dtype: DtypeChoice
     """The dtype a run of the config takes on this machine (model.dtype "auto" resolved here)."""
+    communication: Communication | None = None
+    """Bytes per step of the rank that sends the most (its stage's)."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -220,6 +307,7 @@ class Plan:
             "zero_partition_elements": self.zero_partition_elements,
             "memory_per_rank_bytes": self.memory.to_json(),
             "flops_per_step": self.flops_per_step,
+            "communication_per_rank_bytes": self.communication.to_json() if self.communication else None,
             "dtype": {
                 "requested": self.dtype.requested,
                 "on_this_machine": self.dtype.name,
@@ -299,7 +387,12 @@ def make_plan(config: TrainConfig, world_size: int | None = None) -> Plan:
                 in_flight_micro_batches=in_flight_micro_batches(config, layout, stage),
             )
         )
+    communications = [
+        communication_per_step(config, layout, stage, elements)
+        for stage, elements in enumerate(stage_parameters)
+    ]
     return Plan(
+        communication=max(communications, key=lambda c: c.total),
         config=config,
         layout=layout,
         parameters=measured if measured is not None else analytic,
@@ -372,6 +465,20 @@ def render(plan: Plan) -> str:
             f"total {_gib(memory.total)}",
         )
     )
+    if plan.communication is not None:
+        c = plan.communication
+        lines.append(
+            (
+                "comm/rank",
+                f"per step: tensor {_gib(c.tensor)}, data {_gib(c.data)}, ZeRO broadcast {_gib(c.zero)}, "
+                f"pipeline {_gib(c.pipeline)}, total {_gib(c.total)}"
+                + (
+                    " (sequence parallel: same bytes, activations / t)"
+                    if config.parallel.sequence_parallel
+                    else ""
+                ),
+            )
+        )
     lines.append(
         (
             "FLOPs/step",
@@ -413,6 +520,8 @@ def memory_fit_warning(plan: Plan, device_bytes: int) -> str | None:
 
 
 __all__ = [
+    "Communication",
+    "communication_per_step",
     "MemoryEstimate",
     "ParameterCounts",
     "Plan",
