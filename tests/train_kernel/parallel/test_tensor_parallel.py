@@ -163,3 +163,26 @@ def test_tensor_parallel_bf16_close_to_one_process(tmp_path):
             atol=BF16_WEIGHT_ATOL,
             msg=key,
         )
+
+
+@pytest.mark.distributed
+@pytest.mark.process
+def test_validation_on_tensor2_equals_one_process(tmp_path):
+    """Validation through the tensor-parallel head (gathered logits) and sequence parallelism gives
+    one process's records."""
+    from tests.train_kernel.parallel.test_parallel_validation import _packed, _valid_records
+
+    common = dict(train_folder=_packed(tmp_path), valid_every=2, total_steps=4)
+    train(config_from_text(tiny_config_text(tmp_path / "single", micro_num=4, **common)))
+    text = tiny_config_text(tmp_path / "parallel", micro_num=4, **common).replace(
+        "parallel = dict(zero1=1)", "parallel = dict(zero1=1, tensor=2, sequence_parallel=True)"
+    )
+    (tmp_path / "parallel.py").write_text(text)
+    for result in train_ranks(tmp_path / "parallel.py", world_size=2, timeout=120):
+        assert result.returncode == 0, result.output[-4000:]
+    single, parallel = _valid_records(tmp_path / "single"), _valid_records(tmp_path / "parallel")
+    assert [r["step"] for r in parallel] == [r["step"] for r in single] == [1, 3]
+    for one, two in zip(single, parallel):
+        assert two["val/tokens/en"] == one["val/tokens/en"] > 0
+        assert two["val/loss_from_metric"] == pytest.approx(one["val/loss_from_metric"], abs=1e-4)
+        assert two["val/acc"] == pytest.approx(one["val/acc"], abs=1e-4)
