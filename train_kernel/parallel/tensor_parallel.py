@@ -60,10 +60,12 @@ def _all_gather(x: torch.Tensor, dim: int, tg: TensorGroup) -> torch.Tensor:
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, tg: TensorGroup) -> torch.Tensor:
-    if dist.get_backend(tg.group) == "nccl" and dim == 0:
-        out = x.new_empty((x.shape[0] // tg.size, *x.shape[1:]))
-        dist.reduce_scatter_tensor(out, x.contiguous(), group=tg.group)
-        return out
+    if dist.get_backend(tg.group) == "nccl":
+        # reduce_scatter_tensor splits along dim 0 into rank-ordered chunks: `dim` moved there.
+        moved = x.movedim(dim, 0).contiguous()
+        out = moved.new_empty((moved.shape[0] // tg.size, *moved.shape[1:]))
+        dist.reduce_scatter_tensor(out, moved, group=tg.group)
+        return out.movedim(0, dim).contiguous()
     # Gloo has no reduce-scatter: the sum everywhere, then this rank's slice.
     return _slice(_all_reduce(x, tg), dim, tg)
 
