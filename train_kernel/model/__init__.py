@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -25,16 +27,23 @@ __all__ = [
 ]
 
 
-def build_model(config: ModelConfig, device: torch.device | str = "cpu", seed: int | None = 0) -> InternLM:
+def build_model(
+    config: ModelConfig,
+    device: torch.device | str = "cpu",
+    seed: int | None = 0,
+    shard: Callable[[InternLM], None] | None = None,
+) -> InternLM:
     """Builds the model on the meta device (no memory, no init cost), then materialises it on
-    `device` and initialises it; on "meta" it stays uninitialised (for planning/counting)."""
+    `device` and initialises it; on "meta" it stays uninitialised (for planning/counting).
+    `shard` (tensor parallelism, applied from outside) cuts the meta model first."""
     with torch.device("meta"):
         model = InternLM(config)
+    if shard is not None:
+        shard(model)
     device = torch.device(device)
     if device.type == "meta":
         return model
-    model.to_empty(device=device)
-    model.init_weights(seed)
+    model.materialize(device, seed)
     return model
 
 

@@ -128,7 +128,27 @@ class InternLM(nn.Module):
             if seed is not None:
                 generator = torch.Generator(device=param.device)
                 generator.manual_seed(_tensor_seed(seed, name))
-            param.normal_(0.0, std, generator=generator)
+            pieces = getattr(param, "tensor_pieces", None)
+            if pieces is None:
+                param.normal_(0.0, std, generator=generator)
+                continue
+            # A tensor-parallel shard (cut from outside, parallel/tensor_parallel.py): the full
+            # tensor drawn as one process draws it, this rank's pieces kept.
+            full = torch.empty(param.full_shape, device=param.device, dtype=param.dtype)
+            full.normal_(0.0, std, generator=generator)
+            boxes = [tuple(slice(lo, hi) for lo, hi in piece.box) for piece in pieces]
+            param.copy_(torch.cat([full[box].reshape(-1) for box in boxes]).view(param.shape))
+
+    def materialize(self, device: Device, seed: int | None) -> None:
+        """Allocates the (meta-device) parameters on `device` and initialises them. to_empty makes
+        new Parameter objects: attributes set on the old ones from outside (a tensor shard's pieces)
+        are carried over."""
+        kept = {name: dict(vars(p)) for name, p in self.named_parameters() if vars(p)}
+        self.to_empty(device=torch.device(device))
+        for name, param in self.named_parameters():
+            for key, value in kept.get(name, {}).items():
+                setattr(param, key, value)
+        self.init_weights(seed)
 
 
 def init_std(name: str) -> float | None:

@@ -24,6 +24,8 @@ from train_kernel.parallel.layout import LayoutError, stage_layer_ranges
 # from the caller (the trainer's step_schedule.py): they move tensors between stages and never
 # need to know what the loss is or which metrics it feeds.
 StageLoss = Callable[[nn.Module, torch.Tensor, MicroBatch], torch.Tensor]
+# Cuts a model part on the meta device for this tensor rank (tensor_parallel.tensor_cutter).
+Shard = Callable[[InternLM], None]
 
 
 def stage_layers(config: ModelConfig, stage: int, num_stages: int) -> list[range]:
@@ -55,17 +57,24 @@ def _build_part(
     has_head: bool,
     device: torch.device | str,
     seed: int | None,
+    shard: Shard | None = None,
 ) -> InternLM:
     with torch.device("meta"):
         model = InternLM(config)
     _prune(model, layers, has_embedding, has_head)
-    model.to_empty(device=torch.device(device))
-    model.init_weights(seed)
+    if shard is not None:  # tensor parallelism: cut on the meta device, before any memory
+        shard(model)
+    model.materialize(device, seed)
     return model
 
 
 def build_stage(
-    config: ModelConfig, stage: int, num_stages: int, device: torch.device | str = "cpu", seed: int | None = 0
+    config: ModelConfig,
+    stage: int,
+    num_stages: int,
+    device: torch.device | str = "cpu",
+    seed: int | None = 0,
+    shard: Shard | None = None,
 ) -> InternLM:
     """The model of pipeline stage `stage` of `num_stages` (one chunk per stage), initialised like
     the full model's tensors (seed=None draws from the global RNG instead, and then stages differ
@@ -76,7 +85,7 @@ def build_stage(
             key="model.num_chunks",
         )
     (layers,) = stage_layers(config, stage, num_stages)
-    return _build_part(config, layers, stage == 0, stage == num_stages - 1, device, seed)
+    return _build_part(config, layers, stage == 0, stage == num_stages - 1, device, seed, shard)
 
 
 class StageChunks(nn.Module):
@@ -98,14 +107,25 @@ class StageChunks(nn.Module):
 
 
 def build_stage_chunks(
-    config: ModelConfig, stage: int, num_stages: int, device: torch.device | str = "cpu", seed: int | None = 0
+    config: ModelConfig,
+    stage: int,
+    num_stages: int,
+    device: torch.device | str = "cpu",
+    seed: int | None = 0,
+    shard: Shard | None = None,
 ) -> StageChunks:
     """Stage `stage` of `num_stages` for the interleaved schedule (any model.num_chunks >= 1)."""
     ranges = stage_layers(config, stage, num_stages)
     last_chunk = len(ranges) - 1
     chunks = [
         _build_part(
-            config, layers, stage == 0 and k == 0, stage == num_stages - 1 and k == last_chunk, device, seed
+            config,
+            layers,
+            stage == 0 and k == 0,
+            stage == num_stages - 1 and k == last_chunk,
+            device,
+            seed,
+            shard,
         )
         for k, layers in enumerate(ranges)
     ]

@@ -25,6 +25,7 @@ bytes; NCCL gets the real reduce_scatter_tensor).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -316,12 +317,13 @@ def qkv_rows(config: ModelConfig, tg: TensorGroup) -> list[tuple[int, int]]:
 
 def _shard_rows(linear: nn.Linear, rows: list[tuple[int, int]]) -> None:
     """Column-parallel: this rank's output rows (and bias entries) of `linear`."""
-    index = torch.cat([torch.arange(lo, hi) for lo, hi in rows])
     for name in ("weight", "bias"):
         value = getattr(linear, name)
         if value is not None:
             full = tuple(value.shape)
-            setattr(linear, name, _mark_sharded(nn.Parameter(value.detach()[index].clone()), full, 0, rows))
+            # Slices, not an index tensor: the same code cuts a model on the meta device.
+            local = torch.cat([value.detach()[lo:hi] for lo, hi in rows])
+            setattr(linear, name, _mark_sharded(nn.Parameter(local.clone()), full, 0, rows))
 
 
 def _enter_hook(tg: TensorGroup):
@@ -342,9 +344,18 @@ def _leave_sequence_hook(tg: TensorGroup):
 
 def apply_tensor_parallel(model: InternLM, config: ModelConfig, tg: TensorGroup) -> InternLM:
     """Shards `model` (the full model or a pipeline stage, initialised as the full model) in place
-    for tensor rank tg.rank and returns it. Replicated parameters (norms, out_proj's bias) get
-    the same gradient on every rank without sequence parallelism; with it each rank holds a
-    partial one, summed over the tensor group by a gradient hook."""
+    for tensor rank tg.rank and returns it."""
+    cut_for_tensor_parallel(model, config, tg)
+    _finish(model, tg)
+    return model
+
+
+def cut_for_tensor_parallel(model: InternLM, config: ModelConfig, tg: TensorGroup) -> None:
+    """The structural part of the shard: modules replaced, parameters cut to this rank's pieces
+    (marked with their pieces of the full tensor), hooks on modules. Works on the meta device:
+    the builders cut before materialising, so no rank ever holds the whole model; init_weights then
+    draws each full tensor from its own seed and keeps the rank's pieces (the same values as one
+    process)."""
     d = config.head_dim
     for layer in model.layers.values():
         attn = layer.attention
@@ -375,6 +386,14 @@ def apply_tensor_parallel(model: InternLM, config: ModelConfig, tg: TensorGroup)
         # The last module on sequence shards hands whole rows to the head (and the loss).
         last = model.norm if model.norm is not None else list(model.layers.values())[-1]
         last.register_forward_hook(_leave_sequence_hook(tg))
+    model.tensor_parallel_cut = True
+
+
+def _finish(model: InternLM, tg: TensorGroup) -> None:
+    """Hooks on the (materialised) parameters: with sequence parallelism the replicated ones (norms,
+    out_proj's bias) hold partial gradients, summed over the tensor group; without it they get the
+    same gradient on every rank already."""
+    if tg.sequence_parallel:
         for p in replicated_parameters(model):
             p.register_hook(lambda grad: _all_reduce(grad, tg))
     return model
@@ -434,10 +453,25 @@ def shard_model_part(model: nn.Module, config: ModelConfig, parallel) -> nn.Modu
     the part itself without tensor parallelism. `parallel` is the ParallelContext."""
     if parallel.tensor_group is None:
         return model
-    tg = TensorGroup(parallel.tensor_group, parallel.tp_rank, parallel.tp_size, parallel.sequence_parallel)
+    tg = _group(parallel)
     for part in getattr(model, "chunks", [model]):
-        apply_tensor_parallel(part, config, tg)
+        if not getattr(part, "tensor_parallel_cut", False):  # built whole: cut now
+            cut_for_tensor_parallel(part, config, tg)
+        _finish(part, tg)
     return model
+
+
+def tensor_cutter(config: ModelConfig, parallel) -> Callable[[InternLM], None] | None:
+    """What the model builders apply on the meta device, before materialising (None without
+    tensor parallelism); shard_model_part completes the shard afterwards."""
+    if parallel.tensor_group is None:
+        return None
+    tg = _group(parallel)
+    return lambda part: cut_for_tensor_parallel(part, config, tg)
+
+
+def _group(parallel) -> TensorGroup:
+    return TensorGroup(parallel.tensor_group, parallel.tp_rank, parallel.tp_size, parallel.sequence_parallel)
 
 
 def use_global_grad_norm(optimizer, parallel) -> None:
@@ -445,6 +479,6 @@ def use_global_grad_norm(optimizer, parallel) -> None:
     tensor parallelism: sharded parameters summed over the tensor group, replicated ones once."""
     if parallel.tensor_group is None:
         return
-    tg = TensorGroup(parallel.tensor_group, parallel.tp_rank, parallel.tp_size, parallel.sequence_parallel)
+    tg = _group(parallel)
     inner = optimizer.inner
     inner.reduce_norm = tensor_norm_reducer(optimizer.params, (inner.start, inner.end), tg, inner.reduce_norm)

@@ -26,7 +26,7 @@ from train_kernel.optim.schedules import Beta2Schedule, WarmupCosineLR
 from train_kernel.optim.zero import ZeroOptimizer
 from train_kernel.parallel.process_groups import ParallelContext
 from train_kernel.parallel.stage import StageChunks, build_stage, build_stage_chunks
-from train_kernel.parallel.tensor_parallel import shard_model_part, use_global_grad_norm
+from train_kernel.parallel.tensor_parallel import shard_model_part, tensor_cutter, use_global_grad_norm
 from train_kernel.plan import make_plan, memory_fit_warning
 from train_kernel.train.host_memory import keep_freed_host_memory
 from train_kernel.train.step_schedule import StepSchedule, build_step_schedule
@@ -169,16 +169,19 @@ def _warn_if_plan_exceeds_device(
 def build_model_part(config: TrainConfig, parallel: ParallelContext, device: torch.device) -> nn.Module:
     """The model this rank holds (initialised from config.seed), the same on every data-parallel
     replica."""
+    shard = tensor_cutter(config.model, parallel)  # tensor parallelism: cut before materialising
     if parallel.pp_size > 1 and config.model.num_chunks > 1:
         model: nn.Module = build_stage_chunks(
-            config.model, parallel.pp_rank, parallel.pp_size, device, seed=config.seed
+            config.model, parallel.pp_rank, parallel.pp_size, device, seed=config.seed, shard=shard
         )
         layers = [list(chunk.layers.keys()) for chunk in model.chunks]
         log.info(
             "pipeline stage %d of %d, interleaved: layers %s", parallel.pp_rank, parallel.pp_size, layers
         )
     elif parallel.pp_size > 1:
-        model = build_stage(config.model, parallel.pp_rank, parallel.pp_size, device, seed=config.seed)
+        model = build_stage(
+            config.model, parallel.pp_rank, parallel.pp_size, device, seed=config.seed, shard=shard
+        )
         names = list(model.layers.keys())
         log.info(
             "pipeline stage %d of %d: layers %s to %s",
@@ -188,7 +191,7 @@ def build_model_part(config: TrainConfig, parallel: ParallelContext, device: tor
             names[-1],
         )
     else:
-        model = build_model(config.model, device, seed=config.seed)
+        model = build_model(config.model, device, seed=config.seed, shard=shard)
     model = shard_model_part(model, config.model, parallel)  # tensor parallelism (no-op without)
     if parallel.data_group is not None:
         first = parallel.layout.data_group(parallel.rank)[0]

@@ -186,3 +186,33 @@ def test_validation_on_tensor2_equals_one_process(tmp_path):
         assert two["val/tokens/en"] == one["val/tokens/en"] > 0
         assert two["val/loss_from_metric"] == pytest.approx(one["val/loss_from_metric"], abs=1e-4)
         assert two["val/acc"] == pytest.approx(one["val/acc"], abs=1e-4)
+
+
+@pytest.mark.parametrize("embed_split_hidden", [False, True])
+def test_cut_on_meta_initialises_the_full_models_pieces(embed_split_hidden):
+    """The builders cut on the meta device (no rank holds the whole model); each rank's pieces
+    hold the values one process initialises, the fused Wqkv's q, k and v blocks included."""
+    from train_kernel.model import ModelConfig, build_model
+    from train_kernel.parallel.tensor_parallel import TensorGroup, cut_for_tensor_parallel, shard_of_full
+
+    config = ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_kv_attention_heads=2,
+        vocab_size=300,
+        embed_split_hidden=embed_split_hidden,
+    )
+    full = dict(build_model(config, seed=3).named_parameters())
+    for rank in range(2):
+        tg = TensorGroup(group=None, rank=rank, size=2)
+        part = build_model(config, seed=3, shard=lambda m, tg=tg: cut_for_tensor_parallel(m, config, tg))
+        params = dict(part.named_parameters())
+        assert params.keys() == full.keys()
+        sharded = [name for name, p in params.items() if getattr(p, "tensor_sharded", False)]
+        assert "layers.0.attention.Wqkv.weight" in sharded and "embedding.weight" in sharded
+        for name, param in params.items():
+            expected = shard_of_full(param, full[name]) if name in sharded else full[name]
+            assert param.shape == expected.shape and torch.equal(param, expected), name
+            if name in sharded:
+                assert param.numel() * 2 == full[name].numel(), name
