@@ -462,8 +462,8 @@ class ParallelConfig(Section):
     tensor: TensorConfig = field(default_factory=TensorConfig)
     """Tensor-parallel size (int) or dict(size=...)."""
     sequence_parallel: bool = False
-    """With tensor parallel, also split the norm/dropout activations along the sequence. Tensor
-    parallelism is not run yet: True gives a warning (and plan counts it)."""
+    """With tensor parallel, also split the norm/dropout activations along the sequence (the packed
+    row's tokens; data.seq_len must divide by the tensor size). With tensor size 1: a warning."""
 
     @classmethod
     def prepare_raw(cls, raw: dict[str, Any]) -> dict[str, Any]:

@@ -47,9 +47,11 @@ class ModelConfig:
     embed_grad_scale: float = 0.1
     """Scales the gradient reaching the embedding (InternLM's trick against early spikes); 1 = off."""
     embed_split_hidden: bool = False
-    """Tensor parallel: split the embedding along hidden (reserved; no effect without tensor parallel)."""
+    """Tensor parallel: split the embedding along the hidden size (False: along the vocabulary);
+    no effect with parallel.tensor=1."""
     parallel_output: bool = True
-    """Tensor parallel: keep logits split (reserved; no effect without tensor parallel)."""
+    """Tensor parallel: the loss runs on the vocabulary-parallel logits (False: the head's weight is
+    gathered and every rank computes the whole vocabulary); no effect with parallel.tensor=1."""
     apply_post_layer_norm: bool = False
     """Post-norm instead of pre-norm blocks (InternLM option)."""
     norm_type: str = "rmsnorm"
