@@ -202,6 +202,10 @@ class Communication:
       embedding: a forward all-reduce (vocabulary split) or all-gather (embed_split_hidden) of X and
       its backward dual (a slice: nothing); head: the hidden states' gradient all-reduced (X), and the
       loss's per-token max / sums / argmax all-reduces (4 T fp32 values + T int64: 24 T bytes);
+      sequence_parallel adds the final norm's output all-gathered for the head (backward: a slice),
+      with embed_split_hidden the embedding's backward all-gather along the tokens, and the
+      all-reduce of the replicated parameters' partial gradients (norms, out_proj's bias; fp32 or
+      the model dtype: the parameters' bytes);
     data: the gradients all-reduced over the data-parallel group, 2 (d-1)/d P p per step;
     zero: the updated slices broadcast by their owners, (z-1)/z P p;
     pipeline: each micro-batch's activations sent forward and their gradients back, 2 X per stage
@@ -248,10 +252,19 @@ def tensor_bytes_per_micro_batch(config: TrainConfig, layout: ParallelLayout, st
         recomputed += _checkpointed(end - start, model.checkpoint)
     all_reduces = 4 * layers + 2 * recomputed  # forward 2 + backward 2 per layer (+ recomputed forward)
     total = all_reduces * _ring(x, t, all_reduce=True)
+    sequence = config.parallel.sequence_parallel
+    if sequence:
+        norm = model.hidden_size * (1 if model.norm_type == "rmsnorm" else 2)
+        replicated = layers * (2 * norm + model.hidden_size) + (norm if stage == layout.pipeline - 1 else 0)
+        total += _ring(replicated * dtype_bytes(model), t, all_reduce=True)
     if stage == 0:
         total += _ring(x, t, all_reduce=not model.embed_split_hidden)
+        if sequence and model.embed_split_hidden:
+            total += _ring(x, t, all_reduce=False)
     if stage == layout.pipeline - 1:
         total += _ring(x, t, all_reduce=True) + _ring(24 * tokens, t, all_reduce=True)
+        if sequence:
+            total += _ring(x, t, all_reduce=False)
     return total
 
 
