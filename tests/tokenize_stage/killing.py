@@ -161,16 +161,20 @@ class KillLog:
 
 def _listing(output: Path) -> list[tuple[str, int, int]] | None:
     """Every entry under ``output`` with its size and modification time; None if it is absent."""
-    if not output.exists():
-        return None
-    found = []
-    for path in output.rglob("*"):
+    while True:
+        if not output.exists():
+            return None
+        found = []
         try:
-            stat = path.lstat()
-        except FileNotFoundError:  # removed while we looked
+            for path in output.rglob("*"):
+                try:
+                    stat = path.lstat()
+                except FileNotFoundError:  # removed while we looked
+                    continue
+                found.append((path.as_posix(), stat.st_size, stat.st_mtime_ns))
+        except FileNotFoundError:  # a folder removed while rglob walked it: look again
             continue
-        found.append((path.as_posix(), stat.st_size, stat.st_mtime_ns))
-    return sorted(found)
+        return sorted(found)
 
 
 def _first_change(process: subprocess.Popen, output: Path) -> bool:
