@@ -1,8 +1,9 @@
 """A checkpoint resumes on any layout (issue 16): saved by 2 gloo ranks as data 2 with ZeRO-1 over
-both at step 4, it resumes on pipeline 2, on pipeline 2 with 2 chunks, and in one process, and a
-pipeline-2 checkpoint resumes on data 2 again; each time the next steps' losses are the
-uninterrupted run's (fp32, rel 1e-5: another layout sums in another order). micro_num is scaled
-with the data-parallel size so that the global batch stays 4 micro-batches."""
+both at step 4, it resumes on pipeline 2, on pipeline 2 with 2 chunks, on tensor 2, on tensor 2 x
+pipeline 2 and in one process, and pipeline-2 and tensor 2 x pipeline 2 checkpoints resume on data 2
+again; each time the next steps' losses are the uninterrupted run's (fp32, rel 1e-5: another layout
+sums in another order). micro_num is scaled with the data-parallel size so that the global batch
+stays 4 micro-batches."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ STEPS = 8
 GLOBAL_MICRO_NUM = 4
 
 
-def _text(run_dir, *, data=1, pipeline=1, num_chunks=1, load=None, checkpoint_every=4):
+def _text(run_dir, *, data=1, pipeline=1, num_chunks=1, tensor=1, load=None, checkpoint_every=4):
     text = config_text(
         run_dir,
         micro_num=GLOBAL_MICRO_NUM // data,
@@ -36,11 +37,12 @@ def _text(run_dir, *, data=1, pipeline=1, num_chunks=1, load=None, checkpoint_ev
         oss_snapshot_freq=0,
     )
     text = text.replace("num_layers=2,", "num_layers=4,")  # 2 stages x 2 chunks need 4 layers
+    tensor_size = f", tensor={tensor}" if tensor > 1 else ""
     if pipeline > 1:
         extra = ", interleaved_overlap=True" if num_chunks > 1 else ""
-        parallel = f"dict(zero1={data}, pipeline=dict(size={pipeline}{extra}))"
+        parallel = f"dict(zero1={data}{tensor_size}, pipeline=dict(size={pipeline}{extra}))"
     else:
-        parallel = f"dict(zero1={data})"
+        parallel = f"dict(zero1={data}{tensor_size})"
     text = text.replace("parallel = dict(zero1=1)", f"parallel = {parallel}")
     if num_chunks > 1:
         text += f"\nmodel['num_chunks'] = {num_chunks}\n"
@@ -49,11 +51,11 @@ def _text(run_dir, *, data=1, pipeline=1, num_chunks=1, load=None, checkpoint_ev
     return text
 
 
-def _run_ranks(tmp, name, **layout):
+def _run_ranks(tmp, name, world=2, **layout):
     run_dir = tmp / name
     config = tmp / f"{name}.py"
     config.write_text(_text(run_dir, **layout))
-    results = train_ranks(config, world_size=2, timeout=180)
+    results = train_ranks(config, world_size=world, timeout=180)
     for result in results:
         assert result.returncode == 0, result.output[-3000:]
     return run_dir, results[0].output
@@ -135,6 +137,23 @@ def test_checkpoint_without_optimizer_index_resumes_on_another_layout(tmp_path, 
 def test_pipeline2_resumes_on_data2_zero2(tmp_path, reference, on_pipeline):
     pipeline_dir, _ = on_pipeline
     run_dir, _ = _run_ranks(tmp_path, "back", data=2, load=pipeline_dir / "ckpt" / "6")
+    _assert_continues(run_dir, reference, 6)
+
+
+def test_data2_zero2_resumes_on_tensor2(tmp_path, reference):
+    run_dir, output = _run_ranks(tmp_path, "tensor", tensor=2, load=reference / "ckpt" / "4")
+    _assert_continues(run_dir, reference, 4)
+    assert "to data=1 zero1=1 pipeline=1 num_chunks=1 tensor=2" in output
+
+
+def test_tensor2_pipeline2_resumes_from_data2_and_back_on_data2(tmp_path, reference):
+    mixed, _ = _run_ranks(
+        tmp_path, "tp_pp", world=4, tensor=2, pipeline=2, load=reference / "ckpt" / "4", checkpoint_every=2
+    )
+    _assert_continues(mixed, reference, 4)
+    listing = format_inventory(inventory(f"local:{mixed}/ckpt"))
+    assert "data=1 zero1=1 pipeline=2 num_chunks=1 tensor=2" in listing
+    run_dir, _ = _run_ranks(tmp_path, "back", data=2, load=mixed / "ckpt" / "6")
     _assert_continues(run_dir, reference, 6)
 
 
