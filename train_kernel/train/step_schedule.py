@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from train_kernel.data.batches import MicroBatch
-from train_kernel.parallel.engine_schedule import EngineSchedule
 from train_kernel.parallel.interleaved_schedule import (
     ChunkRing,
     interleaved_forward_backward,
@@ -48,8 +47,11 @@ from train_kernel.train.step import (
 from train_kernel.train.token_metrics import TokenMetrics
 
 if TYPE_CHECKING:
+    # EngineSchedule is imported where a pipeline uses it: torch.distributed.pipelining adds 0.8 s to
+    # the start of every process.
     from train_kernel.config import TrainConfig
     from train_kernel.optim.zero import ZeroOptimizer
+    from train_kernel.parallel.engine_schedule import EngineSchedule
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +214,8 @@ def build_step_schedule(
         log.info("pipeline schedule: %s", name or "the project's own (InternLM's order)")
     if name is None:
         return project
+    from train_kernel.parallel.engine_schedule import EngineSchedule
+
     reducer = optimizer.grad_reducer
     engine = EngineSchedule(
         name=name,
