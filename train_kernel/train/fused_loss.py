@@ -136,15 +136,22 @@ class _HeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        hidden, weight, grad_logits = ctx.saved_tensors
-        scale = (grad_output / ctx.count).to(hidden.dtype)
-        grad_hidden = (grad_logits @ weight) * scale if ctx.needs_input_grad[0] else None
-        # Scaling the [T, h] input rather than the [V, h] product: one rounding either way, and
-        # T/V of the work (1/16 at T = 2048, V = 32k).
-        grad_weight = grad_logits.t() @ (hidden * scale) if ctx.needs_input_grad[1] else None
+        grad_hidden, grad_weight, grad_logits = _head_gradients(ctx, grad_output)
         if ctx.pooled:
             _HOST_BUFFERS.give_back(grad_logits)
         return grad_hidden, grad_weight, None, None, None, None
+
+
+def _head_gradients(ctx, grad_output: torch.Tensor) -> tuple:
+    """The head's input and weight gradients from the saved d(loss)/d(logits), and those logits'
+    gradient buffer (the caller may pool it)."""
+    hidden, weight, grad_logits = ctx.saved_tensors
+    scale = (grad_output / ctx.count).to(hidden.dtype)
+    grad_hidden = (grad_logits @ weight) * scale if ctx.needs_input_grad[0] else None
+    # Scaling the [T, h] input rather than the [V, h] product: one rounding either way, and
+    # T/V of the work (1/16 at T = 2048, V = 32k).
+    grad_weight = grad_logits.t() @ (hidden * scale) if ctx.needs_input_grad[1] else None
+    return grad_hidden, grad_weight, grad_logits
 
 
 def _argmax_hits(
@@ -254,9 +261,6 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        hidden, weight, grad_logits = ctx.saved_tensors
-        scale = (grad_output / ctx.count).to(hidden.dtype)
-        # This slice's share of the hidden states' gradient; copy_to_region sums the shares.
-        grad_hidden = (grad_logits @ weight) * scale if ctx.needs_input_grad[0] else None
-        grad_weight = grad_logits.t() @ (hidden * scale) if ctx.needs_input_grad[1] else None
+        # grad_hidden is this vocabulary slice's share; copy_to_region sums the shares.
+        grad_hidden, grad_weight, _ = _head_gradients(ctx, grad_output)
         return grad_hidden, grad_weight, None, None, None, None, None
