@@ -194,12 +194,19 @@ def export_hf(ckpt: str, out_dir: Path, tokenizer: Path | None, max_position_emb
 @click.option(
     "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Checkpoint folder to write."
 )
-def import_hf(hf_dir: Path, out_dir: Path) -> None:
+@click.option(
+    "--model-type",
+    type=click.Choice(["INTERNLM", "LLAMA2"]),
+    default="INTERNLM",
+    help="The config's model_type: LLAMA2 keeps a model without attention biases so (model.no_bias); "
+    "INTERNLM gives it zero biases.",
+)
+def import_hf(hf_dir: Path, out_dir: Path, model_type: str) -> None:
     """Convert a Hugging Face Llama / InternLM model folder (safetensors or pytorch_model*.bin,
     grouped-query attention included) into a checkpoint to start from."""
     from train_kernel.model.hf_interop import import_hf as function
 
-    _call(function, hf_dir, out_dir, user_errors=CONVERSION_ERRORS)
+    _call(function, hf_dir, out_dir, model_type, user_errors=CONVERSION_ERRORS)
     click.echo(f"imported {hf_dir} -> {out_dir}")
 
 

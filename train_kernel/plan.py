@@ -39,8 +39,9 @@ class ParameterCounts:
     """Parameters of each component held by one tensor-parallel rank (all of them when tensor = 1).
 
     InternLM's layout: token embedding; per layer a fused qkv projection with bias, an output
-    projection with bias, a SwiGLU MLP (w1 gate, w2 up: hidden -> mlp_hidden, w3 down) without biases and two
-    norms; a final norm; an untied output head without bias. RMSNorm has a weight, LayerNorm also a bias.
+    projection with bias (neither bias with model_type LLAMA2's no_bias), a SwiGLU MLP (w1 gate,
+    w2 up: hidden -> mlp_hidden, w3 down) without biases and two norms; a final norm; an untied
+    output head without bias. RMSNorm has a weight, LayerNorm also a bias.
     """
 
     embedding: int
@@ -64,9 +65,9 @@ def analytic_parameter_counts(model: ModelConfig, tensor: int = 1) -> ParameterC
     else:
         embedding = _split(v, tensor) * h
     qkv = model.qkv_size  # 3h, less with grouped-query attention
-    attention = (
-        _split(qkv, tensor) * h + _split(qkv, tensor) + _split(h, tensor) * h + h
-    )  # row-parallel bias is whole
+    attention = _split(qkv, tensor) * h + _split(h, tensor) * h
+    if model.has_attention_bias:
+        attention += _split(qkv, tensor) + h  # the row-parallel (out_proj) bias is whole
     mlp = 2 * _split(f, tensor) * h + h * _split(f, tensor)
     return ParameterCounts(
         embedding=embedding,

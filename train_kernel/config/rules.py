@@ -11,7 +11,13 @@ from typing import Any
 
 from train_kernel.config.errors import ConfigError
 from train_kernel.config.typecheck import checked_fields
-from train_kernel.model.config import DTYPE_CHOICES, ModelConfig
+from train_kernel.model.config import (
+    DTYPE_CHOICES,
+    INIT_TYPES,
+    LLAMA2_ONLY_DEFAULTS,
+    MODEL_TYPES,
+    ModelConfig,
+)
 
 NORM_TYPES = ("rmsnorm", "layernorm")
 
@@ -101,17 +107,35 @@ def _check_model(model: ModelConfig) -> ModelConfig:
         "max_position_embeddings",
         f"must be >= 1, got {model.max_position_embeddings}",
     )
-    _require(
-        not model.use_dynamic_ntk_rope,
-        "use_dynamic_ntk_rope",
-        "True is not supported (dynamic NTK RoPE scaling is not implemented); set it to False",
-    )
+    _check_model_type(model)
     _require(
         model.num_layers % model.num_chunks == 0,
         "num_chunks",
         f"{model.num_chunks} chunks do not divide num_layers {model.num_layers}",
     )
     return model
+
+
+def _check_model_type(model: ModelConfig) -> None:
+    """model_type's keys: LLAMA2's own keys are refused under INTERNLM (whose InternLM builder does
+    not take them), rather than accepted and ignored."""
+    _require(
+        model.model_type in MODEL_TYPES,
+        "model_type",
+        f"{model.model_type!r} is not one of {MODEL_TYPES} (set at the top level: model_type = ...)",
+    )
+    if model.model_type != "LLAMA2":
+        for name, default in LLAMA2_ONLY_DEFAULTS.items():
+            _require(
+                getattr(model, name) == default,
+                name,
+                f"{getattr(model, name)!r}: a key of model_type 'LLAMA2' (InternLM's {model.model_type} "
+                "model does not take it); write model_type = 'LLAMA2' at the top level, or remove it",
+            )
+    _require(model.init_type in INIT_TYPES, "init_type", f"{model.init_type!r} is not one of {INIT_TYPES}")
+    for name in LLAMA2_ONLY_DEFAULTS:
+        if name.endswith("_init_std") and getattr(model, name) is not None:
+            _require(getattr(model, name) > 0, name, f"must be > 0, got {getattr(model, name)}")
 
 
 def check_interleaved(

@@ -27,12 +27,11 @@ from train_kernel.config.sections import (
     UploaderConfig,
 )
 from train_kernel.config.typecheck import Section, replace_checked
-from train_kernel.model.config import ModelConfig
+from train_kernel.model.config import MODEL_TYPES, ModelConfig
 from train_kernel.parallel.tensor_rules import check_tensor_parallel
 
 logger = logging.getLogger(__name__)
 
-MODEL_TYPES = ("INTERNLM",)
 # Fields of TrainConfig that a config file does not write as lowercase top-level names.
 INTERNAL_FIELDS = ("job_name", "constants", "source_path", "source_text")
 
@@ -72,7 +71,9 @@ class TrainConfig(Section):
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     """`ckpt = dict(...)`."""
     model_type: str = "INTERNLM"
-    """InternLM's model_type; only "INTERNLM" is supported."""
+    """InternLM's model_type: "INTERNLM" (InternLM v1: fused Wqkv with biases) or "LLAMA2" (InternLM's
+    modeling_llama: the same decoder, with the model keys no_bias, adapt_hf, init_type and
+    *_init_std). The model section records it (model.model_type) for checkpoints."""
     cudnn_deterministic: bool = False
     """torch.backends.cudnn.deterministic, set at the start of training: reproducible cuDNN kernels,
     sometimes slower."""
@@ -116,12 +117,25 @@ class TrainConfig(Section):
         model = raw.get("model")
         if isinstance(model, Mapping) and "dtype" in model:
             raw["model"] = {**model, "dtype": dtype_name(model["dtype"])}
+        if isinstance(model, Mapping) and "model_type" in model:
+            # InternLM's place is the top level; the model section takes its copy from there.
+            raise ConfigError(
+                f"{model['model_type']!r}: write model_type at the top level (model_type = ...), not in "
+                "model = dict(...)",
+                key="model.model_type",
+            )
         return raw
 
     def derived_fields(self) -> dict[str, Any]:
         """The model section checked, run_dir, and the defaults taken from another section."""
         derived: dict[str, Any] = {}
-        model = check_model(self.model)
+        model_type = self._model_type()
+        if model_type != self.model_type:
+            derived["model_type"] = model_type
+        model = self.model
+        if model.model_type != model_type:
+            model = dataclasses.replace(model, model_type=model_type)
+        model = check_model(model)
         if model is not self.model:
             derived["model"] = model
         if self.run_dir is None:
@@ -145,6 +159,22 @@ class TrainConfig(Section):
         if ckpt is not self.ckpt:
             derived["ckpt"] = ckpt
         return derived
+
+    def _model_type(self) -> str:
+        """The top-level model_type; a TrainConfig built in code may name it in the model section
+        only (ModelConfig(model_type=...)), but not two different ones."""
+        _require(
+            self.model_type in MODEL_TYPES, "model_type", f"{self.model_type!r} is not one of {MODEL_TYPES}"
+        )
+        default = ModelConfig.model_type
+        if self.model_type == default:
+            return self.model.model_type
+        _require(
+            self.model.model_type in (default, self.model_type),
+            "model_type",
+            f"{self.model_type!r} differs from model.model_type {self.model.model_type!r}",
+        )
+        return self.model_type
 
     def check(self) -> None:
         _require(self.job_name.strip() != "", "JOB_NAME", "must not be empty")

@@ -32,6 +32,7 @@ _COMPARED = (
     "mlp_hidden_size",
     "rope_base",
     "layer_norm_epsilon",
+    "use_dynamic_ntk_rope",
 )
 
 

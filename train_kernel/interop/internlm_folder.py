@@ -12,6 +12,10 @@ What InternLM writes (internlm/utils/model_checkpoint.py, save_model_checkpoint)
   embed_split_hidden=False, along the vocabulary (`embedding.word_embeddings.weight`). A rank's Wqkv
   rows are its own heads as "(three heads head_dim)".
 - rotary inverse-frequency buffers may be saved; they are recomputed here and dropped.
+- LLAMA2's wq/wk rows follow its adapt_hf: False (InternLM's default) keeps Meta's interleaved RoPE
+  pairs, which InternLM regroups into halves at run time (cat(x[..., ::2], x[..., 1::2])); that
+  regrouping is applied to the rows here, once. True: Hugging Face's halves, taken as they are.
+  The folder's model_config.pt says which when it names adapt_hf; else the run's model.adapt_hf.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import torch
 
 from train_kernel.model.config import ModelConfig
 from train_kernel.model.hf_interop import check_shapes, qkv_sizes, torch_load_weights
+
+from .meta_llama import unpermute_rope_rows
 
 SHARD = re.compile(r"^model_tp(\d+)_pp(\d+)\.pt$")
 _FSDP_SHARD = re.compile(r"^model_tp\d+_pp\d+_dp\d+\.pt$")
@@ -132,8 +138,9 @@ def read_internlm_folder(folder: Path, config: ModelConfig) -> dict[str, torch.T
     """The full model's state dict under our names, in config's dtype, from an InternLM folder."""
     names = sorted(p.name for p in folder.iterdir() if p.is_file())
     grid = shard_grid(names, folder)
+    adapt_hf = config.adapt_hf
     if "model_config.pt" in names:
-        _check_saved_config(folder / "model_config.pt", config)
+        adapt_hf = _check_saved_config(folder / "model_config.pt", config)
     tp, pp = max(t for t, _ in grid) + 1, max(p for _, p in grid) + 1
     ranks = []
     for t in range(tp):
@@ -144,20 +151,21 @@ def read_internlm_folder(folder: Path, config: ModelConfig) -> dict[str, torch.T
             extra = sorted(ranks[t].keys() - ranks[0].keys())[:3]
             raise ValueError(f"{folder}: tensor rank {t} holds weights rank 0 lacks, e.g. {extra}")
     merged = _merge_tensor_parallel(ranks, folder)
-    state = _to_our_names(merged, config, folder)
+    state = _to_our_names(merged, config, folder, adapt_hf)
     check_shapes(config, state, folder)
     return state
 
 
-def _check_saved_config(path: Path, config: ModelConfig) -> None:
-    """InternLM saves its model section as model_config.pt: sizes it names must be the config's."""
+def _check_saved_config(path: Path, config: ModelConfig) -> bool:
+    """InternLM saves its model section as model_config.pt: sizes it names must be the config's.
+    Returns the folder's adapt_hf: the file's when it names it, else the config's."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # holds objects weights_only refuses (it is optional): the shapes still get checked
         log.info("%s: not readable with weights_only; checking the weights' shapes only", path)
-        return
+        return config.adapt_hf
     if not isinstance(saved, dict):
-        return
+        return config.adapt_hf
     for key, ours in (
         ("num_layers", config.num_layers),
         ("hidden_size", config.hidden_size),
@@ -167,6 +175,9 @@ def _check_saved_config(path: Path, config: ModelConfig) -> None:
     ):
         if saved.get(key) is not None and saved[key] != ours:
             raise ValueError(f"{path}: {key} is {saved[key]}, but model.{key} gives {ours}")
+    if saved.get("no_bias") and config.has_attention_bias:
+        log.info("%s: no_bias=True; the model's attention biases start at zero", path)
+    return bool(saved.get("adapt_hf", config.adapt_hf))
 
 
 def _number_layers(stages: list[tuple[str, dict]], folder: Path) -> dict[str, torch.Tensor]:
@@ -233,7 +244,7 @@ def _merge_tensor_parallel(ranks: list[dict[str, torch.Tensor]], folder: Path) -
 
 
 def _to_our_names(
-    merged: dict[str, torch.Tensor], config: ModelConfig, folder: Path
+    merged: dict[str, torch.Tensor], config: ModelConfig, folder: Path, adapt_hf: bool
 ) -> dict[str, torch.Tensor]:
     dtype = config.torch_dtype
     state: dict[str, torch.Tensor] = {}
@@ -260,11 +271,27 @@ def _to_our_names(
         weights = [parts.get(f"attention.w{p}.weight") for p in "qkv"]
         if any(w is None for w in weights):
             raise ValueError(f"{folder}: layer {i} lacks one of attention.wq/wk/wv.weight")
-        state[f"layers.{i}.attention.Wqkv.weight"] = torch.cat(weights)
         biases = [parts.get(f"attention.w{p}.bias") for p in "qkv"]
-        state[f"layers.{i}.attention.Wqkv.bias"] = torch.cat(
-            [b if b is not None else torch.zeros(n) for b, n in zip(biases, sizes, strict=True)]
-        )
+        if not adapt_hf:  # Meta's interleaved pairs -> halves, as InternLM regroups them at run time
+            heads = (config.num_attention_heads, config.kv_heads)
+            weights[:2] = [unpermute_rope_rows(w, n) for w, n in zip(weights[:2], heads, strict=True)]
+            biases[:2] = [
+                None if b is None else unpermute_rope_rows(b.view(-1, 1), n).view(-1)
+                for b, n in zip(biases[:2], heads, strict=True)
+            ]
+        state[f"layers.{i}.attention.Wqkv.weight"] = torch.cat(weights)
+        if any(b is not None for b in biases):
+            state[f"layers.{i}.attention.Wqkv.bias"] = torch.cat(
+                [b if b is not None else torch.zeros(n) for b, n in zip(biases, sizes, strict=True)]
+            )
+    if not config.has_attention_bias:
+        biased = sorted(key for key in state if key.endswith((".Wqkv.bias", ".out_proj.bias")))
+        if biased:
+            raise ValueError(
+                f"{folder}: holds attention biases (e.g. {biased[0]}), but model.no_bias=True would drop "
+                "them; set model.no_bias=False"
+            )
+        return {key: value.to(dtype) for key, value in state.items()}
     for i in layers:  # attention biases a checkpoint may not have (no_bias, or rank 0 saved none)
         for key, size in (
             ("attention.out_proj.bias", config.hidden_size),

@@ -84,7 +84,7 @@ def _check_params(path: Path, config: ModelConfig) -> None:
         raise ValueError(f"{path}: use_scaled_rope (Llama 3.1 RoPE scaling) is not supported")
 
 
-def _unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+def unpermute_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Meta's interleaved RoPE rows -> rotate_half rows, per head."""
     rows, cols = weight.shape
     return weight.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
@@ -109,12 +109,13 @@ def _to_our_names(
             if meta + key not in merged:
                 raise KeyError(f"{folder}: weight {meta}{key} is missing")
             state[f"layers.{i}.{ours}"] = merged[meta + key]
-        q = _unpermute(merged[f"{meta}attention.wq.weight"], config.num_attention_heads)
-        k = _unpermute(merged[f"{meta}attention.wk.weight"], config.kv_heads)
+        q = unpermute_rope_rows(merged[f"{meta}attention.wq.weight"], config.num_attention_heads)
+        k = unpermute_rope_rows(merged[f"{meta}attention.wk.weight"], config.kv_heads)
         v = merged[f"{meta}attention.wv.weight"]
         state[f"layers.{i}.attention.Wqkv.weight"] = torch.cat((q, k, v))
-        state[f"layers.{i}.attention.Wqkv.bias"] = torch.zeros(config.qkv_size)
-        state[f"layers.{i}.attention.out_proj.bias"] = torch.zeros(config.hidden_size)
+        if config.has_attention_bias:  # Meta's Llama has none: zeros (LLAMA2's no_bias: none)
+            state[f"layers.{i}.attention.Wqkv.bias"] = torch.zeros(config.qkv_size)
+            state[f"layers.{i}.attention.out_proj.bias"] = torch.zeros(config.hidden_size)
     extra = sorted(k for k in merged if k.startswith("layers.") and int(k.split(".")[1]) >= config.num_layers)
     if extra:
         raise ValueError(

@@ -24,6 +24,26 @@ AUTO_DTYPE = "auto"
 DTYPE_CHOICES = (*DTYPES, AUTO_DTYPE)
 # InternLM rounds the SwiGLU hidden size up to a multiple of this.
 MLP_MULTIPLE_OF = 256
+# InternLM's model_type (a top-level config name): "INTERNLM" (internlm/model/modeling_internlm.py)
+# or "LLAMA2" (internlm/model/modeling_llama.py, the same decoder with separate wq/wk/wv and the keys
+# no_bias, adapt_hf and the *_init_std below).
+MODEL_TYPES = ("INTERNLM", "LLAMA2")
+INIT_TYPES = ("normal", "uniform")
+# InternLM's LLAMA2 default for every *_init_std key.
+LLAMA2_INIT_STD = 0.02
+# Keys InternLM's INTERNLM model does not take (its builder raises TypeError on them): only
+# model_type "LLAMA2" may set them, each to something other than this default.
+LLAMA2_ONLY_DEFAULTS = {
+    "no_bias": False,
+    "adapt_hf": False,
+    "embedding_init_std": None,
+    "attn_wqkv_init_std": None,
+    "attn_other_init_std": None,
+    "ffn_uplayer_init_std": None,
+    "ffn_other_init_std": None,
+    "out_head_init_std": None,
+    "init_type": "normal",
+}
 
 
 @dataclass(frozen=True)
@@ -77,8 +97,42 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     """Longest sequence the model is meant for; written into an exported Hugging Face config."""
     use_dynamic_ntk_rope: bool = False
-    """InternLM's dynamic NTK RoPE scaling (an inference-time extension); not implemented: True is
-    refused with an error rather than ignored."""
+    """InternLM's dynamic NTK RoPE scaling: when a micro-batch's longest position + 1 (s) exceeds
+    max_position_embeddings (m), the RoPE base becomes rope_base * (s / m) ** (d / (d - 2)) (d the
+    head dim; InternLM's scaling factor is fixed at 1); at s <= m plain RoPE. Exported to Hugging
+    Face as rope_scaling {"rope_type": "dynamic", "factor": 1.0}, the same definition."""
+    model_type: str = "INTERNLM"
+    """The config file's top-level model_type (INTERNLM or LLAMA2), copied here so the checkpoint's
+    model_config.json says which model it holds; a config file writes it at the top level, not in
+    model = dict(...). Files without it are INTERNLM."""
+    no_bias: bool = False
+    """LLAMA2 only (InternLM's key): no biases in the q/k/v and output projections (Llama's
+    attention_bias=False); False keeps them, InternLM's default."""
+    adapt_hf: bool = False
+    """LLAMA2 only (InternLM's key): the layout of q/k rows in InternLM LLAMA2 checkpoint folders read
+    with ckpt_type="internlm" when the folder's model_config.pt does not say: False (InternLM's
+    default) = Meta's interleaved RoPE pairs, which InternLM permutes at run time, so they are
+    permuted per head on reading; True = Hugging Face's halves, read as they are. This model always
+    computes in Hugging Face's layout (the same function either way)."""
+    embedding_init_std: float | None = None
+    """LLAMA2 only (InternLM's key): std of the embedding's init; None = 0.02 (InternLM's LLAMA2
+    default). INTERNLM draws its fixed stds (embedding and head 0.0052, projections 0.006, w3 0.0015)."""
+    attn_wqkv_init_std: float | None = None
+    """LLAMA2 only: std of wq/wk/wv (our Wqkv); None = 0.02."""
+    attn_other_init_std: float | None = None
+    """LLAMA2 only: std of wo (our out_proj), scaled by 1/sqrt(2 (layer + 1)) with use_scaled_init;
+    None = 0.02."""
+    ffn_uplayer_init_std: float | None = None
+    """LLAMA2 only: std of w1 (gate) and w3 (down), as InternLM assigns it by name; None = 0.02."""
+    ffn_other_init_std: float | None = None
+    """LLAMA2 only: std of w2 (up), scaled by 1/sqrt(2 (layer + 1)) with use_scaled_init; None = 0.02."""
+    out_head_init_std: float | None = None
+    """LLAMA2 only: std of the output head; None = 0.02."""
+    init_type: str = "normal"
+    """LLAMA2 only: "normal" or "uniform": InternLM's uniform_, U(-a, a) with a = sqrt(3 * std) as its
+    code computes it (so the draw's std is sqrt(std / 3), not std)."""
+    use_scaled_init: bool = True
+    """InternLM's key: out_proj/wo and w2 drawn with std / sqrt(2 (layer + 1)); False: the plain std."""
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -92,6 +146,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def has_attention_bias(self) -> bool:
+        """Whether Wqkv and out_proj carry biases (all but LLAMA2 with no_bias)."""
+        return not self.no_bias
 
     @property
     def kv_heads(self) -> int:

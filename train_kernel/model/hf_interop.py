@@ -1,7 +1,9 @@
 """Conversion between our checkpoint layout and a Hugging Face Llama checkpoint.
 
 InternLM-7B is a Llama with biased q/k/v/o projections: export writes a LlamaConfig with
-attention_bias=True that `transformers.LlamaForCausalLM.from_pretrained` loads. Both sides use
+attention_bias=True that `transformers.LlamaForCausalLM.from_pretrained` loads (attention_bias=False
+for model_type LLAMA2 with no_bias). use_dynamic_ntk_rope is Hugging Face's "dynamic" RoPE scaling with
+factor 1 (the same formula, s = the largest position + 1). Both sides use
 GPT-NeoX ("rotate_half") RoPE on head-major q/k, so splitting Wqkv needs no permutation; grouped-query
 attention maps onto num_key_value_heads. MLP: w1 = gate_proj, w2 = up_proj, w3 = down_proj (InternLM's
 tools/transformers/convert2hf.py). Needs only safetensors and torch; transformers is not imported.
@@ -58,10 +60,17 @@ def export_hf(
             f"(model.norm_type={config.norm_type!r}, "
             f"model.apply_post_layer_norm={config.apply_post_layer_norm})"
         )
+    positions = config.max_position_embeddings if max_position_embeddings is None else max_position_embeddings
+    if config.use_dynamic_ntk_rope and positions != config.max_position_embeddings:
+        # Dynamic NTK scales from max_position_embeddings: another value would be another model.
+        raise ValueError(
+            f"{ckpt_dir}: model.use_dynamic_ntk_rope scales RoPE beyond model.max_position_embeddings "
+            f"{config.max_position_embeddings}; exporting with max_position_embeddings {positions} would "
+            "change the model's outputs"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(hf_state_from_ours(config, state), str(out_dir / HF_WEIGHTS_FILE), metadata={"format": "pt"})
-    positions = config.max_position_embeddings if max_position_embeddings is None else max_position_embeddings
     text = json.dumps(llama_config(config, positions), indent=2)
     (out_dir / "config.json").write_text(text, encoding="utf-8")
     return out_dir
@@ -70,11 +79,14 @@ def export_hf(
 def hf_state_from_ours(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     hf_state = {hf: state[ours] for ours, hf in _GLOBAL_KEYS.items()}
     sizes = qkv_sizes(config)
+    parts = ("weight", "bias") if config.has_attention_bias else ("weight",)
     for i in range(config.num_layers):
         ours, hf = f"layers.{i}.", f"model.layers.{i}."
         for our_key, hf_key in _LAYER_KEYS.items():
+            if our_key.endswith(".bias") and not config.has_attention_bias:
+                continue
             hf_state[hf + hf_key] = state[ours + our_key]
-        for part in ("weight", "bias"):
+        for part in parts:
             pieces = state[f"{ours}attention.Wqkv.{part}"].split(sizes)
             for proj, piece in zip(_QKV, pieces, strict=True):
                 hf_state[f"{hf}self_attn.{proj}.{part}"] = piece.contiguous()
@@ -97,10 +109,10 @@ def llama_config(config: ModelConfig, max_position_embeddings: int) -> dict:
         "hidden_act": "silu",
         "max_position_embeddings": max_position_embeddings,
         "rms_norm_eps": config.layer_norm_epsilon,
-        # rope_theta for transformers 4.x, rope_parameters for 5.x.
+        # rope_theta (and rope_scaling) for transformers 4.x, rope_parameters for 5.x.
         "rope_theta": config.rope_base,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
-        "attention_bias": True,
+        **_rope_entries(config),
+        "attention_bias": config.has_attention_bias,
         "attention_dropout": 0.0,
         "mlp_bias": False,
         "tie_word_embeddings": False,
@@ -110,13 +122,35 @@ def llama_config(config: ModelConfig, max_position_embeddings: int) -> dict:
     }
 
 
-def import_hf(hf_dir: str | os.PathLike, out_ckpt_dir: str | os.PathLike) -> ModelConfig:
-    """Turns a Llama checkpoint (safetensors or pytorch_model*.bin; with or without attention
-    biases, zeros if absent; grouped-query attention kept) into our layout
-    (`model_tp0_pp0.safetensors` + `model_config.json`); returns its config."""
+def _rope_entries(config: ModelConfig) -> dict:
+    """The RoPE keys of a LlamaConfig: plain, or dynamic NTK with factor 1 (InternLM's)."""
+    if not config.use_dynamic_ntk_rope:
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base}}
+    dynamic = {"rope_type": "dynamic", "factor": DYNAMIC_NTK_FACTOR}
+    return {
+        "rope_scaling": {**dynamic, "type": "dynamic"},
+        "rope_parameters": {**dynamic, "rope_theta": config.rope_base},
+    }
+
+
+# InternLM builds DynamicNTKScalingRotaryEmbedding with scaling_factor=1.0, and has no key for it.
+DYNAMIC_NTK_FACTOR = 1.0
+
+
+def import_hf(
+    hf_dir: str | os.PathLike, out_ckpt_dir: str | os.PathLike, model_type: str = "INTERNLM"
+) -> ModelConfig:
+    """Turns a Llama checkpoint (safetensors or pytorch_model*.bin; grouped-query attention kept)
+    into our layout (`model_tp0_pp0.safetensors` + `model_config.json`); returns its config.
+    model_type "INTERNLM": attention biases kept, zeros where the checkpoint has none (InternLM's
+    model always has them); "LLAMA2": no_bias when the checkpoint has no attention biases (no zeros
+    invented), biases kept when it has them."""
     hf_dir = Path(hf_dir)
-    config = model_config_from_llama(read_llama_config(hf_dir), hf_dir)
-    state = ours_from_hf_state(config, read_hf_weights(hf_dir), hf_dir)
+    hf_state = read_hf_weights(hf_dir)
+    no_bias = model_type == "LLAMA2" and not any(key.endswith("_proj.bias") for key in hf_state)
+    hf_config = read_llama_config(hf_dir)
+    config = model_config_from_llama(hf_config, hf_dir, model_type=model_type, no_bias=no_bias)
+    state = ours_from_hf_state(config, hf_state, hf_dir)
     write_model_state(config, state, out_ckpt_dir)
     load_model_state(out_ckpt_dir)  # checks keys and shapes against the config
     return config
@@ -153,15 +187,26 @@ def ours_from_hf_state(
         ).clone(),
     }
     sizes = qkv_sizes(config)
+    if not config.has_attention_bias:
+        biased = sorted(key for key in hf_state if key.endswith("_proj.bias"))
+        if biased:
+            raise ValueError(
+                f"{where}: holds attention biases (e.g. {biased[0]}), but model.no_bias=True would drop "
+                "them; set model.no_bias=False"
+            )
     for i in range(config.num_layers):
         ours, hf = f"layers.{i}.", f"model.layers.{i}."
         for our_key, hf_key in _LAYER_KEYS.items():
+            if hf_key.endswith("bias") and not config.has_attention_bias:
+                continue
             if hf_key.endswith("bias") and hf + hf_key not in hf_state:
                 state[ours + our_key] = torch.zeros(config.hidden_size, dtype=dtype)
             else:
                 state[ours + our_key] = take(hf + hf_key)
         projections = [f"{hf}self_attn.{p}" for p in _QKV]
         state[f"{ours}attention.Wqkv.weight"] = torch.cat([take(p + ".weight") for p in projections])
+        if not config.has_attention_bias:
+            continue
         biases = [
             take(p + ".bias") if p + ".bias" in hf_state else torch.zeros(size, dtype=dtype)
             for p, size in zip(projections, sizes, strict=True)
@@ -186,7 +231,9 @@ def check_shapes(config: ModelConfig, state: dict[str, torch.Tensor], where: Pat
             )
 
 
-def model_config_from_llama(hf: dict, where: Path) -> ModelConfig:
+def model_config_from_llama(
+    hf: dict, where: Path, model_type: str = "INTERNLM", no_bias: bool = False
+) -> ModelConfig:
     def require(ok: bool, what: str) -> None:
         if not ok:
             raise ValueError(f"{where}/config.json: {what}; cannot map onto InternLM")
@@ -198,7 +245,12 @@ def model_config_from_llama(hf: dict, where: Path) -> ModelConfig:
     require(hf.get("hidden_act", "silu") == "silu", f"hidden_act {hf.get('hidden_act')!r} is not silu")
     require(not hf.get("mlp_bias", False), "mlp_bias=True")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    require(rope.get("rope_type", rope.get("type", "default")) == "default", f"RoPE scaling {rope}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    require(
+        rope_type == "default" or (rope_type == "dynamic" and rope.get("factor") == DYNAMIC_NTK_FACTOR),
+        f"RoPE scaling {rope} (default, or dynamic with factor {DYNAMIC_NTK_FACTOR} as InternLM's "
+        "use_dynamic_ntk_rope, map)",
+    )
     dtype_name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     require(f"torch.{dtype_name}" in DTYPES, f"dtype {dtype_name!r}")
     config = ModelConfig(
@@ -212,6 +264,9 @@ def model_config_from_llama(hf: dict, where: Path) -> ModelConfig:
         layer_norm_epsilon=hf.get("rms_norm_eps", 1e-6),
         rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        use_dynamic_ntk_rope=rope_type == "dynamic",
+        model_type=model_type,
+        no_bias=no_bias,
     )
     require(
         config.mlp_hidden_size == hf["intermediate_size"],

@@ -7,9 +7,9 @@ global layer index, kept when a pipeline stage drops the layers it does not own)
     layers.{i}.attention_norm.weight          [hidden]          (+ .bias with norm_type=layernorm)
     layers.{i}.attention.Wqkv.weight          [qkv, hidden]  rows [q; k; v], head-major; qkv =
                                               (heads + 2 * kv_heads) * head_dim (3*hidden without GQA)
-    layers.{i}.attention.Wqkv.bias            [qkv]
+    layers.{i}.attention.Wqkv.bias            [qkv]             (absent with LLAMA2's no_bias)
     layers.{i}.attention.out_proj.weight      [hidden, hidden]
-    layers.{i}.attention.out_proj.bias        [hidden]
+    layers.{i}.attention.out_proj.bias        [hidden]          (absent with LLAMA2's no_bias)
     layers.{i}.mlp_norm.weight                [hidden]          (+ .bias with norm_type=layernorm)
     layers.{i}.mlp.w1.weight                  [mlp_hidden, hidden]  gate
     layers.{i}.mlp.w2.weight                  [mlp_hidden, hidden]  up
@@ -17,8 +17,12 @@ global layer index, kept when a pipeline stage drops the layers it does not own)
     norm.weight                               [hidden]          (absent with apply_post_layer_norm)
     head.weight                               [vocab, hidden]   (not tied to the embedding)
 
-InternLM's own names map one to one: blocks.{i}.mixer -> layers.{i}.attention, blocks.{i}.norm1 ->
-attention_norm, blocks.{i}.norm2 -> mlp_norm; the rest are equal (w1/w2/w3 included: checkpoints
+model_type "LLAMA2" (InternLM's modeling_llama) is this same module: its separate wq/wk/wv are the
+rows of Wqkv, wo is out_proj, feed_forward.w1/w2/w3 are mlp.w1/w2/w3, attention_norm / ffn_norm /
+tok_embeddings / output are attention_norm / mlp_norm / embedding / head; it differs only in the
+biases (no_bias) and the initialisation (init_std). InternLM v1's names map one to one:
+blocks.{i}.mixer -> layers.{i}.attention, blocks.{i}.norm1 -> attention_norm, blocks.{i}.norm2 ->
+mlp_norm; the rest are equal (w1/w2/w3 included: checkpoints
 whose model_config.json has no weights_format stored down as w2 and up as w3, and are read so, see
 config.upgrade_weight_names). There are no buffers.
 
@@ -36,7 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import PackedSegments
-from .config import ModelConfig
+from .config import LLAMA2_INIT_STD, ModelConfig
 from .layers import Device, TransformerBlock, build_norm, rotary_cos_sin
 
 EMBEDDING_STD = 0.0052
@@ -88,7 +92,9 @@ class InternLM(nn.Module):
                 h = scale * h + (1 - scale) * h.detach()
         else:
             h = input_ids
-        rope = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_base)
+        config = self.config
+        ntk_positions = config.max_position_embeddings if config.use_dynamic_ntk_rope else None
+        rope = rotary_cos_sin(position_ids, config.head_dim, config.rope_base, ntk_positions)
         segments = PackedSegments(cu_seqlens, max_seqlen)
         recompute = self.num_checkpointed_layers()
         for n, layer in enumerate(self.layers.values()):
@@ -120,7 +126,7 @@ class InternLM(nn.Module):
                 raise RuntimeError(
                     f"init_weights: {name} is on the meta device; call model.to_empty(device=...) first"
                 )
-            std = init_std(name)
+            std = init_std(name, self.config)
             if std is None:
                 param.fill_(1.0 if _is_norm_weight(name) else 0.0)
                 continue
@@ -130,12 +136,12 @@ class InternLM(nn.Module):
                 generator.manual_seed(_tensor_seed(seed, name))
             pieces = getattr(param, "tensor_pieces", None)
             if pieces is None:
-                param.normal_(0.0, std, generator=generator)
+                _draw(param, std, self.config.init_type, generator)
                 continue
             # A tensor-parallel shard (cut from outside, parallel/tensor_parallel.py): the full
             # tensor drawn as one process draws it, this rank's pieces kept.
             full = torch.empty(param.full_shape, device=param.device, dtype=param.dtype)
-            full.normal_(0.0, std, generator=generator)
+            _draw(full, std, self.config.init_type, generator)
             boxes = [tuple(slice(lo, hi) for lo, hi in piece.box) for piece in pieces]
             param.copy_(torch.cat([full[box].reshape(-1) for box in boxes]).view(param.shape))
 
@@ -151,21 +157,71 @@ class InternLM(nn.Module):
         self.init_weights(seed)
 
 
-def init_std(name: str) -> float | None:
-    """Std of the normal init of a parameter by its key, as InternLM's reset_parameters (use_scaled_init,
-    use_swiglu) draws it; None for biases (zero) and norms (one)."""
+def init_std(name: str, config: ModelConfig | None = None) -> float | None:
+    """Std of the init of a parameter by its key, as InternLM's reset_parameters (use_swiglu) draws
+    it for config's model_type (None: an INTERNLM model's defaults); None for biases (zero) and
+    norms (one)."""
     if name.endswith(".bias") or "norm" in name:
         return None
-    if name in ("embedding.weight", "head.weight"):
-        return EMBEDDING_STD
+    llama2 = config is not None and config.model_type == "LLAMA2"
+    stds = _llama2_stds(config) if llama2 else _INTERNLM_STDS
+    if name == "embedding.weight":
+        return stds["embedding"]
+    if name == "head.weight":
+        return stds["head"]
     if name.endswith(("out_proj.weight", "mlp.w2.weight")):
         # InternLM's scaled init (sigma / sqrt(2 * (layer + 1))); it applies it to w2, the up
         # projection, by name.
+        sigma = stds["out_proj" if name.endswith("out_proj.weight") else "w2"]
+        if config is not None and not config.use_scaled_init:
+            return sigma
         layer_idx = int(name.split(".")[1])
-        return LINEAR_STD / math.sqrt(2.0 * (layer_idx + 1))
+        return sigma / math.sqrt(2.0 * (layer_idx + 1))
     if name.endswith("mlp.w3.weight"):
-        return DOWN_STD
-    return LINEAR_STD
+        return stds["w3"]
+    if name.endswith("mlp.w1.weight"):
+        return stds["w1"]
+    return stds["Wqkv"]
+
+
+# INTERNLM's (modeling_internlm's reset_parameters) fixed stds, by our names.
+_INTERNLM_STDS = {
+    "embedding": EMBEDDING_STD,
+    "head": EMBEDDING_STD,
+    "Wqkv": LINEAR_STD,
+    "out_proj": LINEAR_STD,
+    "w1": LINEAR_STD,
+    "w2": LINEAR_STD,
+    "w3": DOWN_STD,
+}
+
+
+def _llama2_stds(config: ModelConfig) -> dict[str, float]:
+    """LLAMA2's (modeling_llama's) keys by our names: w1 and w3 take ffn_uplayer_init_std, w2
+    ffn_other_init_std (InternLM assigns them by name); unset keys are 0.02, InternLM's default."""
+
+    def std(value: float | None) -> float:
+        return LLAMA2_INIT_STD if value is None else value
+
+    return {
+        "embedding": std(config.embedding_init_std),
+        "head": std(config.out_head_init_std),
+        "Wqkv": std(config.attn_wqkv_init_std),
+        "out_proj": std(config.attn_other_init_std),
+        "w1": std(config.ffn_uplayer_init_std),
+        "w2": std(config.ffn_other_init_std),
+        "w3": std(config.ffn_uplayer_init_std),
+    }
+
+
+def _draw(tensor: torch.Tensor, std: float, init_type: str, generator: torch.Generator | None) -> None:
+    """InternLM's normal_ (N(0, std)) or uniform_: U(-a, a) with a = sqrt(3 * std), as InternLM's
+    initialize_tensor.py computes it (its docstring means a std of `std`; the draw's is sqrt(std / 3))."""
+    if init_type == "uniform":
+        bound = math.sqrt(3.0 * std)
+        tensor.uniform_(-bound, bound, generator=generator)
+    else:
+        tensor.normal_(0.0, std, generator=generator)
 
 
 def _is_norm_weight(name: str) -> bool:

@@ -102,14 +102,35 @@ def build_norm(config: ModelConfig, device: Device) -> nn.Module:
 
 
 def rotary_cos_sin(
-    position_ids: torch.Tensor, head_dim: int, base: float
+    position_ids: torch.Tensor, head_dim: int, base: float, dynamic_ntk_positions: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [B*L, 1, head_dim/2] in fp32 for GPT-NeoX style ("rotate_half") RoPE, the
-    convention of HF Llama; positions restart per packed segment."""
+    convention of HF Llama; positions restart per packed segment. dynamic_ntk_positions (the
+    model's max_position_embeddings, with use_dynamic_ntk_rope): dynamic NTK scaling of the base."""
     exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.int64).float() / head_dim
     inv_freq = 1.0 / (base**exponents)
+    if dynamic_ntk_positions is not None:
+        inv_freq = dynamic_ntk_inv_freq(position_ids, inv_freq, exponents, base, dynamic_ntk_positions)
     angles = (position_ids.reshape(-1, 1).float() * inv_freq).unsqueeze(1)  # [T, 1, head_dim/2]
     return angles.cos(), angles.sin()
+
+
+def dynamic_ntk_inv_freq(
+    position_ids: torch.Tensor,
+    inv_freq: torch.Tensor,
+    exponents: torch.Tensor,
+    base: float,
+    max_positions: int,
+) -> torch.Tensor:
+    """InternLM's DynamicNTKScalingRotaryEmbedding (scaling factor 1, as InternLM builds it): with
+    s = the largest position in the micro-batch + 1 and m = max_positions, the base becomes
+    base * (s / m) ** (d / (d - 2)) when s > m; at s <= m the plain frequencies, unchanged to the bit.
+    Kept on the device (no host sync): torch.where picks the scaled or the plain table."""
+    head_dim = 2 * exponents.numel()
+    length = position_ids.max().double() + 1
+    scaled_base = base * (length / max_positions) ** (head_dim / (head_dim - 2))
+    scaled = 1.0 / (scaled_base.float() ** exponents)
+    return torch.where(length > max_positions, scaled, inv_freq)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -160,8 +181,9 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.dropout_p = config.attn_drop_rate
         self.use_flash_attn = config.use_flash_attn
-        self.Wqkv = nn.Linear(hidden, config.qkv_size, bias=True, device=device, dtype=dtype)
-        self.out_proj = nn.Linear(hidden, hidden, bias=True, device=device, dtype=dtype)
+        bias = config.has_attention_bias  # LLAMA2's no_bias: none
+        self.Wqkv = nn.Linear(hidden, config.qkv_size, bias=bias, device=device, dtype=dtype)
+        self.out_proj = nn.Linear(hidden, hidden, bias=bias, device=device, dtype=dtype)
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: PackedSegments

@@ -109,7 +109,8 @@ def test_gqa_with_llama2_names_on_two_tensor_ranks(tmp_path):
     write_internlm_folder(
         tmp_path, internlm_llama2_from_hf(hf.state_dict(), LAYERS), LAYERS, HEADS, tp=2, pp=3
     )
-    config = model_config(num_kv_attention_heads=2)
+    # HF's row layout in InternLM's LLAMA2 names: what InternLM's LLAMA2 with adapt_hf=True holds.
+    config = model_config(num_kv_attention_heads=2, model_type="LLAMA2", adapt_hf=True)
     state = read_internlm_folder(tmp_path, config)
     assert state["layers.0.attention.Wqkv.weight"].shape == ((HEADS + 2 * 2) * HIDDEN // HEADS, HIDDEN)
     assert torch.all(state["layers.2.attention.Wqkv.bias"] == 0)
