@@ -14,9 +14,21 @@
    that `train-kernel plan` says fits the device (default: the seed's 7B shape, activation
    checkpointing on, layers cut until it fits), tflops from InternLM's formula over the device's bf16
    matmul rate measured in the same run.
-Each section is isolated: one that fails records its error and the others still run. The result is
-rewritten after every section to bench/out/gpu_check.json (and DIR/gpu_check.json with --out), so
-a run cut short still leaves what it measured.
+6. dtype_auto: what model.dtype="auto" takes on the device;
+7. profiling (bench/gpu_check_health.py, issue 17): `train-kernel run --profiling`: CUDA kernels in
+   the trace, CUDA figures in the per-step memory file;
+8. oom (same module): a run capped below its needs ends with torch.OutOfMemoryError naming the
+   memory snapshot, which loads and holds the "oom" event;
+9. tensor_parallel (bench/gpu_check_tensor.py, issue 16): tensor-parallel modules on CUDA with a
+   one-rank NCCL group against the plain model; with 2+ GPUs, tensor 2 on NCCL against one process
+   (losses, step-time ratio); with one GPU that part says why it is skipped.
+Each section is isolated: one that fails records its error and the others still run; sections
+7-9 also report "ok" and, if not, "problems". Every child process has a time limit (sections 7-9:
+about 40 s on an H200 in all, 7.5 minutes if every child hung). The result is rewritten after
+every section to bench/out/gpu_check.json (and DIR/gpu_check.json with --out), so a run cut short
+still leaves what it measured. On CPU, `--tiny --only profiling,oom,tensor_parallel` is the dry
+run of sections 7-9 (tests/bench/test_gpu_check.py runs it): the profiling run on CPU, oom
+skipped, tensor parallelism on gloo (2 ranks included).
 """
 
 from __future__ import annotations
@@ -260,7 +272,7 @@ def dtype_auto_check(dev: torch.device) -> dict:
     return {"speed": device_speed(dev).to_json(), "auto": choice.name, "reason": choice.reason}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="a small shape, for trying the script on CPU")
     parser.add_argument("--out", type=Path, help="also write gpu_check.json here after every section")
@@ -272,16 +284,16 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--micro-num", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.tiny:
         args.hidden, args.layers, args.heads, args.vocab, args.seq_len, args.steps = 256, 2, 4, 1024, 512, 3
-    dev = device()
-    result: dict = {
-        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    work = Path(tempfile.mkdtemp())
+    return args
+
+
+def build_sections(args: argparse.Namespace, dev: torch.device, work: Path) -> dict[str, Callable[[], dict]]:
+    from bench.gpu_check_health import oom_check, profiling_check
+    from bench.gpu_check_tensor import tensor_parallel_check
+
     small = {
         "seq_len": 512,
         "micro_num": 2,
@@ -302,15 +314,27 @@ def main() -> None:
         "vocab": args.vocab,
         "checkpoint": True,
     }
-    sections: dict[str, Callable[[], dict]] = {
+    return {
         "attention": lambda: attention_check(dev, *((4, 32) if args.tiny else (8, 128))),
         "fp16": lambda: fp16_check(work, small),
         "nccl": lambda: nccl_check(dev),
         "checkpoint": lambda: checkpoint_check(work, small),
         "mfu": lambda: mfu_check(dev, work, shape),
         "dtype_auto": lambda: dtype_auto_check(dev),
+        "profiling": lambda: profiling_check(dev, work),
+        "oom": lambda: oom_check(dev, work),
+        "tensor_parallel": lambda: tensor_parallel_check(dev, work, args.tiny),
     }
-    wanted = args.only.split(",") if args.only else list(sections)
+
+
+def run_checks(
+    sections: dict[str, Callable[[], dict]], wanted: list[str], result: dict, folders: list[Path]
+) -> dict:
+    """Runs the wanted sections in turn into `result`, each isolated (an exception is recorded as
+    the section's error), and rewrites gpu_check.json in every folder after each one."""
+    unknown = [name for name in wanted if name not in sections]
+    if unknown:
+        raise SystemExit(f"--only: unknown section(s) {', '.join(unknown)}; known: {', '.join(sections)}")
     for name in wanted:
         started = time.perf_counter()
         try:
@@ -322,10 +346,53 @@ def main() -> None:
             }
         result[name]["section_seconds"] = round(time.perf_counter() - started, 1)
         print(f"{name}: {json.dumps(result[name], default=str)[:1500]}", flush=True)
-        for folder in (OUT, args.out):
-            if folder is not None:
-                folder.mkdir(parents=True, exist_ok=True)
-                (folder / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+def summary_lines(result: dict) -> list[str]:
+    """One line per section that says pass / fail / skipped / error (the sections with a verdict)."""
+    lines = []
+    for name, section in result.items():
+        if not isinstance(section, dict):
+            continue
+        if "error" in section:
+            lines.append(f"{name}: ERROR {section['error'][:200]}")
+        elif "skipped" in section:
+            lines.append(f"{name}: skipped ({section['skipped']})")
+        elif "ok" in section:
+            why = "; ".join(_problems(section))[:600]
+            lines.append(f"{name}: {'pass' if section['ok'] else 'FAIL'}" + (f" ({why})" if why else ""))
+        else:
+            lines.append(f"{name}: done (figures only)")
+    return lines
+
+
+def _problems(section: dict) -> list[str]:
+    found = list(section.get("problems", []))
+    for key, part in section.items():
+        if isinstance(part, dict):
+            found += [f"{key}: {line}" for line in _problems(part)]
+            if "skipped" in part:
+                found.append(f"{key} skipped")
+    return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    dev = device()
+    result: dict = {
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    work = Path(tempfile.mkdtemp())
+    sections = build_sections(args, dev, work)
+    wanted = args.only.split(",") if args.only else list(sections)
+    run_checks(sections, wanted, result, [OUT, *([args.out] if args.out else [])])
+    print("summary:\n  " + "\n  ".join(summary_lines(result)), flush=True)
     print(f"written: {OUT / 'gpu_check.json'}", flush=True)
 
 

@@ -6,7 +6,10 @@ summary, written into `<run_dir>/profile/`.
 - `memory-rank<R>.jsonl`: one line per step: peak and current allocated / reserved CUDA memory,
   or the process's resident memory on CPU;
 - on CUDA out-of-memory, `oom-snapshot-rank<R>.pickle` (torch.cuda.memory._dump_snapshot, viewable
-  at pytorch.org/memory_viz), recorded from the start of the run when profiling is on.
+  at pytorch.org/memory_viz): `oom_snapshot` wraps the whole run, so the allocator's history with
+  Python stacks is recorded from before the model is built, and an out-of-memory error while
+  building the model or the optimizer, resuming or training is covered. The error then carries a
+  note naming the file. Nothing of this runs on CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import json
 import logging
 import resource
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,11 +42,6 @@ class StepProfiler:
         self.memory_path = self.folder / f"memory-rank{rank}.jsonl"
         self._profiler: torch.profiler.profile | None = None
         self._done = False
-        if device.type == "cuda":
-            try:  # so that an out-of-memory error can be explained afterwards
-                torch.cuda.memory._record_memory_history(max_entries=100_000)
-            except (RuntimeError, AttributeError) as error:
-                log.warning("profiling: no CUDA memory history (%s)", error)
         log.info(
             "profiling: trace of steps %d..%d into %s; memory per step into %s",
             first,
@@ -102,20 +102,59 @@ class StepProfiler:
                 json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in record.items()}) + "\n"
             )
 
-    def out_of_memory(self) -> Path | None:
-        """Writes the CUDA memory snapshot (call on torch.cuda.OutOfMemoryError); its path or None."""
-        if self.device.type != "cuda":
-            return None
-        path = self.folder / f"oom-snapshot-rank{self.rank}.pickle"
-        try:
-            torch.cuda.memory._dump_snapshot(str(path))
-        except (RuntimeError, AttributeError, OSError) as error:
-            log.warning("profiling: no memory snapshot (%s)", error)
-            return None
-        log.error(
-            "out of memory: CUDA memory snapshot in %s (view it at https://pytorch.org/memory_viz)", path
-        )
-        return path
+
+# Allocation events the history keeps (a ring buffer): several KB each, the last steps of a run.
+HISTORY_ENTRIES = 100_000
+MEMORY_VIZ = "https://pytorch.org/memory_viz"
+
+
+def snapshot_path(run_dir: str | Path, rank: int) -> Path:
+    return Path(run_dir) / FOLDER / f"oom-snapshot-rank{rank}.pickle"
+
+
+@contextmanager
+def oom_snapshot(run_dir: str | Path, rank: int, enabled: bool) -> Iterator[None]:
+    """Around a whole run on CUDA: with `enabled` (--profiling), the caching allocator records its
+    history, and a torch.OutOfMemoryError leaving the block writes the snapshot (the tensors that
+    the error's traceback still holds are in it) and gets a note naming the file. Without it, the
+    error's note says how to get one. On CPU it does nothing (CPU allocation failures are plain
+    RuntimeErrors, and no torch.cuda function is called)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    if enabled:
+        # Python stacks only: C++ frames make the dump take minutes to symbolise on a large run.
+        torch.cuda.memory._record_memory_history(max_entries=HISTORY_ENTRIES, stacks="python")
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        if enabled:
+            path = _dump_snapshot(snapshot_path(run_dir, rank))
+            error.add_note(
+                f"rank {rank}: CUDA memory snapshot at the error: {path} (open it at {MEMORY_VIZ})"
+                if path is not None
+                else f"rank {rank}: the CUDA memory snapshot could not be written (see the log)"
+            )
+        else:
+            error.add_note(
+                "`train-kernel run --profiling` records a CUDA memory snapshot at an out-of-memory "
+                "error; `train-kernel plan` estimates the memory per rank"
+            )
+        raise
+    finally:
+        if enabled:  # the history's buffer and its per-allocation cost end with the run
+            torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def _dump_snapshot(path: Path) -> Path | None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.cuda.memory._dump_snapshot(str(path))
+    except (RuntimeError, OSError) as error:  # the run's own error matters more than this one
+        log.warning("out of memory: no CUDA memory snapshot (%s)", error)
+        return None
+    log.error("out of memory: CUDA memory snapshot in %s (view it at %s)", path, MEMORY_VIZ)
+    return path
 
 
 def _rss_bytes() -> int:

@@ -138,9 +138,7 @@ class RunHealth:
     def __exit__(self, kind, error, tb) -> None:
         if self.watchdog is not None:
             self.watchdog.close()
-        if self.profiler is not None:
-            if isinstance(error, torch.cuda.OutOfMemoryError):
-                self.profiler.out_of_memory()
+        if self.profiler is not None:  # an out-of-memory snapshot: profiling.oom_snapshot, around the run
             self.profiler.close()
         if error is None:
             state = self.run.counters

@@ -9,6 +9,7 @@ from pathlib import Path
 from train_kernel.backend_flags import apply_backend_flags
 from train_kernel.config import TrainConfig
 from train_kernel.health.alerts import AlertSender
+from train_kernel.health.profiling import oom_snapshot
 from train_kernel.health.run_health import RunHealth, crash_summary, open_alerts
 from train_kernel.parallel.process_groups import ParallelContext, init_parallel
 from train_kernel.train.builder import build_run
@@ -28,7 +29,8 @@ def train(config: TrainConfig) -> None:
     alerts = open_alerts(config, parallel)  # monitor.alert: start, finish, crash, rollback, hang
     finished = False
     try:
-        _train(config, parallel, alerts)
+        with oom_snapshot(config.run_dir, parallel.rank, enabled=config.health.profiling):
+            _train(config, parallel, alerts)
         finished = True
     except Exception as error:
         alerts.alert("crash", crash_summary(error))
