@@ -439,6 +439,7 @@ def render(plan: Plan) -> str:
         ("config", f"{config.source_path or '<in code>'} (JOB_NAME {config.job_name})"),
         (
             "model",
+            f"{model.model_type}{'' if model.has_attention_bias else ' (no attention biases)'}, "
             f"{model.num_layers} layers, hidden {model.hidden_size}, {model.num_attention_heads} heads, "
             f"MLP {model.mlp_hidden_size}, vocab {model.vocab_size}, {model.dtype}, "
             f"activation checkpointing {checkpoint}",

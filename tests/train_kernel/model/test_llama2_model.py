@@ -17,7 +17,7 @@ from train_kernel.config import ConfigError, config_from_text
 from train_kernel.interop.internlm_folder import read_internlm_folder
 from train_kernel.model import InternLM, build_model, load_model_state, save_model_checkpoint
 from train_kernel.model.hf_interop import export_hf, import_hf
-from train_kernel.plan import analytic_parameter_count, analytic_parameter_counts
+from train_kernel.plan import analytic_parameter_count, analytic_parameter_counts, make_plan, render
 
 HEADS, KV_HEADS, LAYERS = 4, 2, 2
 TOKENS = torch.randint(0, 300, (20,), generator=torch.Generator().manual_seed(3))
@@ -59,6 +59,9 @@ def test_config_file_takes_llama2_and_its_keys():
     config = config_from_text(LLAMA2_TEXT)
     assert config.model_type == config.model.model_type == "LLAMA2"
     assert config.model.no_bias and config.model.adapt_hf and config.model.embedding_init_std == 0.05
+    plan = make_plan(config, world_size=1)
+    assert plan.parameters == sum(p.numel() for p in build_model(config.model, device="meta").parameters())
+    assert "LLAMA2 (no attention biases), 2 layers" in render(plan)
 
 
 @pytest.mark.parametrize(
