@@ -12,6 +12,9 @@ local tensors under the full model's names:
   the head as a module (validation) returns the gathered logits.
 - parallel.sequence_parallel: norms and residuals on sequence shards ([B, L/k, h]); the parallel
   regions start with an all-gather along the tokens and end with a reduce-scatter.
+- dropout: the attention's (on the rank's heads) and, with sequence parallel, the block's (on token
+  shards) draw from a stream forked per tensor rank; on replicated activations every tensor rank
+  draws the same mask (parallel/dropout_rng.py).
 
 Why hand-written collectives rather than DTensor's parallelize_module: the parameters must stay
 plain tensors. ZeRO-1 (optim/zero.py) and the overlapped reducers flatten each rank's parameters
@@ -35,6 +38,7 @@ from torch import nn
 
 from train_kernel.model.config import ModelConfig
 from train_kernel.model.internlm import InternLM
+from train_kernel.parallel.dropout_rng import use_tensor_dropout_streams
 
 
 @dataclass(frozen=True)
@@ -386,6 +390,9 @@ def cut_for_tensor_parallel(model: InternLM, config: ModelConfig, tg: TensorGrou
         # The last module on sequence shards hands whole rows to the head (and the loss).
         last = model.norm if model.norm is not None else list(model.layers.values())[-1]
         last.register_forward_hook(_leave_sequence_hook(tg))
+    # Dropout on the rank's heads (and sequence shards) draws per tensor rank, on replicated
+    # activations the same on every tensor rank (parallel/dropout_rng.py).
+    use_tensor_dropout_streams(list(model.layers.values()), tg.rank, tg.sequence_parallel)
     model.tensor_parallel_cut = True
 
 

@@ -24,6 +24,7 @@ from train_kernel.optim.hybrid_adamw import AdamSettings
 from train_kernel.optim.loss_scaler import DynamicLossScaler
 from train_kernel.optim.schedules import Beta2Schedule, WarmupCosineLR
 from train_kernel.optim.zero import ZeroOptimizer
+from train_kernel.parallel.dropout_rng import seed_rank_generators
 from train_kernel.parallel.process_groups import ParallelContext
 from train_kernel.parallel.stage import StageChunks, build_stage, build_stage_chunks
 from train_kernel.parallel.tensor_parallel import shard_model_part, tensor_cutter, use_global_grad_norm
@@ -85,7 +86,7 @@ def build_run(config: TrainConfig, *, parallel: ParallelContext, run_dir: Path) 
         keep_freed_host_memory()
     elif parallel.rank == 0:  # the plan's figure is the largest rank's: one warning for the job
         _warn_if_plan_exceeds_device(config, parallel, device)
-    torch.manual_seed(config.seed)
+    seed_rank_generators(config.seed, parallel)  # dropout: a stream per data rank and stage
     train_rows, valid_sets = build_row_sources(config, parallel.dp_size, run_dir)
     model = build_model_part(config, parallel, device)
     log.info("parallel: %s", parallel.layout.describe())
