@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from tests.train_kernel.interop.internlm_writer import internlm_llama2_from_hf, write_internlm_folder
-from tests.train_kernel.model.helpers import lively, run_single, small_config
+from tests.train_kernel.model.helpers import lively, packed_batch, run_single, small_config
 from train_kernel.config import ConfigError, config_from_text
 from train_kernel.interop.internlm_folder import read_internlm_folder
 from train_kernel.model import InternLM, build_model, load_model_state, save_model_checkpoint
@@ -232,3 +232,21 @@ def test_no_bias_refuses_a_folder_with_biases(tmp_path):
     write_internlm_folder(tmp_path, state, LAYERS, HEADS)
     with pytest.raises(ValueError, match=r"holds attention biases .* model.no_bias=True would drop them"):
         read_internlm_folder(tmp_path, llama2())
+
+
+def test_pipeline_stages_of_a_bias_free_model_compose_to_the_whole():
+    # Dynamic NTK past max_position_embeddings too: every stage rescales from the same positions.
+    config = llama2(num_layers=4, use_dynamic_ntk_rope=True, max_position_embeddings=8)
+    model = lively(InternLM(config)).eval()
+    batch = packed_batch([[12, 4], [16]])[:3]
+    first, last = InternLM(config).eval(), InternLM(config).eval()
+    first.load_state_dict(model.state_dict())
+    last.load_state_dict(model.state_dict())
+    for name in ("2", "3"):
+        del first.layers[name]
+    for name in ("0", "1"):
+        del last.layers[name]
+    first.norm = first.head = last.embedding = None
+    with torch.no_grad():
+        hidden = first(*batch)
+        torch.testing.assert_close(last(hidden, *batch[1:]), model(*batch), rtol=0, atol=0)
