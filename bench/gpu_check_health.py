@@ -74,6 +74,7 @@ def release_cached_memory(dev: torch.device) -> None:
 
 def profiling_check(dev: torch.device, work: Path, timeout_s: float = PROFILE_TIMEOUT_S) -> dict:
     release_cached_memory(dev)
+    work.mkdir(parents=True, exist_ok=True)
     run_dir = work / "profiling"
     config = work / "profiling_config.py"
     config.write_text(
@@ -168,6 +169,7 @@ def oom_check(dev: torch.device, work: Path, timeout_s: float = OOM_TIMEOUT_S) -
     if dev.type != "cuda":
         return {"skipped": "needs CUDA: the snapshot is of the CUDA caching allocator"}
     release_cached_memory(dev)
+    work.mkdir(parents=True, exist_ok=True)
     run_dir = work / "oom"
     config = work / "oom_config.py"
     config.write_text(OOM_CONFIG.format(run_dir=str(run_dir)))

@@ -61,6 +61,7 @@ run_dir = {run_dir!r}
 
 def tensor_parallel_check(dev: torch.device, work: Path, tiny: bool) -> dict:
     release_cached_memory(dev)
+    work.mkdir(parents=True, exist_ok=True)
     result: dict = {"one_rank": one_rank_check(dev, work)}
     gpus = torch.cuda.device_count() if dev.type == "cuda" else 0
     if dev.type == "cuda" and gpus < 2:
@@ -199,7 +200,7 @@ for dtype in ("torch.float32", "torch.bfloat16"):
             "same_parameter_names": sorted(grads) == sorted(plain_grads),
         }
 if cuda:
-    report["nccl_version"] = ".".join(map(str, torch.cuda.nccl.version()))
+    report["nccl_version"] = str(torch.cuda.nccl.version())
 print("RESULT " + json.dumps(report), flush=True)
 dist.destroy_process_group()
 """

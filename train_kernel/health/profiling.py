@@ -130,20 +130,30 @@ def oom_snapshot(run_dir: str | Path, rank: int, enabled: bool) -> Iterator[None
     except torch.OutOfMemoryError as error:
         if enabled:
             path = _dump_snapshot(snapshot_path(run_dir, rank))
-            error.add_note(
+            _tell(
+                error,
                 f"rank {rank}: CUDA memory snapshot at the error: {path} (open it at {MEMORY_VIZ})"
                 if path is not None
-                else f"rank {rank}: the CUDA memory snapshot could not be written (see the log)"
+                else f"rank {rank}: the CUDA memory snapshot could not be written (see the log)",
             )
         else:
-            error.add_note(
+            _tell(
+                error,
                 "`train-kernel run --profiling` records a CUDA memory snapshot at an out-of-memory "
-                "error; `train-kernel plan` estimates the memory per rank"
+                "error; `train-kernel plan` estimates the memory per rank",
             )
         raise
     finally:
         if enabled:  # the history's buffer and its per-allocation cost end with the run
             torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def _tell(error: BaseException, note: str) -> None:
+    """A note printed with the error's traceback (Python 3.11+); logged on 3.10."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:
+        log.error("%s", note)
 
 
 def _dump_snapshot(path: Path) -> Path | None:
