@@ -250,3 +250,21 @@ def test_pipeline_stages_of_a_bias_free_model_compose_to_the_whole():
     with torch.no_grad():
         hidden = first(*batch)
         torch.testing.assert_close(last(hidden, *batch[1:]), model(*batch), rtol=0, atol=0)
+
+
+def test_cli_round_trip_keeps_a_llama2_model(tmp_path):
+    from click.testing import CliRunner
+
+    from train_kernel.cli import main
+
+    model = build_model(llama2(), seed=3)
+    save_model_checkpoint(model, tmp_path / "ck")
+    ck, hf, back = (str(tmp_path / name) for name in ("ck", "hf", "back"))
+    result = CliRunner().invoke(main, ["export-hf", "--ckpt", ck, "--out", hf])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["import-hf", "--hf", hf, "--out", back, "--model-type", "LLAMA2"])
+    assert result.exit_code == 0, result.output
+    config, state = load_model_state(tmp_path / "back")
+    assert config.model_type == "LLAMA2" and config.no_bias
+    assert state.keys() == model.state_dict().keys()
+    assert all(state[key].equal(value) for key, value in model.state_dict().items())
