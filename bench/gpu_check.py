@@ -23,8 +23,9 @@
    one-rank NCCL group against the plain model; with 2+ GPUs, tensor 2 on NCCL against one process
    (losses, step-time ratio); with one GPU that part says why it is skipped.
 Each section is isolated: one that fails records its error and the others still run; sections
-7-9 also report "ok" and, if not, "problems". Every child process has a time limit (sections 7-9:
-about 40 s on an H200 in all, 7.5 minutes if every child hung). The result is rewritten after
+7-9 also report "ok" and, if not, "problems". Every child process has a time limit: sections 7-9
+take an estimated minute on one GPU (not measured yet), at most 4.5 minutes if every child hung
+(with 2+ GPUs the two-rank runs add up to 3 x 2.5 minutes). The result is rewritten after
 every section to bench/out/gpu_check.json (and DIR/gpu_check.json with --out), so a run cut short
 still leaves what it measured. On CPU, `--tiny --only profiling,oom,tensor_parallel` is the dry
 run of sections 7-9 (tests/bench/test_gpu_check.py runs it): the profiling run on CPU, oom

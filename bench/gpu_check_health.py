@@ -26,8 +26,8 @@ import torch
 
 from bench.cli_runs import ChildRun, run_child, train_args, train_records
 
-PROFILE_TIMEOUT_S = 150
-OOM_TIMEOUT_S = 150
+PROFILE_TIMEOUT_S = 90
+OOM_TIMEOUT_S = 90
 PROFILE_STEPS = (2, 3)
 PROFILE_CONFIG = """
 JOB_NAME = "gpu_check_profiling"
