@@ -39,7 +39,7 @@ SHAPE = dict(hidden=512, layers=4, heads=8, kv_heads=8, seq_len=1024, vocab=1600
 if os.environ.get("BENCH_DTENSOR_SMALL"):  # a quick trial of the script itself
     SHAPE = dict(hidden=128, layers=2, heads=4, kv_heads=4, seq_len=64, vocab=512)
 GQA_SHAPE = dict(hidden=256, layers=1, heads=8, kv_heads=2, seq_len=128, vocab=512)  # Wqkv with GQA
-REPEATS = int(os.environ.get("BENCH_DTENSOR_REPEATS", "5"))
+REPEATS = int(os.environ.get("BENCH_DTENSOR_REPEATS", "7"))
 RTOL, ATOL = 1e-4, 1e-5  # fp32; different summation orders (all-reduced partial sums)
 
 
@@ -577,8 +577,31 @@ def _check_optimizer(facts: dict, mesh) -> None:
     _fact(facts, "dtensor_local_shard_views", local_views)
 
 
+def _gloo_reduce_scatter(x, dim: int, tg):
+    """tensor_parallel._reduce_scatter with gloo's own reduce_scatter_tensor (torch 2.13 has it)
+    instead of its all-reduce and slice: what the project would run if it used it."""
+    import torch.distributed as dist
+
+    moved = x.movedim(dim, 0).contiguous()
+    out = moved.new_empty((moved.shape[0] // tg.size, *moved.shape[1:]))
+    dist.reduce_scatter_tensor(out, moved, group=tg.group)
+    return out.movedim(0, dim).contiguous()
+
+
+def _patched_reduce_scatter(run: Callable[[], object]) -> object:
+    import train_kernel.parallel.tensor_parallel as tp_module
+
+    plain = tp_module._reduce_scatter
+    tp_module._reduce_scatter = _gloo_reduce_scatter
+    try:
+        return run()
+    finally:
+        tp_module._reduce_scatter = plain
+
+
 def _time_stacks(facts: dict, mesh, group, reference: dict) -> None:
     """Fact 5: forward + backward of the stack, the versions interleaved, median of REPEATS."""
+    import torch
     import torch.distributed as dist
 
     config = _config(SHAPE)
@@ -592,30 +615,44 @@ def _time_stacks(facts: dict, mesh, group, reference: dict) -> None:
             "project_unfused_mlp": lambda sp=sp: _project_stack(config, group, rank, size, sp, True),
             "dtensor": lambda sp=sp: _dtensor_stack(config, mesh, sp),
         }
-        models = {}
+        if sp:
+            builders["project_gloo_reduce_scatter"] = builders["project"]
+        runners: dict[str, Callable[[], object]] = {}
+        entry: dict = {}
         for name, build in builders.items():
             try:
-                models[name] = build()
-                _forward_backward(models[name], local, positions, cu_seqlens, projection)  # warm-up
+                model = build()
+
+                def run(model=model, name=name, local=local):
+                    model.zero_grad(set_to_none=True)
+                    step = lambda: _forward_backward(model, local, positions, cu_seqlens, projection)  # noqa: E731
+                    return _patched_reduce_scatter(step) if name == "project_gloo_reduce_scatter" else step()
+
+                loss = run()[0]  # warm-up
+                entry[f"{name}_loss_equals_one_process"] = bool(
+                    torch.allclose(loss, reference["result"][0], rtol=RTOL, atol=ATOL)
+                )
+                runners[name] = run
             except Exception as exc:  # noqa: BLE001 - recorded; the other versions still time
-                facts[f"time_{tag}_{name}_error"] = _error(exc)
-                models.pop(name, None)
+                entry[f"{name}_error"] = _error(exc)
             dist.barrier()
-        times: dict[str, list[float]] = {name: [] for name in models}
+        times: dict[str, list[float]] = {name: [] for name in runners}
         for _ in range(REPEATS):
-            for name, model in models.items():
-                model.zero_grad(set_to_none=True)
+            for name, run in runners.items():
                 dist.barrier()
                 started = time.perf_counter()
-                _forward_backward(model, local, positions, cu_seqlens, projection)
+                run()
                 times[name].append(time.perf_counter() - started)
         medians = {name: statistics.median(t) for name, t in times.items()}
-        entry = {f"{name}_s": round(m, 4) for name, m in medians.items()}
+        entry.update({f"{name}_median_s": round(m, 4) for name, m in medians.items()})
+        entry.update({f"{name}_min_s": round(min(t), 4) for name, t in times.items()})
         entry.update({f"{name}_all_s": [round(t, 4) for t in ts] for name, ts in times.items()})
-        if "dtensor" in medians and "project" in medians:
-            entry["dtensor_over_project"] = round(medians["dtensor"] / medians["project"], 3)
+        for name in medians:
+            if name != "project":
+                entry[f"{name}_over_project_median"] = round(medians[name] / medians["project"], 3)
+                entry[f"{name}_over_project_min"] = round(min(times[name]) / min(times["project"]), 3)
         if "dtensor" in medians and "project_unfused_mlp" in medians:
-            entry["dtensor_over_project_unfused_mlp"] = round(
+            entry["dtensor_over_project_unfused_mlp_median"] = round(
                 medians["dtensor"] / medians["project_unfused_mlp"], 3
             )
         facts[f"step_time_{tag}"] = entry
