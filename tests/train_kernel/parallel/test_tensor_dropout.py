@@ -7,7 +7,8 @@ drop_rate and attn_drop_rate 0.3, built and stepped by the trainer's own builder
   replicated parameters (norms, biases) are bitwise equal on both ranks;
 - tensor 2 with sequence parallel: the block's dropout on the token shards draws different masks;
 - data parallel 2: the two replicas draw different masks;
-- the random state a checkpoint saves (checkpoint/rng.py) is all a forward's masks depend on.
+- the random state a checkpoint saves (checkpoint/rng.py) is all a forward's masks depend on, and
+  activation checkpointing's recompute draws the forward's masks (the same gradients).
 
 Before dropout_rng every rank drew from one seed: the attention-head, token-shard and
 data-parallel checks fail on that behaviour; the replicated checks pass on it and guard against
@@ -145,7 +146,21 @@ def rank_program(mode: str, run_dir: str) -> dict:
         again = forward(micro)
     out["replayed_from_saved_rng_equal"] = torch.equal(first, again)
 
-    # 3. Three training steps: the replicated parameters stay bitwise equal on the tensor ranks.
+    # 3. Activation checkpointing's recompute draws the masks of the forward: the gradients equal
+    # those without recompute (a stream that advanced in the forward would give others).
+    def gradients(recompute: bool) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model.num_checkpointed_layers = (lambda: len(model.layers)) if recompute else (lambda: 0)
+        restore_rng(state)
+        forward(micro).float().square().mean().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain, recomputed = gradients(False), gradients(True)
+    del model.num_checkpointed_layers
+    model.zero_grad(set_to_none=True)
+    out["recompute_gradients_equal"] = len(plain) > 0 and all(map(torch.equal, plain, recomputed))
+
+    # 4. Three training steps: the replicated parameters stay bitwise equal on the tensor ranks.
     losses = []
     for step in range(3):
         model.train()
@@ -189,6 +204,7 @@ def test_tensor_ranks_share_replicated_masks_and_split_head_masks(tmp_path):
     assert out["eval_heads_equal_across_ranks"], out
     assert not any(out["train_heads_equal_across_ranks"]), out
     assert out["replayed_from_saved_rng_equal"], out
+    assert out["recompute_gradients_equal"], out
     assert out["weights_moved"] and out["replicated_parameters"] > 0, out
     assert out["replicated_parameters_differing"] == [], out
 
@@ -201,6 +217,7 @@ def test_sequence_parallel_token_shards_draw_their_own_masks(tmp_path):
     assert not any(out["train_heads_equal_across_ranks"]), out
     assert out["eval_heads_equal_across_ranks"], out
     assert out["replayed_from_saved_rng_equal"], out
+    assert out["recompute_gradients_equal"], out
     assert out["weights_moved"] and out["replicated_parameters_differing"] == [], out
 
 
