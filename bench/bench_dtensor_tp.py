@@ -32,6 +32,7 @@ import traceback
 import types
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 from bench.common import ROOT
 
@@ -47,8 +48,11 @@ RTOL, ATOL = 1e-4, 1e-5  # fp32; different summation orders (all-reduced partial
 
 
 def _error(exc: BaseException) -> str:
+    """The error's first line, and where in the project it was raised (the innermost frame there)."""
     lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {(lines[0] if lines else '')[:400]}"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/train_kernel/" in f.filename]
+    where = f" (at {Path(frames[-1].filename).relative_to(ROOT)}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {(lines[0] if lines else '')[:400]}{where}"
 
 
 def _fact(facts: dict, name: str, check: Callable[[], dict]) -> None:
@@ -549,6 +553,40 @@ def _check_optimizer(facts: dict, mesh) -> None:
         return {"updated": bool(result.updated), "params_changed": f"{changed} of {len(params)}"}
 
     _fact(facts, "zero1_optimizer_with_dtensor_params", zero)
+
+    def zero_all_dtensor() -> dict:
+        # Every parameter a DTensor (the plain ones, norms and biases, replicated): no mixing.
+        from torch.distributed.tensor import Replicate
+
+        model = _dtensor_stack(config, mesh, sequence_parallel=False)
+        for module in model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if not isinstance(p, DTensor):
+                    setattr(
+                        module, name, torch.nn.Parameter(DTensor.from_local(p.detach(), mesh, [Replicate()]))
+                    )
+        params = list(model.parameters())
+        for p in params:  # (the model's forward no longer runs: RMSNorm mixes x and a DTensor weight)
+            p.grad = torch.ones_like(p)
+        optimizer = ZeroOptimizer(params, AdamSettings(lr=1e-3), DynamicLossScaler(enabled=False), 1.0)
+        master = optimizer.inner.master
+        local = sum(p.to_local().numel() for p in params)
+        before = [p.to_local().clone() for p in params]
+        updated = bool(optimizer.step(lr=1e-3, beta2=0.95).updated)
+        changed = sum(not torch.equal(b, p.to_local()) for b, p in zip(before, params))
+        return {
+            "master_is_dtensor": isinstance(master, DTensor),
+            "master_placements": str(getattr(master, "placements", None)),
+            "master_elements_global": master.numel(),
+            "master_elements_on_this_rank": master.to_local().numel()
+            if isinstance(master, DTensor)
+            else None,
+            "local_shard_elements": local,
+            "step_updated": updated,
+            "params_changed": f"{changed} of {len(params)}",
+        }
+
+    _fact(facts, "zero1_optimizer_with_every_param_dtensor", zero_all_dtensor)
 
     def reducer() -> dict:
         model = _dtensor_stack(config, mesh, sequence_parallel=False)
