@@ -239,5 +239,26 @@ def test_rank_seeds_keep_one_process_and_differ_elsewhere():
     assert len(seeds) == 16
 
 
+def test_split_dropout_forks_per_rank_and_leaves_the_ranks_in_step():
+    from train_kernel.parallel.dropout_rng import TensorSplitDropout
+
+    x = torch.ones(64, 64)
+
+    def draw(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(5)
+        mask = TensorSplitDropout(0.5, rank)(x) == 0
+        return mask, torch.get_rng_state()
+
+    (mask0, after0), (mask0_again, _), (mask1, after1) = draw(0), draw(0), draw(1)
+    assert torch.equal(mask0, mask0_again)  # a rank's stream is a function of the global state
+    assert not torch.equal(mask0, mask1)  # another tensor rank: another mask
+    assert torch.equal(after0, after1)  # the global stream advanced alike on both ranks
+    torch.manual_seed(5)
+    seeded = torch.get_rng_state()
+    TensorSplitDropout(0.0, 0)(x)
+    TensorSplitDropout(0.5, 0).eval()(x)
+    assert torch.equal(torch.get_rng_state(), seeded)  # off or in eval: no draw at all
+
+
 if __name__ == "__main__":
     print("RESULT " + json.dumps(rank_program(sys.argv[1], sys.argv[2])), flush=True)
