@@ -686,9 +686,13 @@ def _time_stacks(facts: dict, mesh, group, reference: dict) -> None:
         entry.update({f"{name}_min_s": round(min(t), 4) for name, t in times.items()})
         entry.update({f"{name}_all_s": [round(t, 4) for t in ts] for name, ts in times.items()})
         for name in medians:
-            if name != "project":
+            if name != "project" and "project" in medians:
                 entry[f"{name}_over_project_median"] = round(medians[name] / medians["project"], 3)
                 entry[f"{name}_over_project_min"] = round(min(times[name]) / min(times["project"]), 3)
+                # Each round's own ratio (the versions ran back to back): robust to load that
+                # drifts between rounds on a shared machine.
+                paired = [a / b for a, b in zip(times[name], times["project"])]
+                entry[f"{name}_over_project_paired_median"] = round(statistics.median(paired), 3)
         if "dtensor" in medians and "project_unfused_mlp" in medians:
             entry["dtensor_over_project_unfused_mlp_median"] = round(
                 medians["dtensor"] / medians["project_unfused_mlp"], 3
