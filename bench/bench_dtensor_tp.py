@@ -12,7 +12,8 @@ collectives only where measured necessary. This benchmark records, as facts:
      vocabulary-parallel loss (loss_parallel, with the bytes each keeps for backward);
   4. what ZeRO-1 (optim/zero.py: a flat fp32 master written back through views) and the
      overlapped gradient reducer (parallel/grad_overlap.py) do with DTensor parameters;
-  5. the step time (forward + backward of the layer stack) of both, interleaved, median of REPEATS.
+  5. the step time (forward + backward of the layer stack) of both, interleaved, median of REPEATS
+     (and each round's own ratio), and DTensor's fixed cost per layer at a tiny shape.
 The layer stack is SHAPE (bench_tensor_parallel.py's: hidden 512, 4 layers, 8 heads, seq 1024, fp32)
 without embedding and head; the loss is a fixed random projection of the final norm's output.
 Results: bench/results/dtensor_tp_<date>.json.
@@ -40,7 +41,9 @@ SHAPE = dict(hidden=512, layers=4, heads=8, kv_heads=8, seq_len=1024, vocab=1600
 if os.environ.get("BENCH_DTENSOR_SMALL"):  # a quick trial of the script itself
     SHAPE = dict(hidden=128, layers=2, heads=4, kv_heads=4, seq_len=64, vocab=512)
 GQA_SHAPE = dict(hidden=256, layers=1, heads=8, kv_heads=2, seq_len=128, vocab=512)  # Wqkv with GQA
-REPEATS = int(os.environ.get("BENCH_DTENSOR_REPEATS", "7"))
+REPEATS = int(os.environ.get("BENCH_DTENSOR_REPEATS", "11"))
+OVERHEAD_SHAPE = dict(hidden=64, layers=4, heads=4, kv_heads=4, seq_len=64, vocab=512)
+OVERHEAD_REPEATS = 30
 RTOL, ATOL = 1e-4, 1e-5  # fp32; different summation orders (all-reduced partial sums)
 
 
@@ -700,6 +703,39 @@ def _time_stacks(facts: dict, mesh, group, reference: dict) -> None:
         facts[f"step_time_{tag}"] = entry
 
 
+def _time_overhead(facts: dict, mesh, group) -> None:
+    """DTensor's fixed cost per forward + backward (Python dispatch, sharding propagation): the
+    layer stack at a shape too small for the arithmetic to matter, against the project's version
+    with the same unfused MLP, interleaved, OVERHEAD_REPEATS rounds. On a GPU, where a layer's
+    arithmetic takes milliseconds, this is the part that does not shrink."""
+    import torch.distributed as dist
+
+    config = _config(OVERHEAD_SHAPE)
+    x, positions, cu_seqlens, projection = _inputs(config, OVERHEAD_SHAPE["seq_len"])
+    rank, size = dist_rank(), dist_world()
+    models = {
+        "project_unfused_mlp": _project_stack(config, group, rank, size, False, True),
+        "dtensor": _dtensor_stack(config, mesh, False),
+    }
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for round_ in range(OVERHEAD_REPEATS + 2):
+        for name, model in models.items():
+            model.zero_grad(set_to_none=True)
+            dist.barrier()
+            started = time.perf_counter()
+            _forward_backward(model, x, positions, cu_seqlens, projection)
+            if round_ >= 2:  # two warm-up rounds
+                times[name].append(time.perf_counter() - started)
+    paired = [a - b for a, b in zip(times["dtensor"], times["project_unfused_mlp"])]
+    facts["dtensor_fixed_overhead"] = {
+        "shape": OVERHEAD_SHAPE,
+        "project_unfused_mlp_median_ms": round(statistics.median(times["project_unfused_mlp"]) * 1e3, 2),
+        "dtensor_median_ms": round(statistics.median(times["dtensor"]) * 1e3, 2),
+        "extra_ms_per_forward_backward_paired_median": round(statistics.median(paired) * 1e3, 2),
+        "extra_ms_per_layer": round(statistics.median(paired) * 1e3 / OVERHEAD_SHAPE["layers"], 2),
+    }
+
+
 def worker() -> None:
     import torch
     import torch.distributed as dist
@@ -725,6 +761,7 @@ def worker() -> None:
     _check_stack(facts, mesh, group, reference)
     _check_loss(facts, mesh, group)
     _check_optimizer(facts, mesh)
+    _time_overhead(facts, mesh, group)
     _time_stacks(facts, mesh, group, reference)
     if dist_rank() == 0:
         print("RESULT " + json.dumps(facts))
