@@ -16,13 +16,16 @@ local tensors under the full model's names:
   shards) draw from a stream forked per tensor rank; on replicated activations every tensor rank
   draws the same mask (parallel/dropout_rng.py).
 
-Why hand-written collectives rather than DTensor's parallelize_module: the parameters must stay
-plain tensors. ZeRO-1 (optim/zero.py) and the overlapped reducers flatten each rank's parameters
-into one vector and write the updated slices back through views, and the fused head + cross
-entropy is an autograd.Function over plain tensors; DTensor parameters would need both rewritten.
-The fused Wqkv's head-group cut ([q; k; v] rows, three pieces) is also no single Shard placement.
-Gloo has no reduce-scatter: there the reduce-scatter is an all-reduce and a slice (twice the
-bytes; NCCL gets the real reduce_scatter_tensor).
+Why hand-written collectives rather than DTensor's parallelize_module, measured by
+bench/bench_dtensor_tp.py (torch 2.13, gloo): DTensor runs every style here and matches one process,
+but the parameters must stay plain tensors: ZeRO-1 (optim/hybrid_adamw.py) and the overlapped reducers
+stop at torch.cat on DTensor parameters ("mixed torch.Tensor and DTensor"), and with every parameter a
+DTensor the flat master becomes the whole model on each rank. The fused Wqkv's head-group cut
+([q; k; v] rows, three pieces) is no single Shard placement without a tensor-size-dependent regroup of
+the rows; the MLP's fused gate/up GEMM makes DTensor all-gather w1 and w2 every step; and DTensor costs
+about 8 ms per layer per forward + backward on this CPU, for no faster step.
+On gloo the reduce-scatter runs as an all-reduce and a slice (twice the bytes; NCCL gets the real
+reduce_scatter_tensor). torch 2.13's gloo has reduce_scatter_tensor too, measured no faster here.
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ def _reduce_scatter(x: torch.Tensor, dim: int, tg: TensorGroup) -> torch.Tensor:
         out = moved.new_empty((moved.shape[0] // tg.size, *moved.shape[1:]))
         dist.reduce_scatter_tensor(out, moved, group=tg.group)
         return out.movedim(0, dim).contiguous()
-    # Gloo has no reduce-scatter: the sum everywhere, then this rank's slice.
+    # Elsewhere (gloo): the sum everywhere, then this rank's slice. torch 2.13's gloo also has
+    # reduce_scatter_tensor (bench_dtensor_tp: no faster on CPU); bench_tensor_parallel counts this form.
     return _slice(_all_reduce(x, tg), dim, tg)
 
 
