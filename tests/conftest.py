@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import train_kernel  # noqa: F401 - before any test imports torch: MKL's reproducible mode (its __init__)
+from tests import zygote
 
 SAMPLE_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -360,10 +361,8 @@ def pytest_configure(config) -> None:
     fixture could watch. A server or distributed test may also start plain processes."""
     original = subprocess.Popen.__init__
 
-    def checked(self, args=None, *more, **options):
-        if args is None:
-            args = options.pop("args")
-        item, kind = _running[0], started_kind(args, options.get("env"))
+    def check_start(args, env: dict | None) -> None:
+        item, kind = _running[0], started_kind(args, env)
         allowed = {kind} if kind != "process" else set(KINDS)
         if (
             item is not None
@@ -374,7 +373,13 @@ def pytest_configure(config) -> None:
                 f"{item.nodeid} starts {args!r:.120}: mark it @pytest.mark.{kind} "
                 "(`make test-fast` leaves those out)"
             )
+
+    def checked(self, args=None, *more, **options):
+        if args is None:
+            args = options.pop("args")
+        check_start(args, options.get("env"))
         original(self, args, *more, **options)
 
     subprocess.Popen.__init__ = checked
+    zygote.START_CHECKS.append(check_start)  # ranks forked by the tests' fork server
     config.add_cleanup(lambda: setattr(subprocess.Popen, "__init__", original))

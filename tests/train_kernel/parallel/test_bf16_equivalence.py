@@ -61,9 +61,10 @@ def single(tmp_path_factory):
         (2, 4, "dict(zero1=1, pipeline=2)", 1),
         # 4 layers in 2 x 2 pieces of one layer: stage 0 holds layers 0 and 2, stage 1 layers 1 and 3.
         (2, 4, f"dict(zero1=1, {INTERLEAVED})", 2),
-        (4, 2, "dict(zero1=2, pipeline=dict(size=2))", 1),
+        # data 2 x pipeline 2 is checked exactly in fp32 (test_pipeline.py); bf16 adds nothing there
+        # that data 2 and pipeline 2 alone do not, for four ranks on 2 cores.
     ],
-    ids=["data2-zero2", "pipeline2", "interleaved-pipeline2", "data2xpipeline2-zero2"],
+    ids=["data2-zero2", "pipeline2", "interleaved-pipeline2"],
 )
 def test_bf16_parallel_layouts_stay_close_to_one_process(
     single, tmp_path, world, micro_num, parallel, num_chunks

@@ -51,11 +51,22 @@ def _valid_records(run_dir):
     return [r for r in rows if r["kind"] == "valid"]
 
 
+COMMON = dict(valid_every=2, total_steps=4)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The packed shards and the one-process run both layouts are compared with."""
+    folder = tmp_path_factory.mktemp("single")
+    packed = _packed(folder)
+    train(config_from_text(tiny_config_text(folder / "single", micro_num=4, train_folder=packed, **COMMON)))
+    return packed, _valid_records(folder / "single")
+
+
 @pytest.mark.parametrize("layout", ["data 2", "pipeline 2"])
-def test_validation_over_ranks_equals_one_process(tmp_path, layout):
-    packed = _packed(tmp_path)
-    common = dict(train_folder=packed, valid_every=2, total_steps=4)
-    train(config_from_text(tiny_config_text(tmp_path / "single", micro_num=4, **common)))
+def test_validation_over_ranks_equals_one_process(tmp_path, single, layout):
+    packed, single_records = single
+    common = dict(train_folder=packed, **COMMON)
     if layout == "data 2":
         text = tiny_config_text(tmp_path / "parallel", micro_num=2, **common).replace("zero1=1", "zero1=2")
     else:
@@ -66,9 +77,9 @@ def test_validation_over_ranks_equals_one_process(tmp_path, layout):
     results = train_ranks(tmp_path / "parallel.py", world_size=2)
     for result in results:
         assert result.returncode == 0, result.output[-4000:]
-    single, parallel = _valid_records(tmp_path / "single"), _valid_records(tmp_path / "parallel")
-    assert [r["step"] for r in parallel] == [r["step"] for r in single] == [1, 3]
-    for one, two in zip(single, parallel):
+    parallel = _valid_records(tmp_path / "parallel")
+    assert [r["step"] for r in parallel] == [r["step"] for r in single_records] == [1, 3]
+    for one, two in zip(single_records, parallel, strict=True):
         assert two["val/tokens/en"] == one["val/tokens/en"] > 0
         assert two["val/loss_from_metric"] == pytest.approx(one["val/loss_from_metric"], abs=1e-4)
         assert two["val/acc"] == pytest.approx(one["val/acc"], abs=1e-4)

@@ -72,13 +72,9 @@ INTERLEAVED = "pipeline=dict(size=2, interleaved_overlap=True)"
         (2, 4, f"dict(zero1=1, {INTERLEAVED})", 2),
         (4, 2, f"dict(zero1=2, {INTERLEAVED})", 2),  # micro_num == pipeline size: all warm-up
         # The project's own schedules (pipeline.schedule="InternLM"), and PyTorch's zero-bubble one.
+        # (InternLM's 1F1B with data 2 is left out: its interleaved form below covers the overlapped
+        # reduction over data ranks, and four ranks on the suite's 2 cores cost ~9 s each.)
         (2, 4, "dict(zero1=1, pipeline=dict(size=2, schedule='InternLM'))", 1),
-        (
-            4,
-            2,
-            "dict(zero1=2, pipeline=dict(size=2, schedule='InternLM'))",
-            1,
-        ),  # with the overlapped reduction
         (
             4,
             2,
@@ -100,7 +96,6 @@ INTERLEAVED = "pipeline=dict(size=2, interleaved_overlap=True)"
         "interleaved-pipeline2",
         "interleaved-data2xpipeline2-zero2",
         "internlm-1f1b-pipeline2",
-        "internlm-1f1b-data2xpipeline2-zero2",
         "internlm-interleaved-data2xpipeline2-zero2",
         "engine-zero-bubble-pipeline2",
     ],
