@@ -4,15 +4,15 @@ and the step time of tensor 2 against one process.
 Each rank runs the trainer's forward_backward (fused vocabulary-parallel loss included) on random
 packed rows of a small model (SHAPE, fp32) for micro_num micro-batches a step; every
 torch.distributed collective is counted while it runs (bytes of its tensors, and the bytes a ring
-algorithm sends per rank: all-reduce 2 (n-1)/n S, all-gather (n-1)/n S of the gathered tensor).
+algorithm sends per rank: all-reduce 2 (n-1)/n S, all-gather (n-1)/n S of the gathered tensor,
+reduce-scatter (n-1)/n S of its input).
 Cases:
   one_process_1_thread / one_process_2_threads: the same step without tensor parallelism;
   tensor2: 2 gloo processes, 1 thread each (the machine's 2 cores);
   tensor2_sequence_parallel: the same with parallel.sequence_parallel.
 Measured bytes per step are compared with plan.tensor_bytes_per_micro_batch x micro_num (what
-`train-kernel plan` reports). Gloo has no reduce-scatter: tensor_parallel.py runs it as an
-all-reduce and a slice; "measured" counts each as the reduce-scatter it stands for (the bytes
-NCCL sends), "gloo_sent" what gloo really sent. Results: bench/results/tensor_parallel_<date>.json.
+`train-kernel plan` reports); gloo runs the same collectives NCCL would (reduce_scatter_tensor
+included). Results: bench/results/tensor_parallel_<date>.json.
 Run: python -m bench.bench_tensor_parallel (about a minute on 2 cores; other load skews the times).
 """
 
@@ -44,6 +44,9 @@ def _count(name, original):
         if name == "all_gather":
             size = sum(t.numel() * t.element_size() for t in args[0])
             ring = (n - 1) / n * size
+        elif name == "reduce_scatter_tensor":  # (output, input): each rank sends (n-1)/n of the input
+            size = args[1].numel() * args[1].element_size()
+            ring = (n - 1) / n * size
         else:
             tensor = args[0]
             size = tensor.numel() * tensor.element_size()
@@ -55,19 +58,6 @@ def _count(name, original):
     return wrapper
 for name in ("all_reduce", "all_gather", "reduce_scatter_tensor"):
     setattr(dist, name, _count(name, getattr(dist, name)))
-
-# Gloo's reduce-scatter is an all-reduce and a slice (tensor_parallel._reduce_scatter): counted as
-# sent (raw) and as a reduce-scatter sends ("nccl_ring_bytes": what the formula counts).
-import train_kernel.parallel.tensor_parallel as tp_module
-counts["nccl_ring_bytes"] = 0
-_plain_reduce_scatter = tp_module._reduce_scatter
-def _counted_reduce_scatter(x, dim, tg):
-    before = counts["ring_bytes"]
-    out = _plain_reduce_scatter(x, dim, tg)
-    as_reduce_scatter = (tg.size - 1) / tg.size * x.numel() * x.element_size()
-    counts["nccl_ring_bytes"] -= (counts["ring_bytes"] - before) - as_reduce_scatter
-    return out
-tp_module._reduce_scatter = _counted_reduce_scatter
 
 from train_kernel.config.sections import ParallelConfig, TensorConfig
 from train_kernel.data.batches import RandomRows, to_micro_batches
@@ -99,7 +89,6 @@ for step in range(warmup + steps):
     if step >= warmup:
         times.append(elapsed)
         delta = {k: counts[k] - before[k] for k in counts}
-        delta["nccl_ring_bytes"] += delta["ring_bytes"]
         per_step.append(delta)
 result = {"step_s": statistics.median(times), "times": times, "comm": per_step[-1]}
 if world > 1:
@@ -177,10 +166,9 @@ def main() -> None:
     for name, case in (("tensor2", tp), ("tensor2_sequence_parallel", tp_sp)):
         comm, formula = case["comm"], case["formula_bytes"]
         result[f"{name}_collectives_per_step"] = comm["calls"]
-        result[f"{name}_ring_bytes_per_step_gloo_sent"] = int(comm["ring_bytes"])
-        result[f"{name}_ring_bytes_per_step_measured"] = int(comm["nccl_ring_bytes"])
+        result[f"{name}_ring_bytes_per_step_measured"] = int(comm["ring_bytes"])
         result[f"{name}_ring_bytes_per_step_formula"] = int(formula)
-        result[f"{name}_measured_over_formula"] = round(comm["nccl_ring_bytes"] / formula, 4)
+        result[f"{name}_measured_over_formula"] = round(comm["ring_bytes"] / formula, 4)
     out = ROOT / "bench" / "results" / f"tensor_parallel_{result['date']}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

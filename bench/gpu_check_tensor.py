@@ -9,10 +9,10 @@
 - one_rank (any device; NCCL on CUDA, gloo on CPU): what one GPU can check of the tensor-parallel
   code. A one-rank process group, the model sharded for tensor rank 0 of 1 (apply_tensor_parallel:
   vocabulary-parallel embedding, head and fused loss, row-parallel linears, with and without sequence
-  parallelism, whose reduce-scatter takes NCCL's reduce_scatter_tensor branch), forward and backward
+  parallelism, whose reduce-scatter is reduce_scatter_tensor on NCCL), forward and backward
   on CUDA tensors, against the plain model: the loss and every parameter's gradient. With one rank
   the collectives are identities, so this shows that the code runs on CUDA with NCCL (devices,
-  dtypes, the NCCL-only branch), not that the shards are combined right: two_ranks and the gloo
+  dtypes, NCCL's collectives), not that the shards are combined right: two_ranks and the gloo
   tests (tests/train_kernel/parallel/test_tensor_parallel.py) show that.
 """
 

@@ -24,8 +24,8 @@ DTensor the flat master becomes the whole model on each rank. The fused Wqkv's h
 ([q; k; v] rows, three pieces) is no single Shard placement without a tensor-size-dependent regroup of
 the rows; the MLP's fused gate/up GEMM makes DTensor all-gather w1 and w2 every step; and DTensor costs
 about 8 ms per layer per forward + backward on this CPU, for no faster step.
-On gloo the reduce-scatter runs as an all-reduce and a slice (twice the bytes; NCCL gets the real
-reduce_scatter_tensor). torch 2.13's gloo has reduce_scatter_tensor too, measured no faster here.
+Sequence parallel's reduce-scatter is reduce_scatter_tensor on every backend (torch 2.13's gloo has
+it), so the CPU tests run the collectives NCCL runs.
 """
 
 from __future__ import annotations
@@ -68,15 +68,13 @@ def _all_gather(x: torch.Tensor, dim: int, tg: TensorGroup) -> torch.Tensor:
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, tg: TensorGroup) -> torch.Tensor:
-    if dist.get_backend(tg.group) == "nccl":
-        # reduce_scatter_tensor splits along dim 0 into rank-ordered chunks: `dim` moved there.
-        moved = x.movedim(dim, 0).contiguous()
-        out = moved.new_empty((moved.shape[0] // tg.size, *moved.shape[1:]))
-        dist.reduce_scatter_tensor(out, moved, group=tg.group)
-        return out.movedim(0, dim).contiguous()
-    # Elsewhere (gloo): the sum everywhere, then this rank's slice. torch 2.13's gloo also has
-    # reduce_scatter_tensor (bench_dtensor_tp: no faster on CPU); bench_tensor_parallel counts this form.
-    return _slice(_all_reduce(x, tg), dim, tg)
+    # reduce_scatter_tensor splits along dim 0 into rank-ordered chunks: `dim` moved there. Gloo has
+    # it too in torch 2.13 (bench_dtensor_tp: as fast as an all-reduce and a slice, half the bytes),
+    # so the CPU tests run the path NCCL takes.
+    moved = x.movedim(dim, 0).contiguous()
+    out = moved.new_empty((moved.shape[0] // tg.size, *moved.shape[1:]))
+    dist.reduce_scatter_tensor(out, moved, group=tg.group)
+    return out.movedim(0, dim).contiguous()
 
 
 def _slice(x: torch.Tensor, dim: int, tg: TensorGroup) -> torch.Tensor:
