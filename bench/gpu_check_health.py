@@ -34,7 +34,7 @@ JOB_NAME = "gpu_check_profiling"
 data = dict(seq_len=1024, micro_num=2, micro_bsz=1, total_steps={steps})
 adam = dict(lr=1e-4)
 model = dict(num_layers=2, hidden_size=256, num_attention_heads=4, mlp_ratio=8 / 3,
-             vocab_size=1024, dtype="torch.bfloat16", checkpoint=False, use_flash_attn=True)
+             vocab_size=1024, dtype="auto", checkpoint=False, use_flash_attn=True)
 parallel = dict(zero1=1)
 health = dict(profile_steps={profile_steps})
 run_dir = {run_dir!r}

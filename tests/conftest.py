@@ -117,7 +117,10 @@ class MlflowServer:
             "--uvicorn-opts",
             "--timeout-graceful-shutdown 1",
         ]
-        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+        # No job-execution workers (huey consumers for MLflow's GenAI jobs): three more processes
+        # importing mlflow at every (re)start, and nothing here submits jobs.
+        env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+        env["MLFLOW_DISABLE_TELEMETRY"] = "true"
         log = open(self.folder / "server.log", "ab")
         self.process = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
