@@ -132,7 +132,8 @@ class ModelConfig:
     """LLAMA2 only: "normal" or "uniform": InternLM's uniform_, U(-a, a) with a = sqrt(3 * std) as its
     code computes it (so the draw's std is sqrt(std / 3), not std)."""
     use_scaled_init: bool = True
-    """InternLM's key: out_proj/wo and w2 drawn with std / sqrt(2 (layer + 1)); False: the plain std."""
+    """InternLM's key: out_proj/wo and w2 drawn with std / sqrt(2 (layer + 1)); False: unscaled, as
+    InternLM then draws them (INTERNLM: out_proj 0.0015 and w2 0.006; LLAMA2: their *_init_std)."""
 
     @property
     def torch_dtype(self) -> torch.dtype:

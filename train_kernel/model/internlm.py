@@ -172,11 +172,11 @@ def init_std(name: str, config: ModelConfig | None = None) -> float | None:
     if name.endswith(("out_proj.weight", "mlp.w2.weight")):
         # InternLM's scaled init (sigma / sqrt(2 * (layer + 1))); it applies it to w2, the up
         # projection, by name.
-        sigma = stds["out_proj" if name.endswith("out_proj.weight") else "w2"]
+        key = "out_proj" if name.endswith("out_proj.weight") else "w2"
         if config is not None and not config.use_scaled_init:
-            return sigma
+            return stds[f"{key}_unscaled"]
         layer_idx = int(name.split(".")[1])
-        return sigma / math.sqrt(2.0 * (layer_idx + 1))
+        return stds[key] / math.sqrt(2.0 * (layer_idx + 1))
     if name.endswith("mlp.w3.weight"):
         return stds["w3"]
     if name.endswith("mlp.w1.weight"):
@@ -184,14 +184,17 @@ def init_std(name: str, config: ModelConfig | None = None) -> float | None:
     return stds["Wqkv"]
 
 
-# INTERNLM's (modeling_internlm's reset_parameters) fixed stds, by our names.
+# INTERNLM's (modeling_internlm's reset_parameters) fixed stds, by our names; *_unscaled: with
+# use_scaled_init=False, where its out_proj takes 0.0015, not the 0.006 it scales.
 _INTERNLM_STDS = {
     "embedding": EMBEDDING_STD,
     "head": EMBEDDING_STD,
     "Wqkv": LINEAR_STD,
     "out_proj": LINEAR_STD,
+    "out_proj_unscaled": DOWN_STD,
     "w1": LINEAR_STD,
     "w2": LINEAR_STD,
+    "w2_unscaled": LINEAR_STD,
     "w3": DOWN_STD,
 }
 
@@ -208,8 +211,10 @@ def _llama2_stds(config: ModelConfig) -> dict[str, float]:
         "head": std(config.out_head_init_std),
         "Wqkv": std(config.attn_wqkv_init_std),
         "out_proj": std(config.attn_other_init_std),
+        "out_proj_unscaled": std(config.attn_other_init_std),
         "w1": std(config.ffn_uplayer_init_std),
         "w2": std(config.ffn_other_init_std),
+        "w2_unscaled": std(config.ffn_other_init_std),
         "w3": std(config.ffn_uplayer_init_std),
     }
 
