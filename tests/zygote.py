@@ -76,9 +76,10 @@ def serve() -> None:
             while b"\n" in pending:
                 line, pending = pending.split(b"\n", 1)
                 request = json.loads(line)
+                server_pid = os.getpid()
                 pid = os.fork()
                 if pid == 0:
-                    _become(request)  # never returns: the child runs the module and exits
+                    _become(request, server_pid)  # never returns: the child runs the module and exits
                 _send({"id": request["id"], "pid": pid})
         _reap()
 
@@ -91,6 +92,19 @@ def _foreign_threads() -> list[str]:
         return []
     names = [(task / "comm").read_text().strip() for task in tasks.iterdir() if int(task.name) != os.getpid()]
     return [name for name in names if name != "jemalloc_bg_thd"]
+
+
+def _die_with(server_pid: int) -> None:
+    """The kernel kills this child when the server ends (killed, or stdin closed at the session's
+    end): no rank outlives the session, and none is left running unseen once nobody reports its
+    exit. Linux's PR_SET_PDEATHSIG; a server gone before it took effect ends the child now."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL) != 0:
+        os._exit(70)
+    if os.getppid() != server_pid:
+        os._exit(70)
 
 
 def _send(message: dict) -> None:
@@ -108,12 +122,13 @@ def _reap() -> None:
         _send({"exited": pid, "code": os.waitstatus_to_exitcode(status)})
 
 
-def _become(request: dict) -> None:
+def _become(request: dict, server_pid: int) -> None:
     """Turns the forked child into `python -m <module> <args>` with the request's environment,
     folder and output file, then leaves through the interpreter's normal exit (threads joined,
     atexit handlers run, streams flushed), as a fresh process would."""
     import runpy
 
+    _die_with(server_pid)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for name in ("SIGTERM", "SIGCHLD", "SIGHUP", "SIGUSR1", "SIGUSR2"):
         signal.signal(getattr(signal, name), signal.SIG_DFL)
@@ -164,11 +179,17 @@ class ForkedProcess:
 
     def wait(self, timeout: float | None = None) -> int:
         code = self._server.wait_exit(self.pid, timeout)
+        if code is None and self._server.dead:
+            raise RuntimeError(
+                f"the test fork server died before forked rank {self.pid} ended (the rank died with it)"
+            )
         if code is None:
             raise subprocess.TimeoutExpired(f"forked rank {self.pid}", timeout or 0)
         return code
 
     def kill(self) -> None:
+        if self.returncode is not None:
+            return  # reaped already: its pid may be another process's by now (as Popen.kill checks)
         try:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -204,6 +225,9 @@ class Zygote:
             message = json.loads(line)
             with self._lock:
                 if "pid" in message:
+                    # The pid of a rank that ended earlier (its exit already recorded) comes back
+                    # once pids wrap around (pid_max can be 32768): that exit is not this one's.
+                    self._exits.pop(message["pid"], None)
                     self._pids[message["id"]] = message["pid"]
                 else:
                     self._exits[message["exited"]] = message["code"]
@@ -212,8 +236,14 @@ class Zygote:
             self._dead = True
             self._lock.notify_all()
 
+    @property
+    def dead(self) -> bool:
+        """Whether the server's output ended: it exited or was killed (its ranks with it)."""
+        with self._lock:
+            return self._dead
+
     def can_fork(self, env: dict[str, str]) -> bool:
-        return not self._dead and import_time_env(env) == self.env
+        return not self.dead and import_time_env(env) == self.env
 
     def spawn(
         self,
