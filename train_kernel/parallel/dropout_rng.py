@@ -22,11 +22,15 @@ rng_tp{t}_pp{p}_dp{d}.pt (checkpoint/rng.py) is all a resume needs to continue t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from train_kernel.parallel.process_groups import ParallelContext
 
 _SEED_BITS = (1 << 63) - 1
 _FORK_TAG = 0x7E25  # keeps the forked seeds apart from rank_seed's for the same numbers
@@ -46,8 +50,8 @@ def _mix(*numbers: int) -> int:
     return int(state[0]) & _SEED_BITS
 
 
-def seed_rank_generators(seed: int, parallel) -> None:
-    """Seeds torch's global generators for this rank (`parallel`: the ParallelContext). Only
+def seed_rank_generators(seed: int, parallel: ParallelContext) -> None:
+    """Seeds torch's global generators for this rank. Only
     dropout draws from them: initialisation uses a generator per tensor and data order numpy's."""
     torch.manual_seed(rank_seed(seed, parallel.dp_rank, parallel.pp_rank))
 
@@ -104,7 +108,7 @@ class TensorSplitDropout(nn.Dropout):
         return f"{super().extra_repr()}, tensor_rank={self.tensor_rank}"
 
 
-def _attention_enter(tensor_rank: int):
+def _attention_enter(tensor_rank: int) -> Callable[[nn.Module, Sequence], None]:
     def hook(module: nn.Module, args: Sequence) -> None:
         forked = module.training and module.dropout_p > 0
         module._dropout_forks.append(fork_for_tensor_rank(tensor_rank, args[0].device) if forked else None)
@@ -112,7 +116,7 @@ def _attention_enter(tensor_rank: int):
     return hook
 
 
-def _attention_leave(module: nn.Module, args: Sequence, output) -> None:
+def _attention_leave(module: nn.Module, args: Sequence, output: Any) -> None:
     saved = module._dropout_forks.pop()
     if saved is not None:
         restore_after_fork(saved)
