@@ -177,6 +177,13 @@ def _check_saved_config(path: Path, config: ModelConfig) -> bool:
             raise ValueError(f"{path}: {key} is {saved[key]}, but model.{key} gives {ours}")
     if saved.get("no_bias") and config.has_attention_bias:
         log.info("%s: no_bias=True; the model's attention biases start at zero", path)
+    if "adapt_hf" in saved and config.adapt_hf and not saved["adapt_hf"]:
+        # The run's key would otherwise lose silently (model.adapt_hf=False cannot be told from unset).
+        raise ValueError(
+            f"{path}: adapt_hf is {saved['adapt_hf']!r} (Meta's interleaved q/k rows), but "
+            "model.adapt_hf=True says Hugging Face's halves; remove model.adapt_hf (the folder says how "
+            "it was written)"
+        )
     return bool(saved.get("adapt_hf", config.adapt_hf))
 
 
