@@ -44,7 +44,7 @@ def _count(name, original):
         if name == "all_gather":
             size = sum(t.numel() * t.element_size() for t in args[0])
             ring = (n - 1) / n * size
-        elif name == "reduce_scatter_tensor":  # (output, input): each rank sends (n-1)/n of the input
+        elif name in ("reduce_scatter_tensor", "reduce_scatter_single"):  # (output, input): (n-1)/n of it
             size = args[1].numel() * args[1].element_size()
             ring = (n - 1) / n * size
         else:
@@ -56,8 +56,9 @@ def _count(name, original):
         counts["ring_bytes"] += ring
         return original(*args, **kwargs)
     return wrapper
-for name in ("all_reduce", "all_gather", "reduce_scatter_tensor"):
-    setattr(dist, name, _count(name, getattr(dist, name)))
+for name in ("all_reduce", "all_gather", "reduce_scatter_tensor", "reduce_scatter_single"):
+    if hasattr(dist, name):  # reduce_scatter_single: torch 2.13's name of reduce_scatter_tensor
+        setattr(dist, name, _count(name, getattr(dist, name)))
 
 from train_kernel.config.sections import ParallelConfig, TensorConfig
 from train_kernel.data.batches import RandomRows, to_micro_batches
