@@ -51,8 +51,8 @@ def _mix(*numbers: int) -> int:
 
 
 def seed_rank_generators(seed: int, parallel: ParallelContext) -> None:
-    """Seeds torch's global generators for this rank. Only
-    dropout draws from them: initialisation uses a generator per tensor and data order numpy's."""
+    """Seeds torch's global generators for this rank. Only dropout draws from them: initialisation
+    uses a generator per tensor and data order numpy's."""
     torch.manual_seed(rank_seed(seed, parallel.dp_rank, parallel.pp_rank))
 
 
