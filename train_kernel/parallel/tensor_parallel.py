@@ -68,9 +68,9 @@ def _all_gather(x: torch.Tensor, dim: int, tg: TensorGroup) -> torch.Tensor:
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, tg: TensorGroup) -> torch.Tensor:
-    # reduce_scatter_tensor splits along dim 0 into rank-ordered chunks: `dim` moved there. Gloo has
-    # it too in torch 2.13 (bench_dtensor_tp: as fast as an all-reduce and a slice, half the bytes),
-    # so the CPU tests run the path NCCL takes.
+    # The reduce-scatter splits along dim 0 into rank-ordered chunks: `dim` moved there. Gloo has it
+    # too in torch 2.13 (built on its all-reduce; bench_dtensor_tp: as fast as an all-reduce and a
+    # slice), so the CPU tests run the call NCCL takes.
     moved = x.movedim(dim, 0).contiguous()
     out = moved.new_empty((moved.shape[0] // tg.size, *moved.shape[1:]))
     _reduce_scatter_function()(out, moved, group=tg.group)
