@@ -214,7 +214,13 @@ class Zygote:
         self._exits: dict[int, int] = {}
         self._next_id = 0
         self._dead = False
-        first = json.loads(self._process.stdout.readline() or b'{"refused": "the server died"}')
+        # Its imports take seconds; one that hangs must not hang the session (then: fresh interpreters).
+        answered, _, _ = select.select([self._process.stdout], [], [], 120)
+        line = self._process.stdout.readline() if answered else b'{"refused": "no answer within 120 s"}'
+        try:
+            first = json.loads(line or b'{"refused": "the server died"}')
+        except ValueError:
+            first = {"refused": f"it wrote {line[:200]!r}"}
         if "ready" not in first:
             self._process.kill()
             raise RuntimeError(f"the test fork server refused: {first.get('refused')}")
