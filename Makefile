@@ -70,8 +70,12 @@ mlflow-ui: install
 		--backend-store-uri sqlite:///$(MLFLOW_DB) --artifacts-destination $(dir $(MLFLOW_DB))artifacts
 
 # The whole suite: real servers (MLflow, moto S3, the uploader), multi-process gloo groups, CLIs.
+# TEST_WORKERS pytest-xdist workers, a test file each at a time (--dist loadfile: a file's module
+# fixtures stay in one process). Much of the suite waits on servers and processes, so 2 workers pay on
+# 2 cores; TEST_WORKERS=0 runs it in pytest's own process.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # The quick loop while editing: the tests that run inside pytest's process only, no servers, no
 # process groups, no CLIs (markers in pyproject.toml; tests/conftest.py keeps them true).
