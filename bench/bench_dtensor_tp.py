@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -35,7 +33,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-from bench.common import ROOT
+from bench.common import ROOT, result_line, run_ranks
 
 SHAPE = dict(hidden=512, layers=4, heads=8, kv_heads=8, seq_len=1024, vocab=16000)
 if os.environ.get("BENCH_DTENSOR_SMALL"):  # a quick trial of the script itself
@@ -772,44 +770,8 @@ def worker() -> None:
 # --- launcher ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _run(world: int = 2) -> dict:
-    port = _free_port()
-    processes = []
-    for rank in range(world):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(ROOT),
-        }
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "bench.bench_dtensor_tp", "--worker"],
-                env=env,
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = []
-    for process in processes:
-        output, _ = process.communicate(timeout=900)
-        if process.returncode != 0:
-            raise RuntimeError(output[-6000:])
-        outputs.append(output)
-    line = next(line for out in outputs for line in out.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+    return result_line(run_ranks(["-m", "bench.bench_dtensor_tp", "--worker"], world, timeout_s=900))
 
 
 def main() -> None:

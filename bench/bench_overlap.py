@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 
-from bench.common import ROOT, save_result
+from bench.common import run_ranks, save_result
 
 SHAPE = dict(
     hidden=512,
@@ -105,48 +102,9 @@ dist.destroy_process_group()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _ranks(args: list[str], world_size: int, jobs: int = 1) -> list[str]:
-    """`jobs` copies of a `world_size`-rank job, all at once."""
-    processes = []
-    for rank, port in [(r, port) for port in (_free_port() for _ in range(jobs)) for r in range(world_size)]:
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_RANK": str(rank),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(ROOT),
-        }
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, *args],
-                env=env,
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = []
-    for process in processes:
-        output, _ = process.communicate(timeout=1800)
-        if process.returncode != 0:
-            raise RuntimeError(f"{args} failed:\n{output[-4000:]}")
-        outputs.append(output)
-    return outputs
-
-
 def _measure(world_size: int, jobs: int = 1) -> dict:
-    outputs = _ranks(
-        ["-c", WORKER, json.dumps(SHAPE), str(BUCKET), str(STEPS), str(WARMUP)], world_size, jobs
+    outputs = run_ranks(
+        ["-c", WORKER, json.dumps(SHAPE), str(BUCKET), str(STEPS), str(WARMUP)], world_size, jobs=jobs
     )
     lines = [line for output in outputs for line in output.splitlines() if line.startswith("RESULT ")]
     return json.loads(lines[0][len("RESULT ") :])

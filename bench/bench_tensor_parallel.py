@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 
-from bench.common import ROOT
+from bench.common import ROOT, result_line, run_ranks
 
 SHAPE = dict(hidden=512, layers=4, heads=8, kv_heads=8, seq_len=1024, micro_bsz=1, vocab=16000, micro_num=2)
 STEPS = int(os.environ.get("BENCH_TP_STEPS", "5"))
@@ -103,45 +100,9 @@ parallel.close(barrier=True)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _run(world: int, threads: int, sequence_parallel: bool = False) -> dict:
-    port = _free_port()
-    processes = []
-    for rank in range(world):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": str(threads),
-            "PYTHONPATH": str(ROOT),
-        }
-        args = ["-c", WORKER, json.dumps(SHAPE), str(STEPS), str(WARMUP), "1" if sequence_parallel else "0"]
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, *args],
-                env=env,
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = []
-    for process in processes:
-        output, _ = process.communicate(timeout=1800)
-        if process.returncode != 0:
-            raise RuntimeError(output[-4000:])
-        outputs.append(output)
-    line = next(line for out in outputs for line in out.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+    args = ["-c", WORKER, json.dumps(SHAPE), str(STEPS), str(WARMUP), "1" if sequence_parallel else "0"]
+    return result_line(run_ranks(args, world, threads=threads))
 
 
 def main() -> None:

@@ -1,11 +1,12 @@
 """Shared pieces of the benchmarks: corpora made from the demo corpus, a tokenizer trained on it,
-timing of whole commands, and peak RSS of a process tree."""
+timing of whole commands, peak RSS of a process tree, and gloo jobs of several rank processes."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -143,3 +144,53 @@ def save_result(name: str, data: dict) -> None:
     data = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), **data}
     (OUT / f"{name}.json").write_text(json.dumps(data, indent=1))
     print(json.dumps(data, indent=1))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_ranks(
+    args: list[str], world_size: int, threads: int = 1, jobs: int = 1, timeout_s: float = 1800
+) -> list[str]:
+    """Runs `python <args>` as the ranks of `jobs` gloo jobs of `world_size` processes each, all at
+    once, as torchrun would start them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), with
+    `threads` threads per rank; returns each rank's output (stdout and stderr), raising on a failure."""
+    processes = []
+    for port in [free_port() for _ in range(jobs)]:
+        for rank in range(world_size):
+            env = {
+                **os.environ,
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world_size),
+                "LOCAL_RANK": str(rank),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": str(threads),
+                "PYTHONPATH": str(ROOT),
+            }
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, *args],
+                    env=env,
+                    cwd=ROOT,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+    outputs = []
+    for process in processes:
+        output, _ = process.communicate(timeout=timeout_s)
+        if process.returncode != 0:
+            raise RuntimeError(f"{args[:2]} failed ({process.returncode}):\n{output[-6000:]}")
+        outputs.append(output)
+    return outputs
+
+
+def result_line(outputs: list[str], tag: str = "RESULT ") -> dict:
+    """The JSON a rank printed after `tag` (the first such line of any rank)."""
+    line = next(line for out in outputs for line in out.splitlines() if line.startswith(tag))
+    return json.loads(line[len(tag) :])
