@@ -616,28 +616,6 @@ def _check_optimizer(facts: dict, mesh) -> None:
     _fact(facts, "dtensor_local_shard_views", local_views)
 
 
-def _gloo_reduce_scatter(x, dim: int, tg):
-    """tensor_parallel._reduce_scatter with gloo's own reduce_scatter_tensor (torch 2.13 has it)
-    instead of its all-reduce and slice: what the project would run if it used it."""
-    import torch.distributed as dist
-
-    moved = x.movedim(dim, 0).contiguous()
-    out = moved.new_empty((moved.shape[0] // tg.size, *moved.shape[1:]))
-    dist.reduce_scatter_tensor(out, moved, group=tg.group)
-    return out.movedim(0, dim).contiguous()
-
-
-def _patched_reduce_scatter(run: Callable[[], object]) -> object:
-    import train_kernel.parallel.tensor_parallel as tp_module
-
-    plain = tp_module._reduce_scatter
-    tp_module._reduce_scatter = _gloo_reduce_scatter
-    try:
-        return run()
-    finally:
-        tp_module._reduce_scatter = plain
-
-
 def _time_stacks(facts: dict, mesh, group, reference: dict) -> None:
     """Fact 5: forward + backward of the stack, the versions interleaved, median of REPEATS."""
     import torch
@@ -654,18 +632,15 @@ def _time_stacks(facts: dict, mesh, group, reference: dict) -> None:
             "project_unfused_mlp": lambda sp=sp: _project_stack(config, group, rank, size, sp, True),
             "dtensor": lambda sp=sp: _dtensor_stack(config, mesh, sp),
         }
-        if sp:
-            builders["project_gloo_reduce_scatter"] = builders["project"]
         runners: dict[str, Callable[[], object]] = {}
         entry: dict = {}
         for name, build in builders.items():
             try:
                 model = build()
 
-                def run(model=model, name=name, local=local):
+                def run(model=model, local=local):
                     model.zero_grad(set_to_none=True)
-                    step = lambda: _forward_backward(model, local, positions, cu_seqlens, projection)  # noqa: E731
-                    return _patched_reduce_scatter(step) if name == "project_gloo_reduce_scatter" else step()
+                    return _forward_backward(model, local, positions, cu_seqlens, projection)
 
                 loss = run()[0]  # warm-up
                 entry[f"{name}_loss_equals_one_process"] = bool(

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import ROOT
+from bench.common import ROOT, free_port, rank_env
 
 
 @dataclass
@@ -42,12 +41,6 @@ def train_args(config: Path, *extra: str) -> list[str]:
     return ["-m", "train_kernel.cli", "run", "--config", str(config), *extra]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def run_ranks(
     args: list[str], world: int, timeout_s: float, logs: Path, extra_env: dict[str, str] | None = None
 ) -> list[ChildRun]:
@@ -57,16 +50,7 @@ def run_ranks(
     port, started = free_port(), time.perf_counter()
     children = []
     for rank in range(world):
-        env = project_env(
-            {
-                "RANK": str(rank),
-                "WORLD_SIZE": str(world),
-                "LOCAL_RANK": str(rank),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                **(extra_env or {}),
-            }
-        )
+        env = project_env({**rank_env(rank, world, port), **(extra_env or {})})
         log = logs / f"rank{rank}.log"
         with open(log, "wb") as out:
             process = subprocess.Popen(

@@ -152,6 +152,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The variables torchrun gives a rank of a one-node job on this machine."""
+    return {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(rank),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+
+
 def run_ranks(
     args: list[str], world_size: int, threads: int = 1, jobs: int = 1, timeout_s: float = 1800
 ) -> list[str]:
@@ -161,16 +172,8 @@ def run_ranks(
     processes = []
     for port in [free_port() for _ in range(jobs)]:
         for rank in range(world_size):
-            env = {
-                **os.environ,
-                "RANK": str(rank),
-                "WORLD_SIZE": str(world_size),
-                "LOCAL_RANK": str(rank),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "OMP_NUM_THREADS": str(threads),
-                "PYTHONPATH": str(ROOT),
-            }
+            env = {**os.environ, **rank_env(rank, world_size, port), "OMP_NUM_THREADS": str(threads)}
+            env["PYTHONPATH"] = str(ROOT)
             processes.append(
                 subprocess.Popen(
                     [sys.executable, *args],

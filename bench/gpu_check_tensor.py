@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from bench.cli_runs import ChildRun, free_port, run_child, run_ranks, step_seconds, train_args, train_records
+from bench.cli_runs import ChildRun, run_child, run_ranks, step_seconds, train_args, train_records
+from bench.common import free_port
 from bench.gpu_check_health import release_cached_memory
 
 RUN_TIMEOUT_S = 150
