@@ -57,12 +57,14 @@ def test_accuracy_follows_argmax_first_index_on_ties():
     assert torch.equal(out.correct, (hidden @ weight.t()).argmax(-1) == labels)
 
 
-def test_reused_buffers_give_the_same_result_in_low_precision():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_reused_buffers_give_the_same_result(dtype):
     # The gradient and chunk buffers are reused across calls: a second micro-batch with other
-    # ignored rows must not see anything of the first.
+    # ignored rows must not see anything of the first (fp32 writes all logits into the reused
+    # gradient buffer, lower precisions go through reused chunk buffers).
     torch.manual_seed(1)
-    weight = torch.randn(64, 16, dtype=torch.bfloat16, requires_grad=True)
-    hidden = torch.randn(40, 16, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(64, 16, dtype=dtype, requires_grad=True)
+    hidden = torch.randn(40, 16, dtype=dtype, requires_grad=True)
     results = []
     for ignored in ([0, 5], [7], [0, 5]):
         labels = torch.randint(0, 64, (40,), generator=torch.Generator().manual_seed(2))
