@@ -3,12 +3,14 @@
 - ours: `train-kernel run` (the real trainer: fp32 master weights, fused AdamW, InternLM log line,
   metrics records) on random tokens, one document per seq_len as InternLM's random dataset;
 - baseline: a user's obvious alternative, transformers' LlamaForCausalLM (same size, attention bias)
-  in the same dtype with torch.optim.AdamW, same tokens per step;
+  in the same dtype with torch.optim.AdamW, same tokens per step (bench/train_baseline.py);
 - the machine's matmul rate in that dtype at the model's GEMM shapes, measured in the same run.
 The dtype is the one `model.dtype="auto"` takes on this machine (bf16 on CPUs that compute it natively,
 fp32 on the others); BENCH_TRAIN_DTYPE=torch.float32 (or another) measures another one. The result
 records the machine class: CPU model, bf16 flags, native bf16 or not, the probe's matmul rate per dtype.
 MFU = formula FLOPs per step (InternLM's Megatron formula) / step time / matmul rate.
+Kernel shares: one micro-batch of each side profiled into GEMM / attention / other seconds, and the
+ratio ours would reach with nothing but its GEMMs and attention (bench/train_profile.py).
 Data wait: the trainer on real packed rows (the demo corpus) records the time spent getting each batch.
 
 Targets (issues 3 and 12): ours >= 1.2x the baseline's tokens/s; MFU >= 0.65 at hidden >= 512; data
@@ -27,7 +29,8 @@ import time
 
 import torch
 
-from bench.common import OUT, ROOT, save_result
+from bench.common import OUT, ROOT, cli, save_result
+from bench.train_profile import ceiling_ratio
 from train_kernel.device_speed import choose_dtype, device_speed
 from train_kernel.model.config import DTYPES
 
@@ -53,34 +56,6 @@ model = dict(num_layers={layers}, hidden_size={hidden}, num_attention_heads={hea
 parallel = dict(zero1=1)
 run_dir = {run_dir!r}
 """
-
-BASELINE = r"""
-import json, sys, time, torch
-from transformers import LlamaConfig, LlamaForCausalLM
-shape = json.loads(sys.argv[1]); steps = int(sys.argv[2]); dtype = getattr(torch, sys.argv[3])
-hidden = shape["hidden"]; mlp = 256 * ((int(hidden * 8 / 3) + 255) // 256)
-config = LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=shape["layers"],
-                     num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
-                     vocab_size=shape["vocab"], max_position_embeddings=shape["seq_len"], attention_bias=True,
-                     tie_word_embeddings=False)
-torch.manual_seed(0)
-model = LlamaForCausalLM(config).to(dtype)
-model.config._attn_implementation = "sdpa"
-optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
-times = []
-for step in range(steps):
-    started = time.perf_counter()
-    for _ in range(shape["micro_num"]):
-        ids = torch.randint(0, shape["vocab"], (1, shape["seq_len"]))
-        loss = model(input_ids=ids, labels=ids).loss / shape["micro_num"]
-        loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    times.append(time.perf_counter() - started)
-print(json.dumps(times))
-"""
-
 
 def matmul_rate(shape: dict, dtype: torch.dtype) -> float:
     """FLOP/s in `dtype` over the model's GEMMs (weighted as one layer plus the head uses them)."""
@@ -121,14 +96,22 @@ def run_ours(shape: dict, steps: int, train_folder: str | None, name: str, dtype
 
 
 def run_baseline(shape: dict, steps: int, dtype: str) -> list[float]:
-    args = [sys.executable, "-c", BASELINE, json.dumps(shape), str(steps), dtype.removeprefix("torch.")]
-    result = subprocess.run(args, check=True, capture_output=True, text=True)
+    args = [*cli("bench.train_baseline"), json.dumps(shape), str(steps), dtype.removeprefix("torch.")]
+    result = subprocess.run(args, check=True, capture_output=True, text=True, cwd=ROOT)
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def profile_side(side: str, shape: dict, dtype: str) -> dict[str, float]:
+    """One side's micro-batch split into GEMM / attention / other seconds (bench/train_profile.py),
+    in its own process as the timed runs are."""
+    args = [*cli("bench.train_profile"), side, json.dumps(shape), dtype]
+    result = subprocess.run(args, check=True, capture_output=True, text=True, cwd=ROOT)
+    return {k: round(v, 4) for k, v in json.loads(result.stdout.strip().splitlines()[-1]).items()}
 
 
 def demo_pack_2048() -> str:
     """The demo corpus packed at seq_len 2048, micro_bsz 1 (built once)."""
-    from bench.common import cli, run_measured
+    from bench.common import run_measured
     from tokenize_stage.demo_corpus import build_demo_corpus
 
     raw, tokenized, packed = OUT / "raw-demo", OUT / "tok-demo", OUT / "packed-demo-2048"
@@ -206,6 +189,7 @@ def main() -> dict:
     packed = run_ours({**SHAPE, "vocab": 384}, STEPS + WARMUP, demo_pack_2048(), "train-packed", dtype)[
         WARMUP:
     ]
+    kernels = {side: profile_side(side, SHAPE, dtype) for side in ("ours", "transformers")}
     wait = sum(r["data_wait_s"] for r in packed) / sum(tokens_per_step / r["tgs"] for r in packed)
     result = {
         "shape": SHAPE,
@@ -224,6 +208,10 @@ def main() -> dict:
         "ours_mfu": round(ours_tflops * 1e12 / rate, 3),
         "transformers_mfu": round(ours_tflops * 1e12 * ours_step / base_step / rate, 3),
         "data_wait_fraction_packed": round(wait, 5),
+        # Where a micro-batch's forward + backward goes on each side, and the ratio ours would reach
+        # with no time outside GEMMs and attention (bench/train_profile.py).
+        "kernel_seconds_per_micro_batch": kernels,
+        "ceiling_ratio": round(ceiling_ratio(base_step, SHAPE["micro_num"], kernels["ours"]), 3),
     }
     save_result(f"train-{dtype.removeprefix('torch.')}", result)
     return result
