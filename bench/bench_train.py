@@ -57,6 +57,7 @@ parallel = dict(zero1=1)
 run_dir = {run_dir!r}
 """
 
+
 def matmul_rate(shape: dict, dtype: torch.dtype) -> float:
     """FLOP/s in `dtype` over the model's GEMMs (weighted as one layer plus the head uses them)."""
     t, h, v = shape["seq_len"], shape["hidden"], shape["vocab"]
