@@ -205,9 +205,7 @@ def main() -> dict:
         "steps_per_round": STEPS,
         "ours_tokens_per_s": round(tokens_per_step / ours_step, 1),
         "transformers_tokens_per_s": round(tokens_per_step / base_step, 1),
-        # The paired estimate: each round's two sides ran back to back, so a drift of the machine's
-        # speed between rounds (a neighbour, thermal) cancels; the pooled one mixes rounds.
-        "ours_over_transformers": statistics.median(round_ratios),
+        "ours_over_transformers": round(statistics.median(round_ratios), 3),  # paired (docstring)
         "ours_over_transformers_per_round": round_ratios,
         "ours_over_transformers_pooled": round(base_step / ours_step, 3),
         "ours_tflops": round(ours_tflops, 4),
